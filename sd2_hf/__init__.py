@@ -1,0 +1,22 @@
+"""sd2-hf: Self-Distilled Sparse Drafters (SD²) for speculative decoding on the Hugging Face stack."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Public API, imported lazily so `import sd2_hf` (and the `sd2` CLI) stays fast.
+_LAZY = {
+    "SD2Config": "sd2_hf.training.config",
+    "SD2Trainer": "sd2_hf.training.trainer",
+    "SparsityMaskCallback": "sd2_hf.training.callbacks",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sd2_hf' has no attribute {name!r}")

@@ -1,0 +1,70 @@
+"""`sd2` command line: one subcommand per pipeline stage.
+
+Each stage package exposes `register(subparsers)` in its `cli` module; the subcommand's
+options come from the stage's pydantic config (see `sd2_hf.utils.schema_cli`). Heavy imports
+(torch, transformers) happen inside the command functions, so `sd2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that register subcommands, in the order `sd2 --help` lists them.
+COMMAND_MODULES = (
+    "sd2_hf.assets",
+    "sd2_hf.data.cli",
+    "sd2_hf.pruning.cli",
+    "sd2_hf.training.cli",
+    "sd2_hf.export.cli",
+    "sd2_hf.evaluation.cli",
+    "sd2_hf.serving.cli",
+    "sd2_hf.pipeline",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sd2_hf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sd2",
+        description="Self-Distilled Sparse Drafters (SD²) for speculative decoding.",
+    )
+    parser.add_argument("--version", action="version", version=f"sd2-hf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Only tolerate the stage module itself being absent (a partial checkout);
+            # a missing dependency inside it is a real error.
+            if err.name != module_name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Tiny models and tokenizers built in-process for the tests (no downloads, no files in the repo).
+
+`tests/conftest.py` wraps these in session fixtures; test modules and subprocess scripts
+(e.g. `accelerate launch` workers) can import them directly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# ChatML-style template; `{% generation %}` marks assistant tokens so TRL's
+# `assistant_only_loss` can find them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+_WORDS = (
+    "the a an speculative decoding draft model target token sparse prune train "
+    "fast slow small large accept reject verify sample greedy mask weight layer "
+    "cat dog runs jumps over under quick brown lazy hello world answer question "
+    "why how what when where python code data set number one two three four five"
+).split()
+
+
+def corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English text used to train the tiny tokenizers."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 384, seed: int = 0) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a chat template; different seeds/sizes give different vocabularies."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(seed=seed), trainer=trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    num_layers: int = 2,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> LlamaForCausalLM:
+    """A tiny Llama (head_dim 64, which vLLM's CPU attention supports), fp32, random init."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+def save_model(model, tokenizer, path: str | Path) -> Path:
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def decoder_linear_layers(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside the decoder blocks (never embeddings or lm_head)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"
+    }
+
+
+@torch.no_grad()
+def magnitude_sparsify(model, sparsity: float = 0.5, structure: str = "unstructured"):
+    """Zero the smallest-magnitude weights of every decoder linear layer.
+
+    structure: "unstructured" (per-layer threshold) or "2:4" (2 of every 4 consecutive
+    weights along the input dimension).
+    """
+    for module in decoder_linear_layers(model).values():
+        w = module.weight
+        if structure == "2:4":
+            groups = w.abs().reshape(w.shape[0], -1, 4)
+            idx = groups.argsort(dim=-1)[..., :2]
+            mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, idx, False)
+            w.mul_(mask.reshape(w.shape))
+        elif structure == "unstructured":
+            k = int(w.numel() * sparsity)
+            if k:
+                thresh = w.abs().flatten().kthvalue(k).values
+                w.mul_(w.abs() > thresh)
+        else:
+            raise ValueError(f"structure must be 'unstructured' or '2:4', got {structure!r}")
+    return model
+
+
+def conversations(n: int = 16, seed: int = 0) -> list[dict]:
+    """Small chat dataset rows in the `messages` form."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8)))
+        a = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12)))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}: {q}?"},
+                    {"role": "assistant", "content": a.capitalize() + "."},
+                ]
+            }
+        )
+    return rows
