@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            # Only tolerate the stage module itself being absent (a partial checkout);
+            # Only tolerate the stage module (or its package) being absent (a partial checkout);
             # a missing dependency inside it is a real error.
-            if err.name != module_name:
+            if not (module_name == err.name or module_name.startswith(f"{err.name}.")):
                 raise
             continue
         module.register(subparsers)
