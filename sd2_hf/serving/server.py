@@ -1,0 +1,406 @@
+"""Lifecycle of a vLLM OpenAI-compatible server running in the project's vLLM environment.
+
+The main environment never imports vllm (llm-compressor and vLLM pin different
+compressed-tensors versions, SPEC §3), so vLLM runs as a server process started with the
+`.venv-vllm` interpreter; everything else talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sd2_hf import assets
+from sd2_hf.serving.metrics import SpecDecodeCounters
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOG_TAIL_LINES = 40
+
+
+class ServerError(RuntimeError):
+    """The vLLM server could not be started or died; the message holds the end of its log."""
+
+
+def vllm_python() -> Path:
+    """The interpreter of the vLLM environment: `$SD2_VLLM_PYTHON`, else the project's `.venv-vllm`."""
+    configured = os.environ.get("SD2_VLLM_PYTHON")
+    python = Path(configured) if configured else PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        where = "SD2_VLLM_PYTHON" if configured else "the project's .venv-vllm"
+        raise ServerError(
+            f"no vLLM interpreter at {python} ({where}): run `make setup` (or "
+            "`bash scripts/setup_env.sh vllm`) to create the vLLM environment, or set "
+            "SD2_VLLM_PYTHON to a Python that has vllm installed"
+        )
+    return python
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Resolve `asset:` names and check local paths, so a typo fails in a second, not after vLLM starts."""
+    name_or_path = assets.resolve_model(name_or_path)
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    )
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name_or_path} has no config.json: pass a Hugging Face checkpoint directory "
+                "(config.json, weights, tokenizer), an `asset:` name or a Hub id (org/name)"
+            )
+        return str(path.resolve())
+    if looks_local:
+        raise FileNotFoundError(
+            f"model directory {name_or_path} does not exist: pass an existing checkpoint "
+            "directory, an `asset:` name or a Hub id (org/name)"
+        )
+    return name_or_path
+
+
+def _config_dict(name_or_path: str) -> dict[str, Any]:
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    return config
+
+
+def is_hybrid_attention(name_or_path: str) -> bool:
+    """True for models mixing sliding-window and full-attention layers (Gemma-2/3 style)."""
+    config = _config_dict(name_or_path)
+    text = config.get("text_config") or config
+    layer_types = text.get("layer_types") or []
+    if len(set(layer_types)) > 1:
+        return True
+    # Older Gemma-3 configs have no `layer_types`, only the interleaving period.
+    return bool(text.get("sliding_window_pattern") and text.get("sliding_window"))
+
+
+def vocabularies_differ(target: str, drafter: str) -> bool:
+    """Whether vLLM needs `use_heterogeneous_vocab`: different token→id maps or model vocab sizes.
+
+    Sizes alone are not enough: two tokenizers of the same size can map ids to different
+    strings, and the drafter's tokens would then be verified as the wrong tokens.
+    """
+    from transformers import AutoTokenizer
+
+    target_tok = AutoTokenizer.from_pretrained(target)
+    drafter_tok = AutoTokenizer.from_pretrained(drafter)
+    if target_tok.get_vocab() != drafter_tok.get_vocab():
+        return True
+    return _config_dict(target).get("vocab_size") != _config_dict(drafter).get("vocab_size")
+
+
+def default_num_draft_tokens(drafter: str) -> int | None:
+    """The draft length an exported drafter carries (`num_assistant_tokens` in generation_config.json)."""
+    path = Path(drafter) / "generation_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("num_assistant_tokens")
+
+
+def _has_gpu() -> bool:
+    # Same test as scripts/setup_env.sh uses to pick the CUDA or the CPU vLLM build.
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+# A strong set: a server whose object was dropped without stop() must still be stopped at exit.
+_live_servers: set[VLLMServer] = set()
+
+
+@atexit.register
+def _stop_live_servers() -> None:
+    for server in list(_live_servers):
+        server.stop()
+
+
+class VLLMServer:
+    """A vLLM OpenAI-compatible server (optionally with a draft model) as a context manager.
+
+    ```
+    with VLLMServer(target, drafter=drafter, num_draft_tokens=4) as server:
+        client = OpenAIClient(server.url, server.model_name)
+        before = server.spec_counters()
+        client.completion("Hello", max_tokens=32, temperature=0)
+        print((server.spec_counters() - before).mal)
+    ```
+    The server runs in its own process group with its output in a log file; `stop()` (also
+    called at interpreter exit) terminates the whole group.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        drafter: str | None = None,
+        num_draft_tokens: int | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 600,
+        log_path: str | None = None,
+    ) -> None:
+        if num_draft_tokens is not None and num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if num_draft_tokens is not None and drafter is None:
+            raise ValueError("num_draft_tokens needs a drafter; pass drafter=<model> too")
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout}")
+        self.model_name = model
+        self.model_path = resolve_model_path(model)
+        self.drafter = drafter
+        self.drafter_path = resolve_model_path(drafter) if drafter is not None else None
+        if self.drafter_path is not None and num_draft_tokens is None:
+            num_draft_tokens = default_num_draft_tokens(self.drafter_path)
+            if num_draft_tokens is None:
+                raise ValueError(
+                    f"drafter {drafter} has no num_assistant_tokens in its "
+                    "generation_config.json: pass num_draft_tokens (K, e.g. 4)"
+                )
+        self.num_draft_tokens = num_draft_tokens
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else None
+        self.speculative_config = self._speculative_config()
+        self.process: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def _speculative_config(self) -> dict[str, Any] | None:
+        if self.drafter_path is None:
+            return None
+        config: dict[str, Any] = {
+            "method": "draft_model",
+            "model": self.drafter_path,
+            "num_speculative_tokens": self.num_draft_tokens,
+        }
+        if vocabularies_differ(self.model_path, self.drafter_path):
+            config["use_heterogeneous_vocab"] = True
+        return config
+
+    def command(self) -> list[str]:
+        """The server command line (without the interpreter's environment)."""
+        cmd = [
+            str(vllm_python()),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_path,
+            "--served-model-name",
+            self.model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            # Neutral sampling defaults instead of the model's generation_config.json, so a
+            # request gets exactly the sampling parameters it sends (reproducible MAL).
+            "--generation-config",
+            "vllm",
+            "--disable-uvicorn-access-log",
+        ]
+        # Request logging is already off by default in vLLM 0.32 (`--enable-log-requests`
+        # turns it on; the old `--disable-log-requests` flag is gone).
+        if self.max_model_len is not None:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if not _has_gpu():
+            # CUDA graphs do not exist on CPU and torch.compile doubles the start time.
+            cmd.append("--enforce-eager")
+        if self.speculative_config is not None:
+            cmd += ["--speculative-config", json.dumps(self.speculative_config)]
+            # With sliding-window + full-attention layers the draft model's layers land in a
+            # different KV-cache group and vLLM refuses to start ("All drafting layers should
+            # belong to the same kv cache group"); one manager for all layers works.
+            if is_hybrid_attention(self.model_path) or is_hybrid_attention(self.drafter_path):
+                cmd.append("--disable-hybrid-kv-cache-manager")
+        # Last, so a caller's option overrides ours (vLLM's argparse keeps the last value).
+        return cmd + self.extra_args
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_CACHE_ROOT", str(assets.home() / "vllm"))
+        # The main env's interpreter must not leak its site-packages into the vLLM env.
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        return env
+
+    def start(self) -> VLLMServer:
+        """Start the server and wait until it answers; raises ServerError with the log tail."""
+        if self.process is not None:
+            return self
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="sd2-vllm-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        logger.info("starting vLLM: %s (log: %s)", shlex.join(cmd), self.log_path)
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+            )
+        _live_servers.add(self)
+        try:
+            self._wait_until_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        logger.info("vLLM server ready at %s after %.1f s", self.url, self.startup_seconds)
+        return self
+
+    def _wait_until_ready(self, started: float) -> None:
+        deadline = started + self.startup_timeout
+        with httpx.Client(timeout=5.0) as http:
+            while True:
+                self.raise_if_dead("during start-up")
+                try:
+                    if http.get(f"{self.url}/health").status_code == 200:
+                        models = http.get(f"{self.url}/v1/models").json()
+                        served = [m["id"] for m in models.get("data", [])]
+                        if self.model_name in served:
+                            return
+                        raise ServerError(
+                            f"a server at {self.url} serves {served}, not {self.model_name!r}: "
+                            "another process owns this port; pick another port"
+                        )
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"vLLM server not ready after {self.startup_timeout:.0f} s "
+                        f"(startup_timeout).\n{self._log_tail_message()}"
+                    )
+                time.sleep(0.5)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return [line.rstrip("\n") for line in deque(log, maxlen=lines)]
+
+    def _log_tail_message(self) -> str:
+        tail = "\n".join(self.log_tail())
+        return f"last {LOG_TAIL_LINES} lines of {self.log_path}:\n{tail}"
+
+    def raise_if_dead(self, when: str = "") -> None:
+        """Raise ServerError with the end of the log if the started server has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise ServerError(
+                f"vLLM server exited with code {self.process.returncode} {when}".rstrip()
+                + f"\n{self._log_tail_message()}"
+            )
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the server's process group, wait, then SIGKILL whatever is left of it."""
+        process = self.process
+        if process is None:
+            return
+        pgid = process.pid  # start_new_session made the server its group's leader
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("vLLM server did not stop in %.0f s; killing it", timeout)
+        # The engine-core child can outlive the API process; wait for the whole group.
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+        process.wait()
+        # Only now: if this stop is interrupted, the atexit hook still finds the server.
+        self.process = None
+        _live_servers.discard(self)
+
+    def spec_counters(self) -> SpecDecodeCounters:
+        """Current cumulative speculative-decoding counters (zeros when there is no drafter)."""
+        response = httpx.get(f"{self.url}/metrics", timeout=30)
+        response.raise_for_status()
+        return SpecDecodeCounters.from_prometheus_text(response.text)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return (
+            f"VLLMServer({self.model_name!r}, drafter={self.drafter!r}, url={self.url!r}, {state})"
+        )
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running.
+
+    `os.killpg(pgid, 0)` also succeeds for zombies, which stay around in containers whose
+    PID 1 does not reap orphans, so on Linux the group's processes are read from /proc.
+    """
+    if not sys.platform.startswith("linux"):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Fields after the command name: state, ppid, pgrp, ...
+            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
