@@ -1,0 +1,462 @@
+"""`sd2 export`: a sparse drafter as a checkpoint that loads in transformers and vLLM.
+
+Today's compressed-tensors has no sparse formats any more and vLLM no sparse kernels (SPEC §4),
+so sparsity travels as exact zeros in dense tensors and is *recorded* in `sd2_drafter.json`
+(structure, global and per-layer sparsity, measured before export and again after a decompress
+round-trip of the written checkpoint). Real compression comes from compressed-tensors quantized
+formats made by llm-compressor on top of the sparse weights.
+
+The export dir holds the HF checkpoint with a `generation_config.json` that carries the
+assisted-generation settings (so `target.generate(assistant_model=drafter)` drafts K tokens per
+step with no extra code), the tokenizer, `sd2_drafter.json` and the model card `README.md`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "sd2_drafter.json"
+DEFAULT_NUM_DRAFT_TOKENS = 4
+ExportFormat = Literal["dense", "w8a8", "w4a16", "fp8"]
+
+# Format -> llm-compressor preset scheme. All three are data-free (round-to-nearest with
+# min-max weight scales, activation scales computed per token at run time): GPTQ would move
+# weights without keeping the pruned zeros (only SparseGPT has `preserve_sparsity_mask`), and
+# static FP8 activation scales would need calibration data (`oneshot` fails without a dataset).
+# The schemes are symmetric, so a zero weight quantizes to exactly zero and the sparsity survives.
+QUANTIZATION_SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
+
+
+class ExportError(ValueError):
+    """Bad export input or an impossible format: the message says what is wrong and what works."""
+
+
+class ExportConfig(BaseModel):
+    """Export a (sparse) drafter checkpoint with its metadata and model card."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drafter: str = Field(description="drafter checkpoint: local dir, Hub id or `asset:<name>`")
+    output: str = Field(description="export directory (created; must not exist unless --overwrite)")
+    format: ExportFormat = Field(
+        "dense",
+        description="`dense`: the sparse weights as plain safetensors (exact zeros); `w8a8` "
+        "(int8 weights and activations), `w4a16` (int4 weights) and `fp8` (FP8 weights and "
+        "dynamic activations): compressed-tensors checkpoints made with llm-compressor",
+    )
+    target: str | None = Field(
+        None,
+        description="target model the drafter was made for (Hub id, dir or `asset:<name>`); "
+        "decides whether UAG is needed; default: the target of --eval-json",
+    )
+    eval_json: list[str] = Field(
+        default_factory=list,
+        description="`eval.json` files from `sd2 eval` (e.g. one per draft length K): their MAL "
+        "tables go into the model card and the best K into generation_config.json",
+    )
+    eval_drafter: str | None = Field(
+        None,
+        description="name of this drafter in the eval files (default: the entry whose path is "
+        "the drafter, else the only model drafter)",
+    )
+    num_draft_tokens: int | None = Field(
+        None,
+        gt=0,
+        le=64,
+        description="draft length K written to generation_config.json (`num_assistant_tokens`); "
+        f"default: the K of the best run in --eval-json, else {DEFAULT_NUM_DRAFT_TOKENS}",
+    )
+    assistant_confidence_threshold: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="`assistant_confidence_threshold` for transformers assisted generation; 0 "
+        "drafts all K tokens every step (as vLLM does and as MAL is measured)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the written (non-quantized) weights; `auto`: as stored"
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="layers to quantize and to report sparsity for (llm-compressor syntax: "
+        "class name, module name or `re:<regex>`)",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["re:.*lm_head"],
+        description="layers left alone (`re:.*lm_head` keeps the head dense; plain `lm_head` "
+        "does not match in llm-compressor 0.14)",
+    )
+    context_length: int = Field(512, gt=0, description="context length for the MAC counts")
+    base_model: str | None = Field(
+        None,
+        description="Hub id of the model the drafter was made from (model card `base_model`); "
+        "default: the drafter when it is a Hub id",
+    )
+    license: str = Field("apache-2.0", description="license id for the model card")
+    datasets: list[str] = Field(
+        default_factory=list, description="Hub ids of the seed datasets (model card `datasets`)"
+    )
+    model_name: str | None = Field(
+        None, description="title of the model card (default: the output directory name)"
+    )
+    repo_id: str | None = Field(
+        None,
+        description="Hub repo the card's usage snippets name (`sd2 push` re-renders the card "
+        "with the repo it pushes to)",
+    )
+    overwrite: bool = Field(False, description="replace an existing export in --output")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if self.eval_drafter is not None and not self.eval_json:
+            raise ValueError("eval_drafter names an entry of --eval-json files: pass --eval-json")
+        if not self.targets:
+            raise ValueError("targets must name at least one layer pattern, e.g. ['Linear']")
+        if Path(self.output).expanduser().resolve() == Path(self.drafter).expanduser().resolve():
+            raise ValueError("output must be a new directory, not the drafter checkpoint itself")
+        return self
+
+
+@dataclass
+class ExportResult:
+    output: str
+    format: str
+    checkpoint_bytes: int
+    sparsity_before: float
+    sparsity_after: float
+    zeros_kept: float
+    num_draft_tokens: int
+    uag: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_formats() -> dict[str, str | None]:
+    """Each format, mapped to None when this environment can produce it, else the reason why not."""
+    missing = [
+        package
+        for package in ("llmcompressor", "compressed_tensors")
+        if importlib.util.find_spec(package) is None
+    ]
+    quantized = (
+        f"{' and '.join(missing)} not installed (install the project's main environment: "
+        "`bash scripts/setup_env.sh main`)"
+        if missing
+        else None
+    )
+    formats: dict[str, str | None] = {"dense": None, "w8a8": quantized, "w4a16": quantized}
+    formats["fp8"] = quantized or _fp8_unavailable()
+    return formats
+
+
+def _fp8_unavailable() -> str | None:
+    import torch
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        return f"torch {torch.__version__} has no float8_e4m3fn dtype"
+    try:
+        torch.ones(4).to(torch.float8_e4m3fn).float()
+    except (RuntimeError, TypeError) as err:
+        return f"this torch build cannot cast to float8_e4m3fn on CPU ({err})"
+    return None
+
+
+def is_compressed_tensors_checkpoint(path: str | Path) -> bool:
+    config = read_json(Path(path) / "config.json")
+    quant = config.get("quantization_config") or config.get("compression_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
+
+
+def load_dequantized(path: str | Path, dtype: str = "auto"):
+    """Load a checkpoint with dense floating-point weights, decompressing compressed-tensors ones.
+
+    A plain `from_pretrained` also works (compressed-tensors decompresses on the first forward
+    pass); this variant decompresses at load time so the weights can be inspected.
+    """
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if is_compressed_tensors_checkpoint(path):
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def run_export(config: ExportConfig) -> ExportResult:
+    """Write the export dir (checkpoint, tokenizer, sd2_drafter.json, README.md) atomically."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sd2_hf.assets import resolve_model
+    from sd2_hf.evaluation.macs import count_macs
+    from sd2_hf.export.card import render_model_card
+    from sd2_hf.export.evals import best_run, load_eval_runs
+    from sd2_hf.pruning.masks import find_target_linears, sparsity_report
+    from sd2_hf.pruning.runner import versions
+    from sd2_hf.serving.server import vocabularies_differ
+
+    formats = available_formats()
+    if formats[config.format] is not None:
+        possible = [name for name, reason in formats.items() if reason is None]
+        raise ExportError(
+            f"format {config.format!r} cannot be produced in this environment: "
+            f"{formats[config.format]}. Formats it can produce: {', '.join(possible)}"
+        )
+    output = Path(config.output).expanduser()
+    _check_output(output, config.overwrite)
+    drafter_path = resolve_model(config.drafter)
+    if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
+        raise ExportError(
+            f"drafter {config.drafter} is already a compressed-tensors (quantized) checkpoint; "
+            "export from the unquantized sparse checkpoint instead"
+        )
+
+    runs = load_eval_runs(config.eval_json, drafter_path, config.eval_drafter)
+    target = config.target or (runs[0]["target"] if runs else None)
+    if config.num_draft_tokens is not None:
+        k, k_source = config.num_draft_tokens, "config"
+    elif runs:
+        k, k_source = best_run(runs)["num_draft_tokens"], "eval"
+    else:
+        k, k_source = DEFAULT_NUM_DRAFT_TOKENS, "default"
+
+    bar = tqdm(total=5, desc=f"export {config.format}", unit="step")
+    bar.set_postfix_str("load")
+    model = AutoModelForCausalLM.from_pretrained(drafter_path, dtype=config.dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(drafter_path)
+    linears = find_target_linears(model, config.targets, config.ignore)
+    if not linears:
+        raise ExportError(
+            f"no layer of the drafter matches targets={config.targets} ignore={config.ignore}; "
+            "use llm-compressor syntax: a class name (Linear), a module name or `re:<regex>`"
+        )
+    with torch.no_grad():
+        pruned = {name: module.weight == 0 for name, module in linears.items()}
+    before = sparsity_report(model, config.targets, config.ignore)
+    macs = count_macs(model, config.context_length)
+    target_path = resolve_model(target) if target else None
+    target_macs = count_macs(target_path, config.context_length) if target_path else None
+    uag = vocabularies_differ(target_path, drafter_path) if target_path else None
+    bar.update()
+
+    model.generation_config.num_assistant_tokens = k
+    model.generation_config.num_assistant_tokens_schedule = "constant"
+    model.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    )
+    try:
+        bar.set_postfix_str("quantize" if config.format != "dense" else "save")
+        quantization = None
+        if config.format == "dense":
+            model.save_pretrained(staging)
+        else:
+            quantization = _quantize(model, config)
+            model.save_pretrained(staging, save_compressed=True)
+            written = read_json(staging / "config.json")["quantization_config"]
+            quantization["compressed_tensors_format"] = written["format"]
+        tokenizer.save_pretrained(staging)
+        del model
+        bar.update()
+
+        bar.set_postfix_str("round-trip")
+        reloaded = load_dequantized(staging)
+        after = sparsity_report(reloaded, config.targets, config.ignore)
+        zeros_kept = _zeros_kept(pruned, reloaded, after, config)
+        del reloaded
+        bar.update()
+
+        bar.set_postfix_str("metadata")
+        metadata = {
+            "sd2_hf_export": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "format": config.format,
+            "quantization": quantization,
+            "drafter": config.drafter,
+            "target_model": target,
+            "uag": uag,
+            "assisted_generation": {
+                "num_assistant_tokens": k,
+                "num_assistant_tokens_schedule": "constant",
+                "assistant_confidence_threshold": config.assistant_confidence_threshold,
+                "source": k_source,
+            },
+            "sparsity": {
+                "structure": before["structure"],
+                "global_sparsity": before["global_sparsity"],
+                "global_sparsity_after_roundtrip": after["global_sparsity"],
+                "zeros_kept": zeros_kept,
+                "before_export": before,
+                "after_roundtrip": after,
+            },
+            "macs": {
+                "context_length": config.context_length,
+                "drafter": macs.total,
+                "drafter_dense": macs.dense_total,
+                "target": target_macs.total if target_macs else None,
+                "relative_to_target": macs.total / target_macs.total if target_macs else None,
+            },
+            "checkpoint_bytes": checkpoint_bytes(staging),
+            "recipe": _recipe(drafter_path),
+            "eval": {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
+            if runs
+            else None,
+            "card": {
+                "model_name": config.model_name or output.name,
+                "base_model": config.base_model or _hub_id(config.drafter),
+                "license": config.license,
+                "datasets": config.datasets,
+                "repo_id": config.repo_id,
+            },
+            "versions": versions(),
+        }
+        atomic_write_json(staging / METADATA_FILE, metadata)
+        atomic_write_text(
+            staging / "README.md", str(render_model_card(metadata)).rstrip("\n") + "\n"
+        )
+        bar.update()
+
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+        bar.update()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+    result = ExportResult(
+        output=str(output),
+        format=config.format,
+        checkpoint_bytes=metadata["checkpoint_bytes"],
+        sparsity_before=before["global_sparsity"],
+        sparsity_after=after["global_sparsity"],
+        zeros_kept=zeros_kept,
+        num_draft_tokens=k,
+        uag=uag,
+    )
+    print(summary(metadata, output))
+    return result
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if not output.exists():
+        return
+    if not output.is_dir() or any(output.iterdir()):
+        # Only an earlier export is replaced: never delete a directory we did not write.
+        if not overwrite:
+            raise ExportError(f"output {output} exists and is not empty: pass --overwrite")
+        if not (output / METADATA_FILE).is_file():
+            raise ExportError(
+                f"output {output} exists and is not an sd2 export (no {METADATA_FILE}); "
+                "choose a new directory"
+            )
+
+
+def _quantize(model, config: ExportConfig) -> dict[str, Any]:
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    scheme = QUANTIZATION_SCHEMES[config.format]
+    oneshot(
+        model=model,
+        recipe=QuantizationModifier(targets=config.targets, scheme=scheme, ignore=config.ignore),
+    )
+    return {
+        "tool": "llmcompressor.QuantizationModifier",
+        "scheme": scheme,
+        "targets": config.targets,
+        "ignore": config.ignore,
+    }
+
+
+def _zeros_kept(pruned: dict, reloaded, after: dict, config: ExportConfig) -> float:
+    """Fraction of the pruned (zero) weights that are still exactly zero after the round-trip.
+
+    Per layer it also goes into `after["layers"][name]["zeros_kept"]`.
+    """
+    from sd2_hf.pruning.masks import find_target_linears
+
+    layers = find_target_linears(reloaded, config.targets, config.ignore)
+    kept = total = 0
+    for name, mask in pruned.items():
+        was_zero = int(mask.sum().item())
+        still_zero = int(((layers[name].weight == 0) & mask).sum().item())
+        after["layers"][name]["zeros_kept"] = still_zero / was_zero if was_zero else 1.0
+        kept += still_zero
+        total += was_zero
+    return kept / total if total else 1.0
+
+
+def _recipe(drafter_path: str) -> dict[str, Any] | None:
+    """The pruning recipe and report the pruning stage left next to the drafter, if any."""
+    directory = Path(drafter_path)
+    found: dict[str, Any] = {}
+    if (directory / "recipe.yaml").is_file():
+        found["recipe.yaml"] = (directory / "recipe.yaml").read_text(encoding="utf-8")
+    if (directory / "sparsity_report.json").is_file():
+        report = read_json(directory / "sparsity_report.json")
+        found["sparsity_report"] = {k: v for k, v in report.items() if k != "layers"}
+    return found or None
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it is a Hub repo id (not a local path or an asset), else None."""
+    import re
+
+    if not name or name.startswith("asset:") or Path(name).expanduser().exists():
+        return None
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+
+
+def summary(metadata: dict[str, Any], output: Path) -> str:
+    sparsity = metadata["sparsity"]
+    generation = metadata["assisted_generation"]
+    macs = metadata["macs"]
+    lines = [
+        f"exported drafter → {output}",
+        f"  format            {metadata['format']}"
+        + (
+            f" ({metadata['quantization']['scheme']}, compressed-tensors "
+            f"{metadata['quantization']['compressed_tensors_format']})"
+            if metadata["quantization"]
+            else " (safetensors)"
+        ),
+        f"  checkpoint        {metadata['checkpoint_bytes'] / 2**20:.2f} MiB",
+        f"  sparsity          {sparsity['global_sparsity']:.2%} {sparsity['structure']} before, "
+        f"{sparsity['global_sparsity_after_roundtrip']:.2%} after round-trip, "
+        f"{sparsity['zeros_kept']:.2%} of the zeros kept",
+        f"  MACs/step         {macs['drafter']:,}"
+        + (
+            f" ({macs['relative_to_target']:.2%} of the target)"
+            if macs["relative_to_target"]
+            else ""
+        ),
+        f"  target            {metadata['target_model'] or 'unknown'}"
+        + ("" if metadata["uag"] is None else f" (UAG: {'yes' if metadata['uag'] else 'no'})"),
+        f"  generate()        K={generation['num_assistant_tokens']} ({generation['source']}), "
+        f"schedule constant, confidence threshold {generation['assistant_confidence_threshold']}",
+        f"  card              {output / 'README.md'}",
+    ]
+    return "\n".join(lines)
