@@ -59,7 +59,7 @@ def is_n_m_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 
 def layer_structure(weight: torch.Tensor) -> str:
-    """"dense", "2:4" or "unstructured" for one weight matrix."""
+    """ "dense", "2:4" or "unstructured" for one weight matrix."""
     if not bool((weight == 0).any().item()):
         return "dense"
     return "2:4" if is_n_m_sparse(weight, 2, 4) else "unstructured"
