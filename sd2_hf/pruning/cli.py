@@ -1,0 +1,73 @@
+"""`sd2 prune` (one-shot pruning / layer-dropping baseline) and `sd2 macs` (MAC counter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sd2_hf.pruning.config import PruneConfig, PruneInputError
+from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+
+
+class MacsOptions(BaseModel):
+    """Options of `sd2 macs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint dir, Hub id or `asset:<name>`")
+    context_length: int = Field(512, gt=0, description="context length of the decoding step")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    prune = subparsers.add_parser(
+        "prune",
+        help="one-shot pruning with an llm-compressor recipe, or the layer-dropping baseline",
+        description="Prune a model with an llm-compressor recipe (SparseGPT, Wanda, magnitude; "
+        "shipped: recipes/pruning/) or drop consecutive decoder blocks by angular distance "
+        "(--method layers --drop N | --target-macs-fraction F).",
+    )
+    add_model_arguments(prune, PruneConfig, positional=("model",))
+    prune.set_defaults(func=_prune)
+
+    macs = subparsers.add_parser(
+        "macs",
+        help="MACs of one decoding step (sparse-aware), from a checkpoint",
+        description="Count multiply-accumulates of one decoding step at a context length: "
+        "linear layers as in x out x (1 - sparsity), plus attention; per decoder block.",
+    )
+    add_model_arguments(macs, MacsOptions, positional=("model",))
+    # Output format only, not an option of the count: kept out of the schema.
+    macs.add_argument("--json", action="store_true", help="print the full report as JSON")
+    macs.set_defaults(func=_macs)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from sd2_hf.pruning.runner import run_prune
+
+    config = model_from_args(PruneConfig, args)
+    try:
+        result = run_prune(config)
+    except PruneInputError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(result.summary())
+    return 0
+
+
+def _macs(args: argparse.Namespace) -> int:
+    from sd2_hf.evaluation.macs import count_macs
+
+    options = model_from_args(MacsOptions, args)
+    try:
+        report = count_macs(options.model, options.context_length)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: cannot count MACs of {options.model!r}: {err}") from None
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(f"{options.model}: one decoding step at context length {options.context_length}")
+        print(report.table())
+    return 0

@@ -1,0 +1,225 @@
+"""`run_prune`: the pruning stage, from a model to a pruned checkpoint and its reports.
+
+Outputs (in `config.output`, written to a temporary sibling directory and moved into place
+only when complete):
+- method `oneshot`: the checkpoint + tokenizer, llm-compressor's `recipe.yaml`, and
+  `sparsity_report.json` (per-layer sparsity/structure, global sparsity, the recipe as run,
+  calibration settings, times, versions);
+- method `layers`: the smaller checkpoint + tokenizer, `layer_distances.json` (distance of
+  every candidate start block for every block count, the choice, MACs before/after) and
+  `layer_distances.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
+from sd2_hf.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+MACS_CONTEXT_LENGTH = 512
+
+
+def run_prune(config: PruneConfig) -> PruneResult:
+    """Prune `config.model` as configured and write the results to `config.output`."""
+    start = time.perf_counter()
+    output = Path(config.output)
+    if output.exists() and any(output.iterdir()) and not config.overwrite:
+        raise PruneInputError(
+            f"output directory {output} exists and is not empty; choose another `output` "
+            "or set `overwrite`"
+        )
+    loaded = None
+    if config.method == "oneshot":
+        from sd2_hf.pruning.recipes import load_recipe
+
+        loaded = load_recipe(config.recipe, config.sparsity)  # fail fast, before loading
+    model, tokenizer, model_path = _load(config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        if loaded is not None:
+            result = _prune_oneshot(config, loaded, model, tokenizer, model_path, staging)
+        else:
+            result = _prune_layers(config, model, tokenizer, model_path, staging)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _load(config: PruneConfig):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sd2_hf.assets import resolve_model
+
+    path = resolve_model(config.model)
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), tokenizer, path
+
+
+def _calibration(config: PruneConfig, tokenizer) -> list[list[int]]:
+    from sd2_hf.pruning.calibration import calibration_token_ids
+
+    if config.dataset is None:
+        return []
+    return calibration_token_ids(
+        config.dataset, tokenizer, config.num_samples, config.max_seq_length
+    )
+
+
+def _calibration_info(config: PruneConfig, samples: list[list[int]]) -> dict:
+    return {
+        "dataset": config.dataset,
+        "num_samples": len(samples),
+        "requested_samples": config.num_samples,
+        "max_seq_length": config.max_seq_length,
+        "tokens": sum(map(len, samples)),
+    }
+
+
+def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) -> PruneResult:
+    from sd2_hf.pruning import masks
+    from sd2_hf.pruning.oneshot import apply_recipe
+    from sd2_hf.pruning.recipes import targeted_linears
+
+    targeted = targeted_linears(model, loaded)
+    samples = _calibration(config, tokenizer) if loaded.needs_calibration else []
+    seconds = apply_recipe(model, tokenizer, loaded, samples, config.max_seq_length)
+    report = masks.sparsity_report(model, targets=list(targeted), ignore=())
+    # Report the recipe's own patterns, which select the same layers in any later stage.
+    report["targets"], report["ignore"] = loaded.targets, loaded.ignore
+    model.save_pretrained(str(staging), save_compressed=True)
+    atomic_write_json(
+        staging / "sparsity_report.json",
+        {
+            "model": config.model,
+            "model_path": str(model_path),
+            "method": "oneshot",
+            "recipe_source": str(loaded.path),
+            "recipe": loaded.yaml(),
+            "modifiers": [type(m).__name__ for m in loaded.modifiers],
+            **report,
+            "calibration": _calibration_info(config, samples),
+            "prune_seconds": seconds,
+            "versions": versions(),
+        },
+    )
+    return PruneResult(
+        output=config.output,
+        method="oneshot",
+        prune_seconds=seconds,
+        num_layers=model.config.get_text_config().num_hidden_layers,
+        global_sparsity=report["global_sparsity"],
+        structure=report["structure"],
+        recipe=str(loaded.path),
+        calibration_samples=len(samples),
+    )
+
+
+def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneResult:
+    from sd2_hf.evaluation.macs import count_macs
+    from sd2_hf.pruning.layers import (
+        angular_distances,
+        best_start,
+        decoder_layers,
+        drop_layers,
+        last_token_hidden_states,
+        plot_distances,
+    )
+
+    num_layers = len(decoder_layers(model))
+    if config.drop is not None and config.drop >= num_layers:
+        raise PruneInputError(
+            f"drop = {config.drop} blocks, but the model has {num_layers} decoder layers; "
+            f"allowed: 1..{num_layers - 1} (at least one block must remain)"
+        )
+    samples = _calibration(config, tokenizer)
+    began = time.perf_counter()
+    states = last_token_hidden_states(model, samples)
+    distances = {n: angular_distances(states, n) for n in range(1, num_layers)}
+    before = count_macs(model, MACS_CONTEXT_LENGTH)
+    blocks = before.per_block()
+
+    def kept_fraction(n: int) -> float:
+        start = best_start(distances[n])
+        removed = sum(blocks[f"block {i}"] for i in range(start, start + n))
+        return 1 - removed / before.total
+
+    if config.drop is not None:
+        n = config.drop
+    else:
+        fits = [n for n in distances if kept_fraction(n) <= config.target_macs_fraction]
+        if not fits:
+            raise PruneInputError(
+                f"target_macs_fraction = {config.target_macs_fraction} cannot be reached: "
+                f"keeping one of {num_layers} blocks still leaves "
+                f"{kept_fraction(num_layers - 1):.1%} of the MACs (embeddings/lm_head stay)"
+            )
+        n = min(fits)
+    start = best_start(distances[n])
+    dropped = drop_layers(model, start, n)
+    seconds = time.perf_counter() - began
+    after = count_macs(model, MACS_CONTEXT_LENGTH)
+    model.save_pretrained(str(staging))
+    plot_distances(distances, n, start, staging / "layer_distances.png")
+    atomic_write_json(
+        staging / "layer_distances.json",
+        {
+            "model": config.model,
+            "model_path": str(model_path),
+            "method": "layers",
+            "metric": "arccos(cos_sim(h_l, h_l+n)) / pi, last token, mean over samples",
+            "num_layers_before": num_layers,
+            "num_layers_after": num_layers - n,
+            "drop": n,
+            "start": start,
+            "dropped_layers": dropped,
+            "distances": distances[n],
+            "all_distances": {str(k): v for k, v in distances.items()},
+            "target_macs_fraction": config.target_macs_fraction,
+            "macs_context_length": MACS_CONTEXT_LENGTH,
+            "macs_before": before.total,
+            "macs_after": after.total,
+            "macs_fraction": after.total / before.total,
+            "calibration": _calibration_info(config, samples),
+            "prune_seconds": seconds,
+            "versions": versions(),
+        },
+    )
+    return PruneResult(
+        output=config.output,
+        method="layers",
+        prune_seconds=seconds,
+        num_layers=num_layers - n,
+        dropped_layers=dropped,
+        macs_fraction=after.total / before.total,
+        calibration_samples=len(samples),
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a pruned checkpoint (provenance)."""
+    found = {}
+    for name in ("sd2-hf", "torch", "transformers", "llmcompressor", "compressed-tensors"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
