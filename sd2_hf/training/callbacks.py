@@ -1,0 +1,138 @@
+"""`SparsityMaskCallback`: holds the zeros of a pruned drafter exactly fixed during training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from sd2_hf.pruning.masks import DEFAULT_IGNORE, DEFAULT_TARGETS, find_target_linears
+
+logger = logging.getLogger(__name__)
+
+
+class MaskDriftError(RuntimeError):
+    """Raised when a pruned weight is no longer exactly zero."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter or gradient (FSDP2 DTensor), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class SparsityMaskCallback(TrainerCallback):
+    """Records the sparsity masks at train begin and keeps pruned weights exactly zero.
+
+    When it acts:
+    - `on_train_begin`: records `weight != 0` of every targeted layer, on each rank's local
+      parameter data (so it also holds when FSDP2 shards parameters). Layers without zeros are
+      not stored; masks are `torch.bool` (1 byte per weight), on the weight's device.
+    - `on_pre_optimizer_step`: zeroes the gradients of pruned weights, so optimizer state
+      (Adam moments) never accumulates at pruned positions and their update is exactly zero.
+    - `on_optimizer_step`: re-applies the masks to the weights (guards against weight decay,
+      optimizers or state loaded from elsewhere that would move a zero).
+    - `on_step_end`: every `check_interval` steps and before every save, verifies that no pruned
+      weight drifted; `on_save` and `on_train_end` verify too. Drift raises `MaskDriftError`.
+
+    Under gradient accumulation the masks act once per optimizer step, after all micro-batches.
+    Note: gradient clipping runs before `on_pre_optimizer_step`, so its norm still includes the
+    (discarded) gradients of pruned weights.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        ignore: Sequence[str] = DEFAULT_IGNORE,
+        check_interval: int = 50,
+    ):
+        self.targets = tuple(targets)
+        self.ignore = tuple(ignore)
+        self.check_interval = check_interval
+        self.masks: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.num_masked = 0
+        self.num_targeted = 0
+
+    # -- recording -------------------------------------------------------------------------
+    @torch.no_grad()
+    def record(self, model: nn.Module) -> None:
+        """Record the current zero pattern of the targeted layers as the masks to hold."""
+        modules = find_target_linears(model, self.targets, self.ignore)
+        if not modules:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+            raise ValueError(
+                f"no module matches mask targets {list(self.targets)} (ignore {list(self.ignore)}); "
+                f"linear modules of this model include {names}"
+            )
+        self.masks = {}
+        self.num_masked = self.num_targeted = 0
+        for name, module in modules.items():
+            local = _local(module.weight.data)
+            self.num_targeted += local.numel()
+            mask = local != 0
+            zeros = int(local.numel() - mask.sum().item())
+            if zeros:
+                self.masks[name] = (module.weight, mask)
+                self.num_masked += zeros
+        logger.info(
+            "SparsityMaskCallback: holding %d zeros in %d of %d targeted layers (local sparsity %.4f)",
+            self.num_masked,
+            len(self.masks),
+            len(modules),
+            self.sparsity,
+        )
+
+    @property
+    def sparsity(self) -> float:
+        """Recorded sparsity of the targeted layers on this rank."""
+        return self.num_masked / self.num_targeted if self.num_targeted else 0.0
+
+    # -- enforcing -------------------------------------------------------------------------
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        for param, mask in self.masks.values():
+            if param.grad is not None:
+                _local(param.grad).mul_(mask)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for param, mask in self.masks.values():
+            _local(param.data).mul_(mask)
+
+    @torch.no_grad()
+    def verify(self, where: str) -> None:
+        """Raise `MaskDriftError` if any recorded zero is no longer exactly zero."""
+        drifted = {}
+        for name, (param, mask) in self.masks.items():
+            n = int(_local(param.data).masked_select(~mask).count_nonzero().item())
+            if n:
+                drifted[name] = n
+        if drifted:
+            raise MaskDriftError(
+                f"{sum(drifted.values())} pruned weights are no longer zero ({where}): {drifted}"
+            )
+
+    # -- TrainerCallback hooks -------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("SparsityMaskCallback needs the model (Trainer passes it)")
+        self.record(model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.mask_gradients()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.apply_masks()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        periodic = self.check_interval and state.global_step % self.check_interval == 0
+        if periodic or control.should_save:
+            self.verify(f"step {state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        self.verify(f"checkpoint at step {state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.verify("end of training")

@@ -1,0 +1,56 @@
+"""Worker for the DDP test: trains a tiny sparse model with SD2Trainer on 2 CPU processes."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import tiny
+import torch
+from datasets import Dataset
+
+from sd2_hf import SD2Config, SD2Trainer
+from sd2_hf.pruning.masks import find_target_linears
+
+out = Path(sys.argv[1])
+tok = tiny.build_tokenizer()
+model = tiny.magnitude_sparsify(tiny.build_model(tok, seed=0), 0.5)
+before = {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
+w0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+args = SD2Config(
+    output_dir=str(out / "run"),
+    max_steps=12,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=1e-2,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    max_length=96,
+    disable_tqdm=True,
+    mask_check_interval=3,
+    ddp_backend="gloo",
+)
+trainer = SD2Trainer(
+    model, args=args, train_dataset=Dataset.from_list(tiny.conversations(32)), processing_class=tok
+)
+trainer.train()
+after = {n: (m.weight == 0) for n, m in find_target_linears(model).items()}
+digest = hashlib.sha256()
+for _, p in sorted(model.named_parameters()):
+    digest.update(p.detach().numpy().tobytes())
+rank = trainer.args.process_index
+(out / f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "rank": rank,
+            "world_size": trainer.args.world_size,
+            "global_step": trainer.state.global_step,
+            "zeros_equal_initial": all(torch.equal(before[n], after[n]) for n in before),
+            "weights_changed": not torch.equal(w0, model.model.layers[0].mlp.up_proj.weight),
+            "weights_digest": digest.hexdigest(),
+            "weight_type": type(model.model.layers[0].mlp.up_proj.weight).__name__,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+        }
+    )
+)

@@ -1,0 +1,313 @@
+"""SD2Trainer + SparsityMaskCallback on tiny sparse Llamas: zeros stay exactly zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from sd2_hf import SD2Config, SD2Trainer, SparsityMaskCallback
+from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse, sparsity_report
+from sd2_hf.training.callbacks import MaskDriftError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zero_pattern(model) -> dict[str, torch.Tensor]:
+    return {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def base_kwargs(tmp_path, **overrides) -> dict:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=20,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        max_length=96,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        mask_check_interval=5,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_args(tmp_path, **overrides) -> SD2Config:
+    return SD2Config(**base_kwargs(tmp_path, **overrides))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return Dataset.from_list(tiny.conversations(24))
+
+
+def assert_same_zeros(before, model):
+    after = zero_pattern(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"zero pattern changed in {name}"
+
+
+def test_zeros_exact_with_grad_accumulation(tmp_path, sparse_model, tiny_tokenizer, dataset):
+    before_zeros, before_w = zero_pattern(sparse_model), weights(sparse_model)
+    trainer = SD2Trainer(
+        sparse_model,
+        args=make_args(tmp_path, gradient_accumulation_steps=2, max_steps=20),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    result = trainer.train()
+    assert trainer.state.global_step == 20
+    assert_same_zeros(before_zeros, sparse_model)
+    # training really moved the surviving weights
+    changed = [n for n, p in sparse_model.named_parameters() if not torch.equal(p, before_w[n])]
+    assert any("layers.0.mlp" in n for n in changed)
+    assert result.training_loss > 0
+    # sparsity reported in the logs
+    logged = [h["sparsity"] for h in trainer.state.log_history if "sparsity" in h]
+    assert logged and all(s == pytest.approx(0.5, abs=1e-3) for s in logged)
+    # masks are compact (bool) and only stored for layers with zeros
+    assert all(m.dtype == torch.bool for _, m in trainer.mask_callback.masks.values())
+
+
+def test_zeros_exact_with_bf16_autocast(tmp_path, sparse_model, tiny_tokenizer, dataset):
+    before = zero_pattern(sparse_model)
+    trainer = SD2Trainer(
+        sparse_model,
+        args=make_args(tmp_path, bf16=True, max_steps=20),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    assert trainer.args.bf16
+    assert_same_zeros(before, sparse_model)
+
+
+def test_zeros_exact_through_checkpoint_and_resume(tmp_path, sparse_model, tiny_tokenizer, dataset):
+    before = zero_pattern(sparse_model)
+    args = make_args(tmp_path, max_steps=20, save_strategy="steps", save_steps=10)
+    SD2Trainer(
+        sparse_model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer
+    ).train()
+    ckpt = tmp_path / "out" / "checkpoint-10"
+    assert ckpt.is_dir()
+
+    # A fresh process would start from the pruned model again and resume from the checkpoint.
+    resumed_model = tiny.build_model(tiny_tokenizer)
+    tiny.magnitude_sparsify(resumed_model, 0.5)
+    args2 = make_args(tmp_path, max_steps=30, save_strategy="steps", save_steps=10)
+    trainer = SD2Trainer(
+        resumed_model, args=args2, train_dataset=dataset, processing_class=tiny_tokenizer
+    )
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.state.global_step == 30
+    assert_same_zeros(before, resumed_model)
+    # the saved checkpoints themselves hold the exact zeros
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint-30")
+    assert_same_zeros(before, reloaded)
+
+
+def test_2_4_structure_survives_training(tmp_path, sparse_24_model, tiny_tokenizer, dataset):
+    assert sparsity_report(sparse_24_model)["structure"] == "2:4"
+    SD2Trainer(
+        sparse_24_model,
+        args=make_args(tmp_path, max_steps=20),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    ).train()
+    for name, module in find_target_linears(sparse_24_model).items():
+        assert is_n_m_sparse(module.weight, 2, 4), name
+
+
+def test_without_callback_sparsity_drifts(tmp_path, sparse_model, tiny_tokenizer, dataset):
+    """The control: plain SFT on the same sparse model loses its zeros (so the tests above can fail)."""
+    before = zero_pattern(sparse_model)
+    kwargs = base_kwargs(tmp_path)
+    kwargs.pop("mask_check_interval")
+    args = SFTConfig(**kwargs, assistant_only_loss=True)
+    SFTTrainer(
+        sparse_model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer
+    ).train()
+    after = zero_pattern(sparse_model)
+    lost = sum(int((before[n] & ~after[n]).sum()) for n in before)
+    assert lost > 0.9 * sum(int(b.sum()) for b in before.values())
+    # and the callback's verifier detects such drift
+    cb = SparsityMaskCallback()
+    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
+    cb.record(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    with pytest.raises(MaskDriftError, match="no longer zero"):
+        cb.verify("test")
+
+
+def test_teacher_distillation_overfits(tmp_path, tiny_tokenizer):
+    rows = tiny.conversations(4, seed=3)
+    ds = Dataset.from_list(rows)
+    drafter = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer, seed=5), 0.5)
+    teacher = tiny.build_model(tiny_tokenizer, seed=6)
+    before = zero_pattern(drafter)
+    args = make_args(
+        tmp_path,
+        max_steps=40,
+        distill_loss="fkl",
+        distill_alpha=0.5,
+        logging_steps=1,
+        learning_rate=5e-3,
+    )
+    trainer = SD2Trainer(
+        drafter, args=args, teacher_model=teacher, train_dataset=ds, processing_class=tiny_tokenizer
+    )
+    teacher_before = weights(teacher)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.5 * losses[0]
+    assert any("fkl_divergence" in h for h in trainer.state.log_history)
+    assert_same_zeros(before, drafter)
+    # the teacher is frozen
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+
+
+def test_vocab_mismatch_is_refused(tmp_path, tiny_tokenizer, other_tokenizer, dataset):
+    drafter = tiny.build_model(tiny_tokenizer)
+    teacher = tiny.build_model(other_tokenizer)
+    with pytest.raises(
+        ValueError, match=r"drafter has 384 tokens and the teacher 320.*sequence-level"
+    ):
+        SD2Trainer(
+            drafter,
+            args=make_args(tmp_path, distill_loss="tvd"),
+            teacher_model=teacher,
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+
+
+def test_distill_loss_needs_teacher(tmp_path, tiny_model, tiny_tokenizer, dataset):
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        SD2Trainer(
+            tiny_model,
+            args=make_args(tmp_path, distill_loss="jsd"),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"distill_loss": "kl"}, "allowed: none, fkl, rkl, jsd, tvd"),
+        ({"distill_alpha": -1.0}, "distill_alpha must be >= 0"),
+        ({"jsd_beta": 1.0}, "open interval"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
+        ({"mask_check_interval": -1}, "mask_check_interval must be >= 0"),
+        ({"mask_targets": []}, "at least one module pattern"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_mask_targets_that_match_nothing(tmp_path, tiny_model, tiny_tokenizer, dataset):
+    trainer = SD2Trainer(
+        tiny_model,
+        args=make_args(tmp_path, mask_targets=["re:.*no_such_proj$"], max_steps=1),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    with pytest.raises(ValueError, match="no module matches mask targets"):
+        trainer.train()
+
+
+def test_model_card_tags(tmp_path, sparse_model, tiny_tokenizer, dataset):
+    trainer = SD2Trainer(
+        sparse_model,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    trainer.create_model_card(model_name="tiny-sd2")
+    card = (tmp_path / "out" / "README.md").read_text()
+    for tag in ("sd2", "speculative-decoding", "sparse"):
+        assert f"- {tag}" in card
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_ranks(launcher: list[str], script: str, tmp_path) -> list[dict]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [sys.executable, "-m", *launcher, str(REPO / "tests" / "scripts" / script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_masks(tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo): both ranks keep the zeros.
+
+    accelerate's `--cpu --num_processes 2` only multiplies processes through mpirun; on a machine
+    without accelerators `--multi_gpu` starts torch's elastic launcher and Trainer runs MULTI_CPU.
+    """
+    launcher = [
+        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    reports = _run_two_ranks(launcher, "ddp_mask_worker.py", tmp_path)
+    for rep in reports:
+        assert rep["world_size"] == 2
+        assert rep["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert rep["global_step"] == 12
+        assert rep["zeros_equal_initial"] is True
+        assert rep["weights_changed"] is True
+    # both ranks hold identical weights (DDP)
+    assert reports[0]["weights_digest"] == reports[1]["weights_digest"]
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_masks_hold(tmp_path):
+    """Masks recorded on each rank's local shard of FSDP2 DTensor parameters hold exactly."""
+    launcher = [
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    reports = _run_two_ranks(launcher, "fsdp2_mask_worker.py", tmp_path)
+    for rep in reports:
+        assert rep["weight_type"] == "DTensor"
+        assert rep["local_numel"] * 2 == rep["full_numel"]  # really sharded
+        assert rep["zeros_equal_initial"] is True
+        assert rep["weights_changed"] is True
