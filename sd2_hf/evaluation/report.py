@@ -1,0 +1,208 @@
+"""`eval.md` and the PNG plots, both generated from the `eval.json` report dict.
+
+Plot functions return the matplotlib Figure (so callers and tests can inspect it) and
+`write_report` saves everything atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Figures are built with the object-oriented API, not pyplot: no global figure state and no GUI
+# backend (reports are written on headless servers); savefig renders PNG with Agg.
+from matplotlib.figure import Figure
+
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """One table cell; missing values as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: a summary table, MAL per category and acceptance per position."""
+    drafters = report["drafters"]
+    k = report["num_draft_tokens"]
+    prompts = report["prompts"]
+    lines = [
+        f"# Speculative decoding evaluation: {report['target']}",
+        "",
+        f"Backend **{report['backend']}**, K = {k} draft tokens, max {report['max_new_tokens']} "
+        f"new tokens, temperature {report['temperature']}, {report['num_prompts']} prompts "
+        f"({prompts['source']}, turns: {prompts['turns']}). MACs at context length "
+        f"{report['macs_context_length']}; target {fmt(report['target_macs'])} MACs per token.",
+        "",
+    ]
+    header = [
+        "drafter",
+        "kind",
+        "UAG",
+        "MAL",
+        "draft steps",
+        "accepted tokens",
+        "relative MACs",
+        "improvement factor",
+        "tokens/s",
+        "speedup",
+        "lossless mismatches",
+    ]
+    rows = [
+        [
+            d["name"],
+            d["kind"],
+            fmt(d["uag"]),
+            fmt(d["mal"]),
+            fmt(d["draft_steps"]),
+            fmt(d["accepted_tokens"]),
+            fmt(d["relative_macs"], 4),
+            fmt(d["improvement_factor"]),
+            fmt(d["tokens_per_second"], 1),
+            fmt(d["speedup"]),
+            fmt(d["lossless_mismatches"]) if d["lossless_checked"] else "not checked",
+        ]
+        for d in drafters
+    ]
+    lines += _table(header, rows)
+    categories = report["categories"]
+    lines += ["", "## MAL per category", ""]
+    lines += _table(
+        ["drafter", *categories],
+        [[d["name"], *(fmt(d["mal_per_category"].get(c)) for c in categories)] for d in drafters],
+    )
+    positions = max((len(d["acceptance_per_position"]) for d in drafters), default=0)
+    if positions:
+        lines += ["", "## Acceptance rate per draft position", ""]
+        lines += _table(
+            ["drafter", *(f"pos {i + 1}" for i in range(positions))],
+            [
+                [d["name"], *(fmt(a) for a in d["acceptance_per_position"])]
+                + ["-"] * (positions - len(d["acceptance_per_position"]))
+                for d in drafters
+            ],
+        )
+    skipped = ", ".join(f"{r}: {n}" for r, n in prompts["skipped"].items()) or "none"
+    lines += [
+        "",
+        "## Accounting",
+        "",
+        f"- Prompts: {prompts['questions']} questions, {prompts['evaluated']} prompts evaluated, "
+        f"{prompts['truncated']} truncated, skipped: {skipped}.",
+        f"- {report['mal_accounting']}",
+        "- Improvement factor = MAL / (K · relative MACs + 1) (Leviathan et al. cost model).",
+        "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _drafted(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [d for d in report["drafters"] if d["kind"] != "none" and d["mal"] is not None]
+
+
+def plot_mal_per_category(report: dict[str, Any]) -> Figure:
+    drafters = _drafted(report)
+    categories = report["categories"]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(categories) + 3), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(len(drafters), 1)
+    for i, d in enumerate(drafters):
+        xs = [c + (i - (len(drafters) - 1) / 2) * width for c in range(len(categories))]
+        values = [d["mal_per_category"].get(c) or 0.0 for c in categories]
+        ax.bar(xs, values, width=width, label=d["name"])
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.set_xlabel("Prompt category")
+    ax.set_ylabel("MAL (tokens per verification step)")
+    ax.set_title(f"Mean accepted length per category (K = {report['num_draft_tokens']})")
+    ax.set_ylim(0, report["num_draft_tokens"] + 1.2)
+    if drafters:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_acceptance_per_position(report: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.subplots()
+    for d in _drafted(report):
+        rates = d["acceptance_per_position"]
+        ax.plot(range(1, len(rates) + 1), rates, marker="o", label=d["name"])
+    ax.set_xlabel("Draft position")
+    ax.set_ylabel("Acceptance rate (fraction of draft steps)")
+    ax.set_title("Acceptance rate per draft position")
+    ax.set_ylim(0, 1.05)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if _drafted(report):
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mal_vs_macs(report: dict[str, Any]) -> Figure:
+    """MAL against drafter MACs relative to the target (the SD² paper's figure)."""
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.subplots()
+    for d in _drafted(report):
+        if d["relative_macs"] is None:
+            continue
+        ax.scatter(d["relative_macs"], d["mal"], s=40)
+        ax.annotate(
+            d["name"], (d["relative_macs"], d["mal"]), textcoords="offset points", xytext=(5, 4)
+        )
+    ax.set_xlabel("Drafter MACs / target MACs")
+    ax.set_ylabel("MAL (tokens per verification step)")
+    ax.set_title("Mean accepted length vs relative drafter cost")
+    ax.set_ylim(0.9, report["num_draft_tokens"] + 1.2)
+    ax.set_xlim(left=-0.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+PLOTS = {
+    "mal_per_category.png": plot_mal_per_category,
+    "acceptance_per_position.png": plot_acceptance_per_position,
+    "mal_vs_macs.png": plot_mal_vs_macs,
+}
+
+
+def write_report(report: dict[str, Any], output: str | Path) -> list[Path]:
+    """Write eval.json, eval.md and the plots into `output`; returns the paths written."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    written = [
+        atomic_write_json(output / "eval.json", report),
+        atomic_write_text(output / "eval.md", to_markdown(report)),
+    ]
+    for filename, plot in PLOTS.items():
+        path = output / filename
+        _save_png(plot(report), path)
+        written.append(path)
+    return written

@@ -1,0 +1,354 @@
+"""`run_eval(config)`: MAL, MACs, speed and losslessness of drafters for one target."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sd2_hf.evaluation.backend import Backend, DrafterPlan, Generation, add_counters
+from sd2_hf.evaluation.config import EvalConfig
+from sd2_hf.evaluation.prompts import (
+    Prompt,
+    PromptCounts,
+    Question,
+    conversation,
+    fit_length,
+    load_questions,
+    render,
+)
+
+logger = logging.getLogger(__name__)
+
+MAL_ACCOUNTING = {
+    "transformers": (
+        "MAL = 1 + accepted draft tokens / draft steps. transformers: each target forward pass "
+        "during decoding is one verification step; its draft tokens are read from the target's "
+        "input and the tokens it committed from the streamer; accepted = their common prefix. "
+        "Steps without drafts (the assistant drafts at most max_new_tokens - generated - 1 "
+        "tokens, so a last step can have none) are plain decoding, not draft steps."
+    ),
+    "vllm": (
+        "MAL = 1 + accepted draft tokens / draft steps, from vLLM's spec-decode counters "
+        "(num_accepted_tokens / num_drafts) read before and after each request. The prefill "
+        "step commits the first token without drafts; drafts are never shortened near "
+        "max_tokens (tokens past it are discarded)."
+    ),
+}
+
+
+def _resolve(name_or_path: str) -> str:
+    from sd2_hf.assets import resolve_model
+
+    return resolve_model(name_or_path)
+
+
+def _same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def plan_drafters(config: EvalConfig, target_tokenizer) -> list[DrafterPlan]:
+    """Resolve each drafter, load its tokenizer and decide UAG; bad combinations fail here,
+    before any model is run."""
+    from transformers import AutoTokenizer
+
+    plans = []
+    for entry in config.drafter_entries():
+        path = _resolve(entry.path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        differs = not _same_tokenizer(tokenizer, target_tokenizer)
+        if differs and config.uag == "off":
+            raise ValueError(
+                f"drafter {entry.name!r} ({entry.path}) has a different tokenizer from the target "
+                f"({config.target}) and uag is 'off'. Speculative decoding across tokenizers "
+                "needs universal assisted generation: pass `--uag auto` (or on), or use a "
+                "drafter with the target's tokenizer"
+            )
+        if not differs and config.uag == "on":
+            raise ValueError(
+                f"uag is 'on' but drafter {entry.name!r} shares the target's tokenizer; UAG is "
+                "for drafters with another tokenizer: use `--uag auto`"
+            )
+        plans.append(DrafterPlan(entry.name, "model", path, uag=differs, tokenizer=tokenizer))
+    return plans
+
+
+def length_limit(config: EvalConfig, paths: list[str]) -> int:
+    """Prompt + new tokens must fit every model's context (and `max_model_len` when given)."""
+    from transformers import AutoConfig
+
+    limits = [
+        AutoConfig.from_pretrained(p).get_text_config().max_position_embeddings for p in paths
+    ]
+    if config.max_model_len is not None:
+        limits.append(config.max_model_len)
+    limit = min(limits)
+    if config.max_new_tokens >= limit:
+        raise ValueError(
+            f"max_new_tokens ({config.max_new_tokens}) leaves no room for a prompt within the "
+            f"model length limit ({limit}); use a smaller max_new_tokens"
+        )
+    return limit
+
+
+def _needs_reference(config: EvalConfig) -> bool:
+    return (
+        "none" in config.baselines
+        or (config.check_lossless and config.greedy)
+        or config.turns == "all"
+    )
+
+
+def build_prompts(
+    questions: list[Question],
+    tokenizer,
+    config: EvalConfig,
+    room: int,
+    backend: Backend | None,
+) -> tuple[list[Prompt], list[Generation] | None, PromptCounts]:
+    """Render every evaluated turn; with a backend, also run the target alone on each.
+
+    Later turns follow the target's own greedy reply to the earlier ones (its reference run),
+    so every drafter sees the same conversations.
+    """
+    counts = PromptCounts(questions=len(questions))
+    turns = {q.id: (len(q.turns) if config.turns == "all" else 1) for q in questions}
+    replies: dict[str, list[str]] = {q.id: [] for q in questions}
+    dropped: set[str] = set()
+    prompts: list[Prompt] = []
+    reference: list[Generation] = []
+    bar = tqdm(total=sum(turns.values()), desc="target alone" if backend else "prompts")
+
+    def turn_loop(generate) -> None:
+        for turn in range(max(turns.values())):
+            for q in questions:
+                if turn >= turns[q.id]:
+                    continue
+                bar.update(1)
+                if q.id in dropped:
+                    counts.skip("earlier_turn_skipped")
+                    continue
+                ids = render(tokenizer, conversation(q, turn, replies[q.id]))
+                ids, truncated = fit_length(ids, room, config.too_long)
+                if ids is None:
+                    counts.skip("too_long")
+                    dropped.add(q.id)
+                    continue
+                counts.truncated += truncated
+                prompts.append(Prompt(q.id, q.category, turn, ids, truncated))
+                if generate is not None:
+                    if len(prompts) == 1:
+                        generate(ids)  # warm-up, not timed
+                    result = generate(ids)
+                    reference.append(result)
+                    replies[q.id].append(
+                        tokenizer.decode(result.token_ids, skip_special_tokens=True)
+                    )
+
+    if backend is None:
+        turn_loop(None)
+    else:
+        with backend.session(None) as generate:
+            turn_loop(generate)
+    bar.close()
+    counts.evaluated = len(prompts)
+    if not prompts:
+        raise ValueError(
+            f"every prompt was skipped ({counts.skipped}); raise max_model_len, lower "
+            "max_new_tokens, or use too_long=truncate"
+        )
+    return prompts, (reference if backend is not None else None), counts
+
+
+def _mal_or_none(counters) -> float | None:
+    return None if counters.num_drafts == 0 else counters.mal
+
+
+def measure(
+    backend: Backend,
+    plan: DrafterPlan,
+    prompts: list[Prompt],
+    reference: list[Generation] | None,
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """Run one drafter over every prompt; counts per category, timing, lossless check."""
+    per_category = defaultdict(list)
+    new_tokens = 0
+    seconds = 0.0
+    target_steps: int | None = 0
+    mismatches = 0
+    with backend.session(plan) as generate:
+        generate(prompts[0].input_ids)  # warm-up, not timed nor counted
+        for i, prompt in enumerate(tqdm(prompts, desc=plan.name)):
+            result = generate(prompt.input_ids)
+            per_category[prompt.category].append(result.counters)
+            new_tokens += len(result.token_ids)
+            seconds += result.seconds
+            target_steps = (
+                None
+                if result.target_steps is None or target_steps is None
+                else target_steps + result.target_steps
+            )
+            if reference is not None and config.greedy and config.check_lossless:
+                mismatches += result.token_ids != reference[i].token_ids
+    k = config.num_draft_tokens
+    total = add_counters((c for group in per_category.values() for c in group), positions=k)
+    return {
+        "name": plan.name,
+        "path": plan.path,
+        "kind": plan.kind,
+        "uag": plan.uag,
+        "mal": _mal_or_none(total),
+        "mal_per_category": {
+            cat: _mal_or_none(add_counters(group, positions=k))
+            for cat, group in per_category.items()
+        },
+        "acceptance_per_position": total.acceptance_per_position if total.num_drafts else [],
+        "draft_steps": total.num_drafts,
+        "draft_tokens": total.num_draft_tokens,
+        "accepted_tokens": total.num_accepted_tokens,
+        "target_steps": target_steps,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_second": new_tokens / seconds if seconds else None,
+        "lossless_checked": reference is not None and config.greedy and config.check_lossless,
+        "lossless_mismatches": mismatches,
+    }
+
+
+def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
+    """The target alone: MAL 1 by definition (one token per target step, nothing drafted)."""
+    new_tokens = sum(len(r.token_ids) for r in reference)
+    seconds = sum(r.seconds for r in reference)
+    categories = {p.category for p in prompts}
+    return {
+        "name": "none",
+        "path": "",
+        "kind": "none",
+        "uag": False,
+        "mal": 1.0,
+        "mal_per_category": dict.fromkeys(sorted(categories), 1.0),
+        "acceptance_per_position": [],
+        "draft_steps": 0,
+        "draft_tokens": 0,
+        "accepted_tokens": 0,
+        "target_steps": new_tokens,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_second": new_tokens / seconds if seconds else None,
+        "lossless_checked": False,
+        "lossless_mismatches": 0,
+    }
+
+
+def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, k: int) -> None:
+    """MACs, relative MACs c and the improvement factor MAL / (K·c + 1)."""
+    if row["kind"] == "none":
+        row.update(macs=None, relative_macs=None, improvement_factor=1.0)
+        return
+    c = drafter_macs / target_macs
+    row.update(
+        macs=drafter_macs,
+        relative_macs=c,
+        improvement_factor=None if row["mal"] is None else row["mal"] / (k * c + 1),
+    )
+
+
+def _versions(backend: Backend) -> dict[str, str]:
+    from sd2_hf import __version__
+
+    return {"sd2_hf": __version__, **backend.versions()}
+
+
+def make_backend(
+    config: EvalConfig, target_path: str, tokenizer, limit: int, output: Path
+) -> Backend:
+    if config.backend == "transformers":
+        from sd2_hf.evaluation.transformers_backend import TransformersBackend
+
+        return TransformersBackend(config, target_path, tokenizer)
+    from transformers import GenerationConfig
+
+    from sd2_hf.evaluation.vllm_backend import VLLMBackend
+
+    eos = GenerationConfig.from_pretrained(target_path).eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    return VLLMBackend(config, target_path, limit, eos_ids, output / "logs")
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate the drafters and baselines of `config`; writes eval.json, eval.md and plots to
+    `config.output` and returns the report (the content of eval.json)."""
+    from transformers import AutoTokenizer
+
+    from sd2_hf.evaluation.macs import count_macs
+    from sd2_hf.evaluation.report import to_markdown, write_report
+
+    output = Path(config.output)
+    target_path = _resolve(config.target)
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    plans = plan_drafters(config, tokenizer)
+    if "ngram" in config.baselines:
+        plans.insert(0, DrafterPlan("ngram", "ngram"))
+    questions, loader_skipped = load_questions(config)
+    limit = length_limit(config, [target_path] + [p.path for p in plans if p.kind == "model"])
+    backend = make_backend(config, target_path, tokenizer, limit, output)
+    room = limit - config.max_new_tokens
+    prompts, reference, counts = build_prompts(
+        questions,
+        tokenizer,
+        config,
+        room,
+        backend if _needs_reference(config) else None,
+    )
+    target_macs = count_macs(target_path, config.macs_context_length).total
+    rows = []
+    if "none" in config.baselines:
+        rows.append(_baseline_row(prompts, reference))
+        _add_costs(rows[-1], target_macs, None, config.num_draft_tokens)
+    for plan in plans:
+        rows.append(measure(backend, plan, prompts, reference, config))
+        # The ngram drafter does no multiply-accumulates: relative cost 0.
+        drafter_macs = count_macs(plan.path, config.macs_context_length).total if plan.path else 0
+        _add_costs(rows[-1], target_macs, drafter_macs, config.num_draft_tokens)
+    base_speed = rows[0]["tokens_per_second"] if rows and rows[0]["kind"] == "none" else None
+    for row in rows:
+        speed = row["tokens_per_second"]
+        row["speedup"] = speed / base_speed if base_speed and speed else None
+
+    categories = sorted({p.category for p in prompts})
+    report = {
+        "target": config.target,
+        "target_path": target_path,
+        "backend": config.backend,
+        "num_draft_tokens": config.num_draft_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "num_prompts": len(prompts),
+        "categories": categories,
+        "prompts": {
+            "source": config.prompts,
+            "turns": config.turns,
+            "questions": counts.questions,
+            "evaluated": counts.evaluated,
+            "truncated": counts.truncated,
+            "skipped": counts.skipped,
+            "loader_skipped": loader_skipped,
+        },
+        "max_model_len": limit,
+        "macs_context_length": config.macs_context_length,
+        "target_macs": target_macs,
+        "mal_accounting": MAL_ACCOUNTING[config.backend],
+        "drafters": rows,
+        "config": config.model_dump(),
+        "versions": _versions(backend),
+    }
+    write_report(report, output)
+    print(to_markdown(report).split("\n## MAL per category")[0])
+    print(f"written to {output}/ (eval.json, eval.md, plots)")
+    return report

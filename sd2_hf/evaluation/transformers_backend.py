@@ -1,0 +1,183 @@
+"""MAL with transformers assisted generation, counted exactly per verification step.
+
+Accounting. `generate(assistant_model=...)` runs one target forward pass per verification
+step; that pass scores the step's draft tokens (plus one position for the bonus token) and the
+step then commits `accepted + 1` tokens: the accepted drafts and the target's own token after
+them (the correction at the first mismatch, or the bonus token when every draft matched). We
+record both sides of each step through public hooks, without patching transformers:
+
+- the *drafted* tokens from a forward pre-hook on the target: its input is the prompt plus the
+  drafts on the first step (prefill and first verification are one pass), and afterwards the
+  last committed token plus the drafts;
+- the *committed* tokens from a streamer: assisted generation calls `streamer.put` once per
+  step with exactly the tokens that step committed (the first `put` is the prompt).
+
+accepted = common prefix of drafted and committed (see `counters_from_steps`), and
+MAL = 1 + accepted / draft steps, the quantity vLLM's counters give.
+
+Edge cases at the end of a generation. (1) The assistant drafts at most
+`max_new_tokens - generated - 1` tokens, so the last drafts of a prompt can be shorter than K,
+and a final step can have no drafts at all; that step is plain decoding and is not a draft step
+(vLLM never shortens drafts: it drafts K tokens and discards what lies past `max_tokens`). With
+the target drafting for itself MAL is exactly K+1 when `max_new_tokens` is a multiple of K+1.
+(2) When the drafts reach EOS or the length limit and all match, transformers commits them
+without a bonus token (`n_matches -= 1` in `_assisted_decoding`); the common-prefix rule still
+counts every draft as accepted, so that step adds `accepted` tokens, not `accepted + 1`, to the
+output. `target_steps` (all forward passes during decoding) gives the plain tokens-per-pass view.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
+from transformers.generation.streamers import BaseStreamer
+
+from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation, counters_from_steps
+from sd2_hf.evaluation.config import EvalConfig
+
+SUBSET_VOCAB_CRASH = (
+    "sampled universal assisted generation crashed inside transformers: the drafter's vocabulary "
+    "is a subset of the target's, and transformers then never builds "
+    "`assistant_overlap_token_ids` but still uses it (a transformers bug, SPEC §4). Use greedy "
+    "decoding (temperature 0), which takes another code path and works, or a drafter whose "
+    "vocabulary is not a subset of the target's."
+)
+
+
+def load_causal_lm(path: str, dtype: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval()
+
+
+def set_draft_length(model: torch.nn.Module, num_draft_tokens: int) -> None:
+    """Make the assistant draft exactly K tokens per step (SPEC §4: transformers reads the draft
+    length from the assistant's generation_config, and the default confidence threshold of 0.4
+    stops weak drafts early)."""
+    config = model.generation_config
+    config.num_assistant_tokens = num_draft_tokens
+    config.num_assistant_tokens_schedule = "constant"
+    config.assistant_confidence_threshold = 0.0
+
+
+class _StepRecorder(BaseStreamer):
+    """Drafted and committed tokens of each verification step of one assisted generation."""
+
+    def __init__(self) -> None:
+        self.prompt_length: int | None = None
+        self.drafted: list[list[int]] = []
+        self.committed: list[list[int]] = []
+
+    def on_target_forward(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = args[0]
+        start = self.prompt_length if not self.drafted else 1
+        self.drafted.append(ids[0, start:].tolist())
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_length is None:
+            self.prompt_length = value.shape[-1]
+        else:
+            self.committed.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+    def steps(self) -> list[tuple[list[int], list[int]]]:
+        if len(self.drafted) != len(self.committed):
+            raise RuntimeError(
+                f"verification accounting out of step: {len(self.drafted)} target forward passes "
+                f"but {len(self.committed)} committed chunks; this transformers version calls the "
+                "target or the streamer differently from 5.17 and the counts would be wrong"
+            )
+        return list(zip(self.drafted, self.committed, strict=True))
+
+
+class TransformersBackend:
+    """Target in-process; drafters loaded one at a time for their session."""
+
+    name = "transformers"
+
+    def __init__(self, config: EvalConfig, target_path: str, tokenizer: PreTrainedTokenizerBase):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.target = load_causal_lm(target_path, config.dtype)
+        if self.target.generation_config.pad_token_id is None:
+            self.target.generation_config.pad_token_id = (
+                tokenizer.pad_token_id or tokenizer.eos_token_id
+            )
+
+    def versions(self) -> dict[str, str]:
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def _generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.config.max_new_tokens}
+        if self.config.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=self.config.temperature, top_k=0, top_p=1.0)
+        return kwargs
+
+    @contextmanager
+    def session(self, drafter: DrafterPlan | None) -> Iterator[Generate]:
+        set_seed(self.config.seed)
+        kwargs = self._generate_kwargs()
+        assistant = None
+        if drafter is not None and drafter.kind == "ngram":
+            kwargs["prompt_lookup_num_tokens"] = self.config.num_draft_tokens
+        elif drafter is not None:
+            assistant = load_causal_lm(drafter.path, self.config.dtype)
+            set_draft_length(assistant, self.config.num_draft_tokens)
+            kwargs["assistant_model"] = assistant
+            if drafter.uag:
+                kwargs.update(tokenizer=self.tokenizer, assistant_tokenizer=drafter.tokenizer)
+
+        def generate(prompt_ids: list[int]) -> Generation:
+            input_ids = torch.tensor([prompt_ids], device=self.target.device)
+            attention_mask = torch.ones_like(input_ids)
+            if drafter is None:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    out = self.target.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                    )
+                seconds = time.perf_counter() - start
+                return Generation(out[0, len(prompt_ids) :].tolist(), seconds)
+            recorder = _StepRecorder()
+            hook = self.target.register_forward_pre_hook(
+                recorder.on_target_forward, with_kwargs=True
+            )
+            try:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    out = self.target.generate(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        streamer=recorder,
+                        **kwargs,
+                    )
+                seconds = time.perf_counter() - start
+            except AttributeError as err:
+                if "assistant_overlap_token_ids" in str(err):
+                    raise RuntimeError(SUBSET_VOCAB_CRASH) from err
+                raise
+            finally:
+                hook.remove()
+            steps = recorder.steps()
+            return Generation(
+                out[0, len(prompt_ids) :].tolist(),
+                seconds,
+                counters=counters_from_steps(steps),
+                target_steps=len(steps),
+            )
+
+        try:
+            yield generate
+        finally:
+            del assistant

@@ -1,0 +1,104 @@
+"""MAL with vLLM speculative decoding: one server per drafter (in the vLLM environment), prompts
+sent as token ids (rendered in the main env, so both backends see identical prompts), and
+vLLM's own spec-decode counters read before and after every request.
+
+vLLM counts a draft step for every verification of a request that had drafts; the prefill step
+commits the first token without drafts, and the last drafts are not shortened near
+`max_tokens` (tokens past it are discarded). So with the target drafting for itself MAL is
+exactly K+1 whatever `max_tokens` is, as long as no EOS is drafted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation
+from sd2_hf.evaluation.config import EvalConfig
+
+
+class VLLMBackend:
+    """Starts and stops a `VLLMServer` per session; never imports vllm."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        target_path: str,
+        max_model_len: int,
+        stop_token_ids: list[int],
+        log_dir: Path,
+    ):
+        self.config = config
+        self.target_path = target_path
+        self.max_model_len = max_model_len
+        # The servers run with `--generation-config vllm` (neutral defaults), so the target's
+        # own EOS ids are sent with each request to stop where transformers' generate stops.
+        self.stop_token_ids = stop_token_ids
+        self.log_dir = log_dir
+        self._versions: dict[str, str] = {}
+
+    def versions(self) -> dict[str, str]:
+        return dict(self._versions)
+
+    def _server(self, drafter: DrafterPlan | None):
+        from sd2_hf.serving import VLLMServer
+
+        name = drafter.name if drafter else "target"
+        common = dict(
+            dtype=self.config.dtype,
+            max_model_len=self.max_model_len,
+            log_path=str(self.log_dir / f"vllm-{name}.log"),
+        )
+        if drafter is None:
+            return VLLMServer(self.target_path, **common)
+        if drafter.kind == "ngram":
+            # Same n-gram sizes as transformers' prompt lookup (max_matching_ngram_size 2).
+            spec = {
+                "method": "ngram",
+                "num_speculative_tokens": self.config.num_draft_tokens,
+                "prompt_lookup_min": 1,
+                "prompt_lookup_max": 2,
+            }
+            return VLLMServer(
+                self.target_path, extra_args=["--speculative-config", json.dumps(spec)], **common
+            )
+        return VLLMServer(
+            self.target_path,
+            drafter=drafter.path,
+            num_draft_tokens=self.config.num_draft_tokens,
+            **common,
+        )
+
+    @contextmanager
+    def session(self, drafter: DrafterPlan | None) -> Iterator[Generate]:
+        from sd2_hf.serving import OpenAIClient
+
+        server = self._server(drafter)
+        with server, OpenAIClient(server.url, server.model_name) as client:
+            version = httpx.get(f"{server.url}/version", timeout=30).json().get("version")
+            if version:
+                self._versions["vllm"] = version
+
+            def generate(prompt_ids: list[int]) -> Generation:
+                before = server.spec_counters() if drafter else None
+                start = time.perf_counter()
+                response = client.completion(
+                    prompt_ids,
+                    max_tokens=self.config.max_new_tokens,
+                    temperature=0.0,
+                    stop_token_ids=self.stop_token_ids,
+                    return_token_ids=True,
+                )
+                seconds = time.perf_counter() - start
+                token_ids = list(response["choices"][0]["token_ids"])
+                counters = server.spec_counters() - before if drafter else None
+                return Generation(token_ids, seconds, counters=counters)
+
+            yield generate
