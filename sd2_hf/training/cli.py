@@ -1,0 +1,33 @@
+"""`sd2 train`: fine-tune a pruned drafter with SD2Trainer (masks held exactly)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a pruned drafter on (self-distilled) conversations, masks held fixed",
+        description="Sparse fine-tuning with SD2Trainer (TRL SFTTrainer + SparsityMaskCallback). "
+        "Resumes from the newest checkpoint in OUTPUT/checkpoints. For several processes or GPUs "
+        "run it under `accelerate launch -m sd2_hf.cli train ...`.",
+    )
+    add_model_arguments(parser, TrainStageConfig, positional=("model",), skip=("trainer_args",))
+    parser.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sd2_hf.training.stage import run_train
+
+    report = run_train(model_from_args(TrainStageConfig, args))
+    print(
+        f"\ntrained {report['global_step']} steps in {report['wall_time_s']:.0f}s: "
+        f"loss {report['first_logged_loss']} -> {report['last_logged_loss']}, "
+        f"sparsity {report['sparsity_before']:.4f} -> {report['sparsity_after']:.4f} "
+        f"({report['structure']}); drafter written to the output dir"
+    )
+    return 0

@@ -1,0 +1,73 @@
+"""`sd2 train` / run_train: a pruned checkpoint + conversations file -> fine-tuned drafter, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+from transformers import AutoModelForCausalLM
+
+from sd2_hf.cli import main as sd2_main
+from sd2_hf.pruning.masks import find_target_linears
+from sd2_hf.training.stage import TrainStageConfig, run_train
+
+
+@pytest.fixture()
+def sparse_dir(tmp_path, tiny_tokenizer):
+    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
+    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
+
+
+@pytest.fixture()
+def conversations_file(tmp_path):
+    path = tmp_path / "distilled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
+    return path
+
+
+def zeros(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return {n: m.weight == 0 for n, m in find_target_linears(model).items()}
+
+
+def test_run_train_then_resume(tmp_path, sparse_dir, conversations_file):
+    out = tmp_path / "trained"
+    config = TrainStageConfig(
+        model=str(sparse_dir),
+        dataset=str(conversations_file),
+        output=str(out),
+        max_steps=6,
+        save_steps=3,
+        learning_rate=1e-2,
+        max_length=64,
+        logging_steps=2,
+    )
+    report = run_train(config)
+    assert report["global_step"] == 6 and report["resumed_from"] is None
+    assert report["sparsity_before"] == pytest.approx(0.5, abs=1e-3) == report["sparsity_after"]
+    before, after = zeros(sparse_dir), zeros(out)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert json.loads((out / "train_report.json").read_text())["global_step"] == 6
+
+    # a longer run in the same output dir continues from the last checkpoint
+    report2 = run_train(config.model_copy(update={"max_steps": 8}))
+    assert report2["resumed_from"].endswith("checkpoint-6")
+    assert report2["global_step"] == 8
+
+
+def test_cli_train_and_bad_values(tmp_path, sparse_dir, conversations_file, capsys):
+    out = tmp_path / "cli"
+    rc = sd2_main(
+        ["train", str(sparse_dir), "--dataset", str(conversations_file), "--output", str(out),
+         "--max-steps", "2", "--max-length", "64"]
+    )  # fmt: skip
+    assert rc == 0 and (out / "model.safetensors").exists()
+    assert "trained 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs `teacher`"):
+        sd2_main(
+            ["train", str(sparse_dir), "--dataset", "x", "--output", "y", "--distill-loss", "fkl"]
+        )
+    with pytest.raises(SystemExit, match="less than 1"):
+        sd2_main(["train", str(sparse_dir), "--dataset", "x", "--output", "y", "--jsd-beta", "1.5"])
