@@ -1,0 +1,338 @@
+"""Evaluation: MAL accounting, both backends on tiny models, UAG, bad input, reports and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tiny
+import torch
+
+from sd2_hf.evaluation.backend import add_counters, counters_from_steps
+from sd2_hf.evaluation.config import EvalConfig, parse_drafter
+from sd2_hf.evaluation.prompts import Question, _spread, fit_length
+from sd2_hf.evaluation.report import (
+    plot_acceptance_per_position,
+    plot_mal_per_category,
+    plot_mal_vs_macs,
+)
+from sd2_hf.evaluation.runner import run_eval
+
+K = 3
+# A multiple of K+1: with the target drafting for itself every step commits K+1 tokens.
+MAX_NEW = 16
+QUESTIONS = [
+    ("writing", "Hello world, why is the draft model fast?"),
+    ("math", "One two three four five?"),
+    ("writing", "The quick brown dog runs over the lazy cat."),
+    ("math", "How many sparse layers does the target prune?"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are dominated by thread hand-offs; on a busy 2-core machine one thread is
+    # several times faster. Restored afterwards for the rest of the suite.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mtbench_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "question.jsonl"
+    rows = [
+        {"question_id": i + 1, "category": cat, "turns": [q, "And then what?"]}
+        for i, (cat, q) in enumerate(QUESTIONS)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def noisy_drafter_dir(tmp_path_factory, tiny_tokenizer):
+    """The target's weights plus 5% noise: a drafter that agrees with the target part of the time."""
+    model = tiny.build_model(tiny_tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std())
+    return tiny.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("noisy-drafter"))
+
+
+def _config(target, mtbench_file, output, **overrides) -> EvalConfig:
+    values = dict(
+        target=str(target),
+        prompts=str(mtbench_file),
+        num_draft_tokens=K,
+        max_new_tokens=MAX_NEW,
+        output=str(output),
+    )
+    values.update(overrides)
+    return EvalConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def hf_report(
+    tmp_path_factory,
+    tiny_model_dir,
+    tiny_drafter_dir,
+    other_family_dir,
+    noisy_drafter_dir,
+    mtbench_file,
+):
+    out = tmp_path_factory.mktemp("eval-hf")
+    config = _config(
+        tiny_model_dir,
+        mtbench_file,
+        out,
+        drafters=[
+            f"self={tiny_model_dir}",
+            f"random={tiny_drafter_dir}",
+            f"noisy={noisy_drafter_dir}",
+            f"uag={other_family_dir}",
+        ],
+    )
+    return run_eval(config), out
+
+
+def _row(report, name):
+    return next(d for d in report["drafters"] if d["name"] == name)
+
+
+# --- accounting -------------------------------------------------------------------------
+
+
+def test_counters_from_steps_counts_common_prefix_and_positions():
+    steps = [
+        ([5, 6, 7], [5, 6, 7, 8]),  # all 3 accepted + bonus
+        ([5, 9, 7], [5, 6]),  # first accepted, correction at the second
+        ([4, 4, 4], [1]),  # none accepted
+        ([], [3]),  # no drafts: plain decoding, not a draft step
+        ([2, 2], [2, 2]),  # drafts hit the length limit, all matched, no bonus
+    ]
+    c = counters_from_steps(steps)
+    assert (c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens) == (4, 11, 6)
+    assert c.accepted_per_position == [3, 2, 1]
+    assert c.mal == pytest.approx(1 + 6 / 4)
+    total = add_counters([c, counters_from_steps([([1], [1, 2])])], positions=4)
+    assert total.accepted_per_position == [4, 2, 1, 0]
+    assert total.num_drafts == 5
+
+
+def test_parse_drafter_names_and_paths():
+    named = parse_drafter("sd2=out/drafter")
+    assert (named.name, named.path) == ("sd2", "out/drafter")
+    assert parse_drafter("HuggingFaceTB/SmolLM2-135M").name == "SmolLM2-135M"
+    assert parse_drafter("asset:smollm2-135m-instruct").name == "smollm2-135m-instruct"
+    assert parse_drafter("asset:smollm2-135m-instruct").path == "asset:smollm2-135m-instruct"
+
+
+def test_config_rejects_bad_combinations():
+    with pytest.raises(ValueError, match="unique"):
+        EvalConfig(target="t", drafters=["a=x", "a=y"])
+    with pytest.raises(ValueError, match="baselines"):
+        EvalConfig(target="t", drafters=["ngram=x"])
+    with pytest.raises(ValueError, match="transformers backend only"):
+        EvalConfig(target="t", backend="vllm", temperature=0.7)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvalConfig(target="t", baselines=[])
+    with pytest.raises(ValueError, match="extra"):
+        EvalConfig(target="t", draft_tokens=4)
+
+
+def test_prompt_length_policy_and_category_spread():
+    assert fit_length([1, 2, 3], 5, "skip") == ([1, 2, 3], False)
+    assert fit_length([1, 2, 3, 4], 2, "skip") == (None, False)
+    assert fit_length([1, 2, 3, 4], 2, "truncate") == ([3, 4], True)
+    questions = [Question(str(i), c, ["q"]) for i, c in enumerate("aaaabbbbcc")]
+    picked = _spread(questions, 5)
+    assert sorted(q.category for q in picked) == ["a", "a", "b", "b", "c"]
+
+
+# --- transformers backend ---------------------------------------------------------------
+
+
+def test_target_drafting_for_itself_gives_k_plus_one(hf_report):
+    report, _ = hf_report
+    me = _row(report, "self")
+    # No early EOS (every prompt ran to max_new_tokens), so every step committed K+1 tokens.
+    assert me["new_tokens"] == report["num_prompts"] * MAX_NEW
+    assert me["mal"] == K + 1
+    assert me["acceptance_per_position"] == [1.0] * K
+    assert me["target_steps"] == report["num_prompts"] * MAX_NEW // (K + 1)
+    assert me["improvement_factor"] == pytest.approx((K + 1) / (K + 1))
+    assert all(v == K + 1 for v in me["mal_per_category"].values())
+
+
+def test_random_drafter_mal_close_to_one(hf_report):
+    report, _ = hf_report
+    random = _row(report, "random")
+    assert 1.0 <= random["mal"] < 1.25
+    assert random["draft_steps"] > 0
+    noisy = _row(report, "noisy")
+    assert random["mal"] < noisy["mal"] < K + 1
+
+
+def test_every_greedy_output_is_lossless_including_uag(hf_report):
+    report, _ = hf_report
+    uag = _row(report, "uag")
+    assert uag["uag"] is True and uag["draft_steps"] > 0
+    for row in report["drafters"]:
+        if row["kind"] != "none":
+            assert row["lossless_checked"]
+            assert row["lossless_mismatches"] == 0, row["name"]
+
+
+def test_baselines_and_costs(hf_report):
+    report, _ = hf_report
+    none = _row(report, "none")
+    assert none["mal"] == 1.0 and none["speedup"] == 1.0 and none["draft_steps"] == 0
+    ngram = _row(report, "ngram")
+    assert ngram["relative_macs"] == 0.0 and ngram["improvement_factor"] == ngram["mal"]
+    noisy = _row(report, "noisy")
+    assert noisy["relative_macs"] == pytest.approx(1.0)
+    assert noisy["improvement_factor"] == pytest.approx(noisy["mal"] / (K * 1.0 + 1))
+    for row in report["drafters"]:
+        assert row["tokens_per_second"] > 0
+    assert set(report["categories"]) == {"writing", "math"}
+    assert report["num_prompts"] == len(QUESTIONS)
+
+
+def _parse_table(markdown: str, first_header: str) -> list[dict[str, str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def test_markdown_table_agrees_with_json(hf_report):
+    report, out = hf_report
+    on_disk = json.loads((out / "eval.json").read_text())
+    assert on_disk["drafters"] == json.loads(json.dumps(report["drafters"]))
+    markdown = (out / "eval.md").read_text()
+    table = _parse_table(markdown, "drafter")
+    assert [r["drafter"] for r in table] == [d["name"] for d in on_disk["drafters"]]
+    for row, d in zip(table, on_disk["drafters"], strict=True):
+        assert float(row["MAL"]) == pytest.approx(d["mal"], abs=5e-4)
+        assert int(row["draft steps"]) == d["draft_steps"]
+        assert int(row["accepted tokens"]) == d["accepted_tokens"]
+        if d["improvement_factor"] is not None:
+            assert float(row["improvement factor"]) == pytest.approx(
+                d["improvement_factor"], abs=5e-4
+            )
+        if d["lossless_checked"]:
+            assert int(row["lossless mismatches"]) == d["lossless_mismatches"]
+    per_category = _parse_table(markdown.split("## MAL per category")[1], "drafter")
+    for row, d in zip(per_category, on_disk["drafters"], strict=True):
+        for cat in on_disk["categories"]:
+            assert float(row[cat]) == pytest.approx(d["mal_per_category"][cat], abs=5e-4)
+
+
+def test_plots_are_pngs_with_labelled_axes(hf_report):
+    report, out = hf_report
+    for name in ("mal_per_category.png", "acceptance_per_position.png", "mal_vs_macs.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    for plot in (plot_mal_per_category, plot_acceptance_per_position, plot_mal_vs_macs):
+        ax = plot(report).axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), plot.__name__
+    scatter = plot_mal_vs_macs(report).axes[0]
+    labels = {t.get_text() for t in scatter.texts}
+    assert {"self", "noisy", "random", "uag", "ngram"} <= labels
+    bars = plot_mal_per_category(report).axes[0]
+    assert [t.get_text() for t in bars.get_legend().get_texts()][:2] == ["ngram", "self"]
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def test_other_tokenizer_without_uag_is_a_clear_error(
+    tmp_path, tiny_model_dir, other_family_dir, mtbench_file
+):
+    config = _config(
+        tiny_model_dir, mtbench_file, tmp_path, drafters=[str(other_family_dir)], uag="off"
+    )
+    with pytest.raises(ValueError, match="different tokenizer.*uag"):
+        run_eval(config)
+
+
+def test_sampled_uag_subset_vocabulary_crash_is_explained(tmp_path, tiny_tokenizer, mtbench_file):
+    # The same corpus with a smaller BPE vocabulary gives a tokenizer whose vocabulary is a
+    # subset of the target's: the case transformers' sampled UAG crashes on.
+    subset_tok = tiny.build_tokenizer(vocab_size=320, seed=0)
+    assert set(subset_tok.get_vocab()) < set(tiny_tokenizer.get_vocab())
+    target = tiny.save_model(
+        tiny.build_model(tiny_tokenizer, seed=0), tiny_tokenizer, tmp_path / "t"
+    )
+    drafter = tiny.save_model(tiny.build_model(subset_tok, seed=3), subset_tok, tmp_path / "d")
+    config = _config(
+        target,
+        mtbench_file,
+        tmp_path / "out",
+        drafters=[str(drafter)],
+        baselines=[],
+        temperature=0.8,
+        limit=1,
+        max_new_tokens=4,
+    )
+    with pytest.raises(RuntimeError, match="subset of the target's.*temperature 0"):
+        run_eval(config)
+
+
+def test_too_long_prompts_are_skipped_or_truncated_and_counted(
+    tmp_path, tiny_model_dir, mtbench_file
+):
+    # First turns render to 26-37 tokens, second turns to 60+; a 52-token limit with 16 new
+    # tokens leaves room for 36: some first turns fit, one and all second turns do not.
+    common = dict(baselines=["none"], max_model_len=52, turns="all")
+    skipped = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "s", **common))
+    counts = skipped["prompts"]
+    assert counts["skipped"].get("too_long", 0) > 0 and counts["evaluated"] > 0
+    # A skipped first turn takes its later turns with it: every turn is accounted for.
+    assert counts["evaluated"] + sum(counts["skipped"].values()) == 2 * len(QUESTIONS)
+    truncated = run_eval(
+        _config(tiny_model_dir, mtbench_file, tmp_path / "t", too_long="truncate", **common)
+    )
+    assert truncated["prompts"]["truncated"] > 0
+    assert truncated["prompts"]["evaluated"] == 2 * len(QUESTIONS)
+    assert not math.isnan(truncated["drafters"][0]["tokens_per_second"])
+
+
+def test_cli_builds_the_config(tmp_path):
+    from sd2_hf.cli import build_parser
+    from sd2_hf.evaluation.config import EvalConfig
+    from sd2_hf.utils.schema_cli import model_from_args
+
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--target",
+            "t",
+            "--drafter",
+            "a=x",
+            "--drafter",
+            "y",
+            "--baselines",
+            "ngram",
+            "--num-draft-tokens",
+            "5",
+            "--backend",
+            "vllm",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    config = model_from_args(EvalConfig, args)
+    assert config.drafters == ["a=x", "y"] and config.baselines == ["ngram"]
+    assert config.num_draft_tokens == 5 and config.backend == "vllm"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--target", "t", "--baselines", "beam"])
