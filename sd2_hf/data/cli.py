@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
 
@@ -11,6 +12,8 @@ def _run(args: argparse.Namespace) -> int:
     from sd2_hf.data.distill import DistillConfig, run_distill
 
     config = model_from_args(DistillConfig, args)
+    # One INFO line per HTTP request would bury the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result = run_distill(config)
     except (ValueError, FileNotFoundError) as err:
