@@ -135,8 +135,21 @@ def test_datasets_dir_and_parquet(tmp_path):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
     ds.to_parquet(str(tmp_path / "rows.parquet"))
     expected = load_conversations(write_jsonl(tmp_path / "rows.jsonl", records)).rows
-    for source in ("saved", "saved_dict", "rows.parquet"):
+    # The distillation output layout: JSONL shards under data/ next to a manifest.
+    shards = tmp_path / "distilled" / "data"
+    shards.mkdir(parents=True)
+    write_jsonl(shards / "train-00000.jsonl", records[:2])
+    write_jsonl(shards / "train-00001.jsonl", records[2:])
+    (tmp_path / "distilled" / "manifest.json").write_text('{"counts": {"written": 4}}')
+    for source in ("saved", "saved_dict", "rows.parquet", "distilled"):
         assert load_conversations(str(tmp_path / source)).rows == expected, source
+    # Shards next to a manifest in one folder: datasets reads the manifest as a data file.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write_jsonl(flat / "rows.jsonl", records)
+    (flat / "manifest.json").write_text('{"counts": {"written": 4}}')
+    with pytest.raises(ValueError, match="cannot load .*flat with datasets"):
+        load_conversations(str(flat))
 
 
 # --- truncation, malformed rows, limit, ids -----------------------------------------------

@@ -186,11 +186,18 @@ def _iter_dataset(source: Path) -> Iterator[Any]:
         ds = datasets.load_from_disk(str(source))
     else:
         builder = _DATA_FILE_BUILDERS.get(source.suffix)
-        ds = (
-            datasets.load_dataset(builder, data_files=str(source))
-            if builder
-            else datasets.load_dataset(str(source))
-        )
+        try:
+            ds = (
+                datasets.load_dataset(builder, data_files=str(source))
+                if builder
+                else datasets.load_dataset(str(source))
+            )
+        except Exception as err:  # datasets raises many types; the user needs the cause
+            raise ValueError(
+                f"cannot load {source} with datasets ({type(err).__name__}: {err}); expected a "
+                "save_to_disk directory, a Parquet/Arrow/CSV file, or a directory whose data "
+                "files datasets.load_dataset can read (e.g. data/train-00000.jsonl)"
+            ) from err
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             ds = ds["train"]
