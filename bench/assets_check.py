@@ -87,8 +87,12 @@ def first_exchanges(n: int) -> list[list[dict]]:
 def reply_perplexity(model, tokenizer, exchanges: list[list[dict]]) -> dict:
     total_nll, total_tokens = 0.0, 0
     for exchange in exchanges:
-        prompt = tokenizer.apply_chat_template(exchange[:1], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(exchange)
+        prompt = tokenizer.apply_chat_template(
+            exchange[:1], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        full = tokenizer.apply_chat_template(exchange, return_dict=True)["input_ids"]
+        while tokenizer.decode(full[-1]).isspace():  # the newline after the end-of-turn token
+            full = full[:-1]
         ids = torch.tensor([full[:MAX_TOKENS]])
         labels = ids.clone()
         labels[:, : len(prompt)] = -100

@@ -203,6 +203,9 @@ def convert_gguf(
         token_id = getattr(config, f"{role}_token_id", None)
         if isinstance(token_id, int):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    # The GGUF carries no such flag and transformers defaults it to True, which rewrites
+    # decoded BPE text (" ." → "."); the upstream SmolLM2 and Gemma 3 tokenizers set False.
+    tokenizer.clean_up_tokenization_spaces = False
     template_source = "gguf"
     if not tokenizer.chat_template:
         if fallback_chat_template is None:
