@@ -79,3 +79,13 @@ def vllm_python():
     if not VLLM_PYTHON.exists():
         pytest.skip("the vLLM environment (.venv-vllm) is missing: run `make setup`")
     return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def chat_rows_file(tmp_path_factory, chat_rows):
+    """`chat_rows` as a JSONL file in the `messages` form (a dataset source the loaders read)."""
+    import json
+
+    path = tmp_path_factory.mktemp("chat-rows") / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows))
+    return str(path)
