@@ -105,7 +105,9 @@ class ChatRenderer:
         return list(ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        return self.tokenizer.decode(
+            list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        ).strip()
 
     def finish_reason(self, token_ids: Sequence[int], max_new_tokens: int) -> FinishReason:
         if token_ids and token_ids[-1] in self.stop_token_ids:
