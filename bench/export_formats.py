@@ -1,0 +1,303 @@
+"""How each export format treats a sparse drafter: size, surviving zeros, acceptance, losslessness.
+
+    .venv/bin/python bench/export_formats.py            # SmolLM2-135M, SparseGPT 50%
+    .venv/bin/python bench/export_formats.py --vllm     # also serve each format with vLLM
+
+The drafter is SmolLM2-135M-Instruct (`asset:smollm2-135m-instruct`) pruned to 50% with the
+shipped SparseGPT recipe (calibrated on ShareGPT), drafting for the dense SmolLM2 (the target);
+each format is exported from that one checkpoint with `sd2 export`, then measured side by side:
+checkpoint size relative to the dense export, sparsity before export and after a decompress
+round-trip, the share of pruned zeros still exactly zero, and greedy assisted generation on
+MT-Bench prompts in transformers (output vs the target alone, MAL from counted target forward
+passes). With `--vllm`, each format is also the draft model of a vLLM server: start or the exact
+error, greedy output vs vLLM's plain greedy output, MAL from the server's counters.
+
+Writes bench/results/export_formats.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sd2_hf.assets import home, resolve_model
+from sd2_hf.data.loaders import load_mtbench
+from sd2_hf.export.export import ExportConfig, run_export
+from sd2_hf.pruning.config import PruneConfig
+from sd2_hf.pruning.runner import run_prune, versions
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+
+RESULTS = Path(__file__).parent / "results"
+FORMATS = ("dense", "w8a8", "w4a16", "fp8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="asset:smollm2-135m-instruct")
+    parser.add_argument("--recipe", default="sparsegpt-50", help="shipped pruning recipe")
+    parser.add_argument("--calibration", default="asset:sharegpt")
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--prompts", type=int, default=8, help="MT-Bench first turns")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--vllm", action="store_true", help="serve each format with vLLM too")
+    parser.add_argument(
+        "--work",
+        default=str(home() / "bench" / "export_formats"),
+        help="where the pruned drafter and the exports go (default: under $SD2_HOME)",
+    )
+    return parser.parse_args(argv)
+
+
+def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    questions = load_mtbench()[:n]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        for q in questions
+    ]
+
+
+def greedy(model, ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def transformers_check(target, drafter_dir: str, prompts, reference, max_new_tokens) -> dict:
+    """Assisted generation with the export as loaded by plain `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    drafter = AutoModelForCausalLM.from_pretrained(drafter_dir).eval()
+    load_seconds = time.perf_counter() - started
+    steps = []
+    hook = target.register_forward_hook(lambda *_: steps.append(1))
+    mismatches = new_tokens = 0
+    started = time.perf_counter()
+    try:
+        for ids, expected in zip(prompts, reference, strict=True):
+            got = greedy(target, ids, max_new_tokens, assistant_model=drafter)
+            mismatches += got != expected
+            new_tokens += len(got)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - started
+    return {
+        "load_seconds": load_seconds,
+        "lossless_mismatches": mismatches,
+        "target_steps": len(steps),
+        "new_tokens": new_tokens,
+        # Every target forward pass verifies one draft (the prefill is part of the first).
+        "mal": new_tokens / len(steps),
+        "tokens_per_second": new_tokens / seconds,
+    }
+
+
+def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, log: Path) -> dict:
+    from sd2_hf.serving import OpenAIClient, VLLMServer
+
+    server = VLLMServer(
+        target, drafter=drafter_dir, dtype="float32", max_model_len=2048, log_path=str(log)
+    )
+    try:
+        with server, OpenAIClient(server.url, server.model_name) as client:
+            before = server.spec_counters() if drafter_dir else None
+            outputs = [
+                client.completion(
+                    ids,
+                    max_tokens=max_new_tokens,
+                    temperature=0,
+                    ignore_eos=True,
+                    return_token_ids=True,
+                )["choices"][0]["token_ids"]
+                for ids in prompts
+            ]
+            delta = server.spec_counters() - before if drafter_dir else None
+    except RuntimeError as err:  # ServerError (start-up) and RequestFailed (engine died)
+        # The root cause is the first exception line of the server log (later ones are
+        # EngineDeadError and the API server's wrappers).
+        causes = re.findall(r"\b\w+(?:Error|Exception): .*", log.read_text())
+        return {"ok": False, "error": causes[0].strip() if causes else str(err)[-500:]}
+    return {
+        "ok": True,
+        "startup_seconds": server.startup_seconds,
+        "outputs": outputs,
+        "mal": delta.mal if delta else None,
+        "acceptance_per_position": delta.acceptance_per_position if delta else None,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Export formats of a sparse drafter",
+        "",
+        f"Drafter: `{report['model']}` pruned with `{report['recipe']}` "
+        f"({report['prune']['global_sparsity']:.2%} {report['prune']['structure']}); target: the "
+        f"dense `{report['model']}`. K = {report['num_draft_tokens']}, greedy, "
+        f"{report['num_prompts']} MT-Bench prompts × {report['max_new_tokens']} new tokens. "
+        f"Measured {report['date']} on {report['machine']}.",
+        "",
+        "| format | compressed-tensors | size (MiB) | size vs dense | sparsity before | "
+        "sparsity after round-trip | pruned zeros kept | transformers load (s) | "
+        "transformers lossless | transformers MAL |"
+        + (" vLLM | vLLM lossless | vLLM MAL |" if report["vllm"] else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"
+        + ("---|---|---:|" if report["vllm"] else ""),
+    ]
+    for row in report["formats"]:
+        hf = row["transformers"]
+        cells = [
+            row["format"],
+            row["compressed_tensors_format"] or "–",
+            f"{row['checkpoint_bytes'] / 2**20:.1f}",
+            f"{row['size_vs_dense']:.3f}",
+            f"{row['sparsity_before']:.2%}",
+            f"{row['sparsity_after']:.2%}",
+            f"{row['zeros_kept']:.2%}",
+            f"{hf['load_seconds']:.1f}",
+            "yes" if hf["lossless_mismatches"] == 0 else f"no ({hf['lossless_mismatches']} differ)",
+            f"{hf['mal']:.2f}",
+        ]
+        if report["vllm"]:
+            served = row["vllm"]
+            if served["ok"]:
+                lossless = served["lossless_mismatches"] == 0
+                cells += [
+                    "serves",
+                    "yes" if lossless else f"no ({served['lossless_mismatches']} differ)",
+                    f"{served['mal']:.2f}",
+                ]
+            else:
+                cells += [f"fails: `{served['error'][:160]}`", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Size vs dense compares the whole checkpoint (embeddings and `lm_head` stay unquantized, "
+        "so the ratio is above the weight-only ratio). MAL in transformers = new tokens / target "
+        "forward passes; vLLM MAL from its spec-decode counters. Lossless = greedy output equals "
+        "the target's own greedy output "
+        + ("(transformers target; vLLM target served alone)." if report["vllm"] else "."),
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = parse_args(argv)
+    work = Path(args.work)
+    target_path = resolve_model(args.model)
+    sparse_dir = work / "sparse"
+    if not (sparse_dir / "sparsity_report.json").is_file():
+        pruned = run_prune(
+            PruneConfig(
+                model=args.model,
+                output=str(sparse_dir),
+                recipe=args.recipe,
+                dataset=args.calibration,
+                num_samples=args.calibration_samples,
+                max_seq_length=256,
+                overwrite=True,
+            )
+        )
+        print(pruned.summary())
+    prune_report = read_json(sparse_dir / "sparsity_report.json")
+
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    prompts = prompt_ids(tokenizer, args.prompts)
+    reference = [greedy(target, ids, args.max_new_tokens) for ids in tqdm(prompts, desc="target")]
+
+    vllm_reference = None
+    if args.vllm:
+        vllm_reference = vllm_check(
+            target_path, None, prompts, args.max_new_tokens, work / "vllm-target.log"
+        )
+    rows = []
+    for fmt in args.formats:
+        result = run_export(
+            ExportConfig(
+                drafter=str(sparse_dir),
+                output=str(work / fmt),
+                format=fmt,
+                target=args.model,
+                num_draft_tokens=args.num_draft_tokens,
+                overwrite=True,
+            )
+        )
+        metadata = read_json(work / fmt / "sd2_drafter.json")
+        row = {
+            "format": fmt,
+            "compressed_tensors_format": (metadata["quantization"] or {}).get(
+                "compressed_tensors_format"
+            ),
+            "checkpoint_bytes": result.checkpoint_bytes,
+            "sparsity_before": result.sparsity_before,
+            "sparsity_after": result.sparsity_after,
+            "zeros_kept": result.zeros_kept,
+            "transformers": transformers_check(
+                target, result.output, prompts, reference, args.max_new_tokens
+            ),
+        }
+        if args.vllm:
+            served = vllm_check(
+                target_path, result.output, prompts, args.max_new_tokens, work / f"vllm-{fmt}.log"
+            )
+            if served["ok"] and vllm_reference and vllm_reference["ok"]:
+                served["lossless_mismatches"] = sum(
+                    a != b
+                    for a, b in zip(served.pop("outputs"), vllm_reference["outputs"], strict=True)
+                )
+            rows.append({**row, "vllm": served})
+        else:
+            rows.append(row)
+        print(json.dumps(rows[-1], default=str))
+    dense_bytes = next((r["checkpoint_bytes"] for r in rows if r["format"] == "dense"), None)
+    for row in rows:
+        row["size_vs_dense"] = row["checkpoint_bytes"] / dense_bytes if dense_bytes else None
+
+    report = {
+        "model": args.model,
+        "recipe": args.recipe,
+        "prune": {k: prune_report.get(k) for k in ("global_sparsity", "structure")},
+        "num_draft_tokens": args.num_draft_tokens,
+        "num_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "vllm": args.vllm,
+        "vllm_target_alone": {k: v for k, v in (vllm_reference or {}).items() if k != "outputs"},
+        "formats": rows,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "command": " ".join(["bench/export_formats.py", *(argv or sys.argv[1:])]),
+        "versions": versions(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / "export_formats.json", report)
+    markdown = to_markdown(report)
+    atomic_write_text(RESULTS / "export_formats.md", markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
