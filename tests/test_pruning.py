@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning import masks
-from sd2_hf.pruning.config import PruneConfig, PruneInputError
+from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
 from sd2_hf.pruning.recipes import load_recipe, shipped_recipes
 from sd2_hf.pruning.runner import run_prune
 
@@ -28,22 +28,15 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory, chat_rows):
-    path = tmp_path_factory.mktemp("calib") / "chat.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def original(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
-def _prune(model_dir, out, calib_file, **options) -> dict:
+def _prune(model_dir, out, chat_rows_file, **options) -> PruneResult:
     config = PruneConfig(
         model=str(model_dir),
         output=str(out),
-        dataset=calib_file,
+        dataset=chat_rows_file,
         num_samples=16,
         max_seq_length=64,
         **options,
@@ -66,9 +59,9 @@ def test_shipped_recipes_are_the_tested_ones():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_shipped_recipe(name, tiny_model_dir, calib_file, original, tmp_path):
+def test_shipped_recipe(name, tiny_model_dir, chat_rows_file, original, tmp_path):
     sparsity, structure = EXPECTED[name]
-    result = _prune(tiny_model_dir, tmp_path / "out", calib_file, recipe=name)
+    result = _prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=name)
 
     # Reloaded with plain transformers: the zeros are in the saved weights.
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -95,7 +88,7 @@ def test_shipped_recipe(name, tiny_model_dir, calib_file, original, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists()
 
 
-def test_user_recipe_file_and_targets(tiny_model_dir, calib_file, original, tmp_path):
+def test_user_recipe_file_and_targets(tiny_model_dir, chat_rows_file, original, tmp_path):
     recipe = tmp_path / "mlp-wanda.yaml"
     recipe.write_text(
         "my_stage:\n"
@@ -105,7 +98,7 @@ def test_user_recipe_file_and_targets(tiny_model_dir, calib_file, original, tmp_
         "      targets: ['re:.*mlp\\.(gate|up|down)_proj$']\n"
         "      ignore: ['re:.*lm_head']\n"
     )
-    _prune(tiny_model_dir, tmp_path / "out", calib_file, recipe=str(recipe))
+    _prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=str(recipe))
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for name, module in _decoder_linears(pruned).items():
         got = masks.weight_sparsity(module.weight)

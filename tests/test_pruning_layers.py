@@ -18,13 +18,6 @@ IDENTITY_BLOCKS = (2, 3)
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory, chat_rows):
-    path = tmp_path_factory.mktemp("calib") / "chat.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def six_layer_dir(tmp_path_factory, tiny_tokenizer):
     """6 blocks, of which 2 and 3 are exact identities (their residual writes are zero)."""
     model = tiny.build_model(tiny_tokenizer, num_layers=6, seed=3)
@@ -36,7 +29,7 @@ def six_layer_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def dropped_dir(six_layer_dir, calib_file, tmp_path_factory):
+def dropped_dir(six_layer_dir, chat_rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("dropped") / "out"
     result = run_prune(
         PruneConfig(
@@ -44,7 +37,7 @@ def dropped_dir(six_layer_dir, calib_file, tmp_path_factory):
             output=str(out),
             method="layers",
             drop=2,
-            dataset=calib_file,
+            dataset=chat_rows_file,
             num_samples=8,
         )
     )
@@ -102,7 +95,7 @@ def test_macs_drop_by_the_dropped_blocks_share(dropped_dir, six_layer_dir):
     assert report["macs_fraction"] == pytest.approx(after.total / before.total)
 
 
-def test_target_macs_fraction_picks_the_fewest_blocks(six_layer_dir, calib_file, tmp_path):
+def test_target_macs_fraction_picks_the_fewest_blocks(six_layer_dir, chat_rows_file, tmp_path):
     macs = count_macs(six_layer_dir)
     blocks = macs.per_block()
     share = sum(blocks[f"block {i}"] for i in IDENTITY_BLOCKS)
@@ -113,7 +106,7 @@ def test_target_macs_fraction_picks_the_fewest_blocks(six_layer_dir, calib_file,
             output=str(tmp_path / "out"),
             method="layers",
             target_macs_fraction=fraction,
-            dataset=calib_file,
+            dataset=chat_rows_file,
             num_samples=4,
         )
     )
@@ -121,13 +114,13 @@ def test_target_macs_fraction_picks_the_fewest_blocks(six_layer_dir, calib_file,
     assert result.macs_fraction <= fraction
 
 
-def test_drop_too_many(six_layer_dir, calib_file, tmp_path):
+def test_drop_too_many(six_layer_dir, chat_rows_file, tmp_path):
     config = PruneConfig(
         model=str(six_layer_dir),
         output=str(tmp_path / "o"),
         method="layers",
         drop=6,
-        dataset=calib_file,
+        dataset=chat_rows_file,
     )
     with pytest.raises(PruneInputError, match=r"drop = 6 .* 6 decoder layers; allowed: 1\.\.5"):
         run_prune(config)
@@ -136,7 +129,7 @@ def test_drop_too_many(six_layer_dir, calib_file, tmp_path):
         output=str(tmp_path / "o"),
         method="layers",
         target_macs_fraction=0.01,
-        dataset=calib_file,
+        dataset=chat_rows_file,
         num_samples=2,
     )
     with pytest.raises(PruneInputError, match="target_macs_fraction = 0.01 cannot be reached"):
