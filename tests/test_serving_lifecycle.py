@@ -32,6 +32,7 @@ FAKE_SERVER = textwrap.dedent(
     with open(os.environ["FAKE_PIDS"], "w") as f:
         f.write(f"{os.getpid()} {engine.pid}")
     if mode == "die":
+        print("(EngineCore pid=7) ERROR 11-22 05:29:25 [core.py:1510] ValueError: KV cache too small")
         for i in range(60):
             print(f"loading layer {i}", flush=True)
         print("RuntimeError: no kernel for this head size", flush=True)
@@ -118,6 +119,8 @@ def test_server_dying_at_start_raises_with_the_log_tail(
     assert "RuntimeError: no kernel for this head size" in message
     assert "loading layer 59" in message and "loading layer 10\n" not in message  # last 40 lines
     assert str(tmp_path / "server.log") in message
+    # The engine's root cause, long before the tail, is quoted first.
+    assert message.index("ValueError: KV cache too small") < message.index("loading layer 59")
     assert _running(fake_vllm()) == []  # the orphaned engine child is gone too
 
 

@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 40
+# `ValueError: ...` at the start of a line or after vLLM's `(EngineCore pid=1) ERROR ... ]` prefix.
+_EXCEPTION_LINE = re.compile(r"(?:^|\] )([A-Za-z_.]*(?:Error|Exception): .*)$")
 
 
 class ServerError(RuntimeError):
@@ -233,8 +236,10 @@ class VLLMServer:
         ]
         # Request logging is already off by default in vLLM 0.32 (`--enable-log-requests`
         # turns it on; the old `--disable-log-requests` flag is gone).
-        if self.max_model_len is not None:
-            cmd += ["--max-model-len", str(self.max_model_len)]
+        # vLLM's "auto": the model's context length if its KV cache fits in the memory given
+        # (VLLM_CPU_KVCACHE_SPACE on CPU), else the longest that fits, instead of refusing
+        # to start (Gemma-3's 32k context needs 1.3 GiB at the default 1 GiB).
+        cmd += ["--max-model-len", str(self.max_model_len or "auto")]
         if not _has_gpu():
             # CUDA graphs do not exist on CPU and torch.compile doubles the start time.
             cmd.append("--enforce-eager")
@@ -319,8 +324,27 @@ class VLLMServer:
             return [line.rstrip("\n") for line in deque(log, maxlen=lines)]
 
     def _log_tail_message(self) -> str:
-        tail = "\n".join(self.log_tail())
-        return f"last {LOG_TAIL_LINES} lines of {self.log_path}:\n{tail}"
+        tail = self.log_tail()
+        message = f"last {len(tail)} lines of {self.log_path}:\n" + "\n".join(tail)
+        # vLLM's engine core logs the root cause well before the API server's own traceback
+        # ("Engine core initialization failed. See root cause above"), out of the tail.
+        causes = [line for line in self.error_lines() if line not in tail]
+        if causes:
+            message = "errors earlier in the log:\n" + "\n".join(causes) + "\n" + message
+        return message
+
+    def error_lines(self, limit: int = 5) -> list[str]:
+        """The last distinct exception lines (`SomeError: message`) of the log."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        found: dict[str, None] = {}
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                match = _EXCEPTION_LINE.search(line)
+                if match:
+                    found.pop(match[1], None)
+                    found[match[1]] = None
+        return list(found)[-limit:]
 
     def raise_if_dead(self, when: str = "") -> None:
         """Raise ServerError with the end of the log if the started server has exited."""
