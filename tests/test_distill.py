@@ -314,6 +314,18 @@ def test_changed_settings_refuse_to_mix(tmp_path):
     assert again.resumed == 0 and again.written == 2
 
 
+def test_one_writer_per_output_directory(tmp_path):
+    import fcntl
+
+    source = write_jsonl(tmp_path / "seed.jsonl", two_turn_rows(1))
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another sd2 distill is writing"):
+            run_distill(config(tmp_path, source), backend=ScriptedBackend())
+    assert run_distill(config(tmp_path, source), backend=ScriptedBackend()).written == 1
+
+
 def test_uncommitted_shard_is_discarded(tmp_path):
     rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q {i}"}]} for i in range(4)]
     source = write_jsonl(tmp_path / "seed.jsonl", rows)

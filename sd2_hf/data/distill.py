@@ -485,7 +485,6 @@ def _prepare_output(output: Path, config: DistillConfig) -> None:
             f"{output} has a journal but no {CONFIG_FILE}: it is not a complete sd2 distillation "
             "directory; use another output directory or pass --overwrite"
         )
-    output.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.identity())
 
 
@@ -627,8 +626,31 @@ def run_distill(config: DistillConfig, backend: GenerationBackend | None = None)
 
     `backend` replaces the one `config.backend` would open (e.g. a model already in memory).
     """
-    wall_start, started_at = time.perf_counter(), _now()
     output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with _exclusive(output):
+        return _run(config, backend, output)
+
+
+@contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """One writer per output directory: two jobs appending to one journal would duplicate rows.
+
+    An advisory lock dies with its process, so a killed job never blocks the rerun."""
+    import fcntl
+
+    with open(output / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another sd2 distill is writing to {output}; wait for it or use another output"
+            ) from None
+        yield
+
+
+def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path) -> DistillResult:
+    wall_start, started_at = time.perf_counter(), _now()
     _prepare_output(output, config)
     loaded = load_conversations(config.source, format=config.format, limit=config.limit)
     ids = Counter(r["id"] for r in loaded.rows)
