@@ -16,7 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result = run_distill(config)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     print(result.summary())
     # Non-zero so scripts notice rows still to be retried by rerunning the same command.

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sd2_hf.data.backends import Generation, GenerationBackend, Sampling
+from sd2_hf.data.backends import Generation, GenerationBackend, ResultCallback, Sampling
 from sd2_hf.data.loaders import RowFormat, load_conversations
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
 
@@ -337,8 +337,8 @@ def _distill_window(
     rows: list[_Row],
     backend: GenerationBackend,
     config: DistillConfig,
-    on_result=None,
-    on_row_done=None,
+    on_result: ResultCallback | None = None,
+    on_row_done: Callable[[_Row], None] | None = None,
 ) -> None:
     """Advance every row of the window turn by turn until each is written, filtered or failed."""
     filters = _Filters(config)
@@ -461,15 +461,25 @@ class _Journal:
 
 
 def _prepare_output(output: Path, config: DistillConfig) -> None:
-    """Refuse to mix datasets: an existing distillation must have the same identity."""
+    """Refuse to mix datasets: committed rows must come from the same identity.
+
+    Before the first commit nothing can mix, so a run that failed early (a typo in the
+    target, say) can be rerun with corrected settings without --overwrite.
+    """
     config_path = output / CONFIG_FILE
+    committed = any((output / JOURNAL_DIR).glob("commit-*.json"))
     if config.overwrite:
         # Only the files a distillation writes: `output` may hold unrelated files of the user.
         for name in (DATA_DIR, JOURNAL_DIR):
             shutil.rmtree(output / name, ignore_errors=True)
         for name in (CONFIG_FILE, MANIFEST_FILE, "README.md", "vllm-server.log"):
             (output / name).unlink(missing_ok=True)
-    elif config_path.exists():
+    elif committed and not config_path.exists():
+        raise ValueError(
+            f"{output} has a journal but no {CONFIG_FILE}: it is not a complete sd2 distillation "
+            "directory; use another output directory or pass --overwrite"
+        )
+    elif committed:
         previous = read_json(config_path)
         current = json.loads(json.dumps(config.identity()))
         changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
@@ -480,11 +490,6 @@ def _prepare_output(output: Path, config: DistillConfig) -> None:
                 "Resuming would mix two datasets. Use another output directory, restore the "
                 "settings, or pass --overwrite (overwrite=True) to start over."
             )
-    elif (output / JOURNAL_DIR).exists():
-        raise ValueError(
-            f"{output} has a journal but no {CONFIG_FILE}: it is not a complete sd2 distillation "
-            "directory; use another output directory or pass --overwrite"
-        )
     atomic_write_json(config_path, config.identity())
 
 
@@ -684,9 +689,10 @@ def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path)
     target_path = config.target
     if pending:
         if backend is None:
-            from sd2_hf.assets import resolve_model
+            # Resolves `asset:` names and fails fast on a local path that does not exist.
+            from sd2_hf.serving.server import resolve_model_path
 
-            target_path = resolve_model(config.target)
+            target_path = resolve_model_path(config.target)
         opened = _open_backend(config, target_path, output) if backend is None else _as_is(backend)
         with opened as active:
             progress = _Progress(total=len(pending))
