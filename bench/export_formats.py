@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="asset:smollm2-135m-instruct")
     parser.add_argument("--recipe", default="sparsegpt-50", help="shipped pruning recipe")
-    parser.add_argument("--calibration", default="asset:sharegpt")
+    parser.add_argument(
+        "--calibration", default="asset:sharegpt", help="pruning calibration data ('' for none)"
+    )
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--prompts", type=int, default=8, help="MT-Bench first turns")
@@ -207,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work)
     target_path = resolve_model(args.model)
-    sparse_dir = work / "sparse"
+    sparse_dir = work / f"sparse-{args.recipe}"
     if not (sparse_dir / "sparsity_report.json").is_file():
         pruned = run_prune(
             PruneConfig(
                 model=args.model,
                 output=str(sparse_dir),
                 recipe=args.recipe,
-                dataset=args.calibration,
+                dataset=args.calibration or None,
                 num_samples=args.calibration_samples,
                 max_seq_length=256,
                 overwrite=True,

@@ -223,6 +223,11 @@ def run_export(config: ExportConfig) -> ExportResult:
     output = Path(config.output).expanduser()
     _check_output(output, config.overwrite)
     drafter_path = resolve_model(config.drafter)
+    if not Path(drafter_path).is_dir() and _hub_id(config.drafter) is None:
+        raise ExportError(
+            f"drafter {config.drafter} is not a checkpoint directory, a Hub id (ORG/NAME) or "
+            "an `asset:<name>`"
+        )
     if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
         raise ExportError(
             f"drafter {config.drafter} is already a compressed-tensors (quantized) checkpoint; "
@@ -238,113 +243,113 @@ def run_export(config: ExportConfig) -> ExportResult:
     else:
         k, k_source = DEFAULT_NUM_DRAFT_TOKENS, "default"
 
-    bar = tqdm(total=5, desc=f"export {config.format}", unit="step")
-    bar.set_postfix_str("load")
-    model = AutoModelForCausalLM.from_pretrained(drafter_path, dtype=config.dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(drafter_path)
-    linears = find_target_linears(model, config.targets, config.ignore)
-    if not linears:
-        raise ExportError(
-            f"no layer of the drafter matches targets={config.targets} ignore={config.ignore}; "
-            "use llm-compressor syntax: a class name (Linear), a module name or `re:<regex>`"
+    with tqdm(total=5, desc=f"export {config.format}", unit="step") as bar:
+        bar.set_postfix_str("load")
+        model = AutoModelForCausalLM.from_pretrained(drafter_path, dtype=config.dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(drafter_path)
+        linears = find_target_linears(model, config.targets, config.ignore)
+        if not linears:
+            raise ExportError(
+                f"no layer of the drafter matches targets={config.targets} ignore={config.ignore}; "
+                "use llm-compressor syntax: a class name (Linear), a module name or `re:<regex>`"
+            )
+        with torch.no_grad():
+            pruned = {name: module.weight == 0 for name, module in linears.items()}
+        before = sparsity_report(model, config.targets, config.ignore)
+        macs = count_macs(model, config.context_length)
+        target_path = resolve_model(target) if target else None
+        target_macs = count_macs(target_path, config.context_length) if target_path else None
+        uag = vocabularies_differ(target_path, drafter_path) if target_path else None
+        bar.update()
+
+        model.generation_config.num_assistant_tokens = k
+        model.generation_config.num_assistant_tokens_schedule = "constant"
+        model.generation_config.assistant_confidence_threshold = (
+            config.assistant_confidence_threshold
         )
-    with torch.no_grad():
-        pruned = {name: module.weight == 0 for name, module in linears.items()}
-    before = sparsity_report(model, config.targets, config.ignore)
-    macs = count_macs(model, config.context_length)
-    target_path = resolve_model(target) if target else None
-    target_macs = count_macs(target_path, config.context_length) if target_path else None
-    uag = vocabularies_differ(target_path, drafter_path) if target_path else None
-    bar.update()
 
-    model.generation_config.num_assistant_tokens = k
-    model.generation_config.num_assistant_tokens_schedule = "constant"
-    model.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-    )
-    try:
-        bar.set_postfix_str("quantize" if config.format != "dense" else "save")
-        quantization = None
-        if config.format == "dense":
-            model.save_pretrained(staging)
-        else:
-            quantization = _quantize(model, config)
-            model.save_pretrained(staging, save_compressed=True)
-            written = read_json(staging / "config.json")["quantization_config"]
-            quantization["compressed_tensors_format"] = written["format"]
-        tokenizer.save_pretrained(staging)
-        del model
-        bar.update()
-
-        bar.set_postfix_str("round-trip")
-        reloaded = load_dequantized(staging)
-        after = sparsity_report(reloaded, config.targets, config.ignore)
-        zeros_kept = _zeros_kept(pruned, reloaded, after, config)
-        del reloaded
-        bar.update()
-
-        bar.set_postfix_str("metadata")
-        metadata = {
-            "sd2_hf_export": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "format": config.format,
-            "quantization": quantization,
-            "drafter": config.drafter,
-            "target_model": target,
-            "uag": uag,
-            "assisted_generation": {
-                "num_assistant_tokens": k,
-                "num_assistant_tokens_schedule": "constant",
-                "assistant_confidence_threshold": config.assistant_confidence_threshold,
-                "source": k_source,
-            },
-            "sparsity": {
-                "structure": before["structure"],
-                "global_sparsity": before["global_sparsity"],
-                "global_sparsity_after_roundtrip": after["global_sparsity"],
-                "zeros_kept": zeros_kept,
-                "before_export": before,
-                "after_roundtrip": after,
-            },
-            "macs": {
-                "context_length": config.context_length,
-                "drafter": macs.total,
-                "drafter_dense": macs.dense_total,
-                "target": target_macs.total if target_macs else None,
-                "relative_to_target": macs.total / target_macs.total if target_macs else None,
-            },
-            "checkpoint_bytes": checkpoint_bytes(staging),
-            "recipe": _recipe(drafter_path),
-            "eval": {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
-            if runs
-            else None,
-            "card": {
-                "model_name": config.model_name or output.name,
-                "base_model": config.base_model or _hub_id(config.drafter),
-                "license": config.license,
-                "datasets": config.datasets,
-                "repo_id": config.repo_id,
-            },
-            "versions": versions(),
-        }
-        atomic_write_json(staging / METADATA_FILE, metadata)
-        atomic_write_text(
-            staging / "README.md", str(render_model_card(metadata)).rstrip("\n") + "\n"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
         )
-        bar.update()
+        try:
+            bar.set_postfix_str("quantize" if config.format != "dense" else "save")
+            quantization = None
+            if config.format == "dense":
+                model.save_pretrained(staging)
+            else:
+                quantization = _quantize(model, config)
+                model.save_pretrained(staging, save_compressed=True)
+                written = read_json(staging / "config.json")["quantization_config"]
+                quantization["compressed_tensors_format"] = written["format"]
+            tokenizer.save_pretrained(staging)
+            del model
+            bar.update()
 
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-        bar.update()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
+            bar.set_postfix_str("round-trip")
+            reloaded = load_dequantized(staging)
+            after = sparsity_report(reloaded, config.targets, config.ignore)
+            zeros_kept = _zeros_kept(pruned, reloaded, after, config)
+            del reloaded
+            bar.update()
+
+            bar.set_postfix_str("metadata")
+            metadata = {
+                "sd2_hf_export": 1,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "format": config.format,
+                "quantization": quantization,
+                "drafter": config.drafter,
+                "target_model": target,
+                "uag": uag,
+                "assisted_generation": {
+                    "num_assistant_tokens": k,
+                    "num_assistant_tokens_schedule": "constant",
+                    "assistant_confidence_threshold": config.assistant_confidence_threshold,
+                    "source": k_source,
+                },
+                "sparsity": {
+                    "structure": before["structure"],
+                    "global_sparsity": before["global_sparsity"],
+                    "global_sparsity_after_roundtrip": after["global_sparsity"],
+                    "zeros_kept": zeros_kept,
+                    "before_export": before,
+                    "after_roundtrip": after,
+                },
+                "macs": {
+                    "context_length": config.context_length,
+                    "drafter": macs.total,
+                    "drafter_dense": macs.dense_total,
+                    "target": target_macs.total if target_macs else None,
+                    "relative_to_target": macs.total / target_macs.total if target_macs else None,
+                },
+                "checkpoint_bytes": checkpoint_bytes(staging),
+                "recipe": _recipe(drafter_path),
+                "eval": {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
+                if runs
+                else None,
+                "card": {
+                    "model_name": config.model_name or output.name,
+                    "base_model": config.base_model or _hub_id(config.drafter),
+                    "license": config.license,
+                    "datasets": config.datasets,
+                    "repo_id": config.repo_id,
+                },
+                "versions": versions(),
+            }
+            atomic_write_json(staging / METADATA_FILE, metadata)
+            atomic_write_text(
+                staging / "README.md", str(render_model_card(metadata)).rstrip("\n") + "\n"
+            )
+            bar.update()
+
+            if output.exists():
+                shutil.rmtree(output)
+            staging.rename(output)
+            bar.update()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     result = ExportResult(
         output=str(output),
