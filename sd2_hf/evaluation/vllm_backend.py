@@ -56,8 +56,9 @@ class VLLMBackend:
             max_model_len=self.max_model_len,
             log_path=str(self.log_dir / f"vllm-{name}.log"),
         )
+        extra = list(self.config.vllm_extra_args)
         if drafter is None:
-            return VLLMServer(self.target_path, **common)
+            return VLLMServer(self.target_path, extra_args=extra, **common)
         if drafter.kind == "ngram":
             # Same n-gram sizes as transformers' prompt lookup (max_matching_ngram_size 2).
             spec = {
@@ -67,12 +68,15 @@ class VLLMBackend:
                 "prompt_lookup_max": 2,
             }
             return VLLMServer(
-                self.target_path, extra_args=["--speculative-config", json.dumps(spec)], **common
+                self.target_path,
+                extra_args=[*extra, "--speculative-config", json.dumps(spec)],
+                **common,
             )
         return VLLMServer(
             self.target_path,
             drafter=drafter.path,
             num_draft_tokens=self.config.num_draft_tokens,
+            extra_args=extra,
             **common,
         )
 
