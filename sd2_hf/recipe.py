@@ -18,6 +18,7 @@ overrides (values parsed as YAML scalars) against the current directory. Hub ids
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ STAGES = ("distill", "prune", "train", "export", "eval")
 # The pipeline owns every stage's output directory and decides when to start one afresh.
 PIPELINE_OWNED = ("output", "overwrite")
 # File suffixes that mark a value as a path even before the file exists.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _PATH_SUFFIXES = (".json", ".jsonl", ".yaml", ".yml", ".parquet", ".arrow", ".gguf")
 
 
@@ -516,6 +518,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    # YAML 1.1 (PyYAML) reads `1e-4` as a string; a command line means the number.
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)
     return keys, value
 
 
