@@ -2,7 +2,7 @@
 first 6 layers, on MT-Bench first turns, transformers and vLLM side by side, K=4; and UAG with
 Gemma-3-270M as target and SmolLM2-135M-Instruct as drafter.
 
-    .venv/bin/python bench/mal_check.py [--limit 80] [--max-new-tokens 128] [--threads 1]
+    .venv/bin/python bench/mal_check.py [--limit 80] [--max-new-tokens 128] [--threads 1] [--runs ...]
 
 Writes bench/results/mal_check.{json,md} and each run's eval.json/eval.md/plots under
 bench/results/mal_check/<run>/. The truncated drafter is built once into the sd2 cache
@@ -18,12 +18,13 @@ from pathlib import Path
 
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.evaluation.runner import run_eval
-from sd2_hf.utils.io import atomic_write_json, atomic_write_text
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "asset:smollm2-135m-instruct"
 GEMMA = "asset:gemma-3-270m"
 KEEP_LAYERS = 6
+RUNS = ("smollm2-transformers", "smollm2-vllm", "gemma-uag-transformers", "gemma-uag-vllm")
 
 
 def truncated_drafter(keep: int = KEEP_LAYERS) -> str:
@@ -109,8 +110,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=80, help="MT-Bench questions (of 80)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
-    parser.add_argument("--skip-vllm", action="store_true", help="transformers runs only")
-    parser.add_argument("--skip-uag-vllm", action="store_true", help="no vLLM run of the UAG pair")
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"comma-separated subset of {','.join(RUNS)}; results of other runs with the same "
+        "settings already in mal_check.json are kept",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -124,7 +129,6 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    drafter = truncated_drafter()
     common = dict(
         prompts="asset:mtbench",
         turns="first",
@@ -132,22 +136,31 @@ def main() -> None:
         num_draft_tokens=args.num_draft_tokens,
         max_new_tokens=args.max_new_tokens,
     )
-    runs: dict = {}
-    smollm2 = dict(target=SMOLLM2, drafters=[f"first6={drafter}"], **common)
-    _run("smollm2-transformers", runs, backend="transformers", **smollm2)
-    if not args.skip_vllm:
-        _run("smollm2-vllm", runs, backend="vllm", **smollm2)
-    uag = dict(target=GEMMA, drafters=[f"smollm2={SMOLLM2}"], baselines=["none"], **common)
-    _run("gemma-uag-transformers", runs, backend="transformers", **uag)
-    if not (args.skip_vllm or args.skip_uag_vllm):
-        _run("gemma-uag-vllm", runs, backend="vllm", **uag)
-
-    result = {
+    settings = {
         "num_draft_tokens": args.num_draft_tokens,
         "limit": args.limit,
         "max_new_tokens": args.max_new_tokens,
-        "runs": runs,
     }
+    previous = RESULTS / "mal_check.json"
+    runs: dict = {}
+    if previous.is_file():
+        old = read_json(previous)
+        if {key: old.get(key) for key in settings} == settings:
+            runs = old["runs"]
+    pairs = {
+        "smollm2": dict(target=SMOLLM2, drafters=[f"first6={truncated_drafter()}"], **common),
+        # The SmolLM2-vs-itself baselines are in the smollm2 runs; here only the target alone.
+        "gemma-uag": dict(
+            target=GEMMA, drafters=[f"smollm2={SMOLLM2}"], baselines=["none"], **common
+        ),
+    }
+    for name in args.runs.split(","):
+        if name not in RUNS:
+            parser.error(f"unknown run {name!r}: choose from {','.join(RUNS)}")
+        pair, backend = name.rsplit("-", 1)
+        _run(name, runs, backend=backend, **pairs[pair])
+
+    result = {**settings, "runs": {name: runs[name] for name in RUNS if name in runs}}
     atomic_write_json(RESULTS / "mal_check.json", result)
     atomic_write_text(RESULTS / "mal_check.md", _markdown(result))
     print(_markdown(result))
