@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct regenerates the first assistant turn of the first N ShareGPT
 conversations (greedy, `--max-new-tokens` each) with `run_distill` on each backend. Each
 backend is tried at several batch sizes / concurrencies (honest tuning for both), and the
-best of each gives the ratio. On a shared CPU, torch's OpenMP threads spin-wait for each other
+best of each gives the ratio. Wall-clock tokens/s on a shared machine moves with the other
+jobs' load, so each run also reports tokens per CPU-second (CPU time of this process, plus the
+vLLM server's process tree for vLLM runs; the transformers figure includes loading the model). On a shared CPU, torch's OpenMP threads spin-wait for each other
 and collapse when cores are oversubscribed, so the transformers runs also vary the number of
 torch threads. The vLLM server is started once, before its runs; its start-up
 time is reported separately and not counted in tokens/s (it is paid once per job, not per row).
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from sd2_hf.assets import resolve_model
@@ -43,7 +46,22 @@ def rows_of(output: Path) -> dict[str, list[dict]]:
     }
 
 
-def distill(work: Path, name: str, args: argparse.Namespace, **backend_options) -> dict:
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time of the processes and all their descendants."""
+    tree = {p.pid: p for root in processes for p in [root, *root.children(recursive=True)]}
+    total = 0.0
+    for p in tree.values():
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def distill(
+    work: Path, name: str, args: argparse.Namespace, processes: list[psutil.Process], **options
+) -> dict:
     output = work / name
     config = DistillConfig(
         target=TARGET,
@@ -57,10 +75,12 @@ def distill(work: Path, name: str, args: argparse.Namespace, **backend_options) 
         meta_phrases=[],
         dtype=args.dtype,
         overwrite=True,
-        **backend_options,
+        **options,
     )
     load_before = os.getloadavg()[0]
+    cpu_before = cpu_seconds(processes)
     result = run_distill(config)
+    cpu = cpu_seconds(processes) - cpu_before
     manifest = json.loads((output / "manifest.json").read_text())
     run = manifest["this_run"]
     record = {
@@ -74,13 +94,16 @@ def distill(work: Path, name: str, args: argparse.Namespace, **backend_options) 
         "generation_time_s": run["generation_time_s"],
         "wall_time_s": run["wall_time_s"],
         "tokens_per_second": run["tokens_per_second"],
+        "cpu_seconds": round(cpu, 1),
+        "tokens_per_cpu_second": round(run["generated_tokens"] / cpu, 2),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "versions": manifest["versions"],
         "output": str(output),
     }
     print(
         f"{name:>24}: {record['generated_tokens']} tokens in {record['generation_time_s']:.1f} s "
-        f"= {record['tokens_per_second']:.1f} tok/s (load {record['load_avg_1min']})",
+        f"= {record['tokens_per_second']:.1f} tok/s, {record['tokens_per_cpu_second']:.1f} "
+        f"tok/CPU-s (load {record['load_avg_1min']})",
         flush=True,
     )
     return record
@@ -101,12 +124,13 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="sd2-distill-bench-") as tmp:
         work = Path(tmp)
+        me = psutil.Process()
         default_threads = torch.get_num_threads()
         for threads in args.hf_threads:
             torch.set_num_threads(threads)
             for batch_size in args.hf_batch_sizes:
                 name = f"transformers-bs{batch_size}-t{threads}"
-                runs.append(distill(work, name, args, batch_size=batch_size))
+                runs.append(distill(work, name, args, [me], batch_size=batch_size))
                 runs[-1]["torch_threads"] = threads
         torch.set_num_threads(default_threads)
         started = time.perf_counter()
@@ -114,12 +138,14 @@ def main() -> None:
             resolve_model(TARGET), dtype=args.dtype, log_path=str(work / "vllm-server.log")
         ) as server:
             startup_s = time.perf_counter() - started
+            server_tree = [me, psutil.Process(server.process.pid)]
             for concurrency in args.vllm_concurrency:
                 runs.append(
                     distill(
                         work,
                         f"vllm-c{concurrency}",
                         args,
+                        server_tree,
                         backend="vllm",
                         server_urls=[server.url],
                         concurrency=concurrency,
@@ -136,6 +162,7 @@ def main() -> None:
         agree = sum(hf_rows[i] == vllm_rows.get(i) for i in hf_rows)
 
     ratio = vllm["tokens_per_second"] / hf["tokens_per_second"]
+    cpu_ratio = vllm["tokens_per_cpu_second"] / hf["tokens_per_cpu_second"]
     report = {
         "target": TARGET,
         "source": SOURCE,
@@ -149,6 +176,7 @@ def main() -> None:
         "transformers_tokens_per_second": hf["tokens_per_second"],
         "vllm_tokens_per_second": vllm["tokens_per_second"],
         "vllm_over_transformers": round(ratio, 2),
+        "vllm_over_transformers_per_cpu_second": round(cpu_ratio, 2),
         "goal": ">= 3x",
         "goal_met": ratio >= 3,
         "vllm_server_startup_s": round(startup_s, 1),
@@ -169,8 +197,8 @@ def main() -> None:
         "`run_distill` on each backend (one run of `bench/distill_throughput.py`). tokens/s = "
         "generated tokens / generation time (model load and server start excluded).",
         "",
-        "| run | backend | setting | tokens | generation s | tokens/s | load avg (before, after) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | backend | setting | tokens | generation s | tokens/s | CPU s | tokens/CPU-s | load avg (before, after) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         knob = (
@@ -180,12 +208,13 @@ def main() -> None:
         )
         lines.append(
             f"| {r['name']} | {r['backend']} | {knob} | {r['generated_tokens']} | "
-            f"{r['generation_time_s']:.1f} | {r['tokens_per_second']:.1f} | {r['load_avg_1min']} |"
+            f"{r['generation_time_s']:.1f} | {r['tokens_per_second']:.1f} | {r['cpu_seconds']} | "
+            f"{r['tokens_per_cpu_second']:.1f} | {r['load_avg_1min']} |"
         )
     lines += [
         "",
         f"**vLLM / transformers = {ratio:.2f}x** (best {vllm['name']} vs best {hf['name']}; "
-        f"goal >= 3x: {'met' if ratio >= 3 else 'not met'}).",
+        f"goal >= 3x: {'met' if ratio >= 3 else 'not met'}); per CPU-second: {cpu_ratio:.2f}x.",
         f"vLLM server start-up: {startup_s:.1f} s (paid once per job).",
         f"Greedy rows identical between the two best runs: {agree}/{len(hf_rows)}.",
         f"Machine: {os.cpu_count()} CPUs, shared with other jobs during the run (load averages above).",

@@ -184,6 +184,27 @@ def test_transformers_backend_distills_and_loads(tmp_path, tiny_model_dir, seed_
     assert len(read_rows(out)) == 20
 
 
+def test_sampling_is_reproducible_per_seed(tmp_path, tiny_model_dir, seed_file):
+    def sampled(name: str, seed: int) -> list[dict]:
+        cfg = DistillConfig(
+            target=str(tiny_model_dir),
+            source=str(seed_file),
+            output=str(tmp_path / name),
+            limit=4,
+            max_new_tokens=8,
+            filter_truncated=False,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+        )
+        run_distill(cfg)
+        return read_rows(tmp_path / name)
+
+    first, again, other = sampled("a", 1), sampled("b", 1), sampled("c", 2)
+    assert first == again
+    assert first != other
+
+
 def test_token_limit_filter_is_counted(tmp_path, tiny_model_dir, seed_file):
     cfg = DistillConfig(
         target=str(tiny_model_dir),
