@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -572,31 +571,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for dist in ("sd2-hf", "torch", "transformers", "datasets"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = None
-    try:
-        found["sd2-hf git"] = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        found["sd2-hf git"] = None
-    return found
-
-
 class _Progress:
     """tqdm bar over rows, with generated tokens/s as postfix."""
 
@@ -683,7 +657,10 @@ def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path)
     if resumed:
         logger.info("resuming %s: %d rows done, %d to go", output, resumed, len(pending))
 
-    versions = _versions()
+    # Provenance helpers shared with the pipeline (vLLM's version is read from its own env).
+    from sd2_hf.pipeline import git_revision, package_versions
+
+    versions: dict[str, Any] = package_versions()
     failures: list[_Row] = []
     generated, gen_time = 0, 0.0
     target_path = config.target
@@ -788,6 +765,7 @@ def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path)
         "total_generated_tokens": sum(e.get("tokens", 0) for e in latest.values()),
         "config": config.model_dump(),
         "command": sys.argv,
+        "git": git_revision(),
         "versions": versions,
     }
     atomic_write_json(output / MANIFEST_FILE, manifest)
