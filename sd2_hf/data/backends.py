@@ -115,7 +115,14 @@ class ChatRenderer:
         return "length" if len(token_ids) >= max_new_tokens else "stop"
 
 
-def _fits(prompt_len: int, sampling: Sampling, context_length: int | None) -> bool:
+def _fits(
+    prompt_len: int,
+    sampling: Sampling,
+    context_length: int | None,
+    max_prompt_tokens: int | None = None,
+) -> bool:
+    if max_prompt_tokens is not None and prompt_len > max_prompt_tokens:
+        return False
     return context_length is None or prompt_len + sampling.max_new_tokens <= context_length
 
 
@@ -131,11 +138,13 @@ class TransformersBackend:
         batch_size: int = 8,
         dtype: str = "auto",
         device: str | None = None,
+        max_prompt_tokens: int | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         # Decoder-only batched generation needs left padding so every row's last prompt token
@@ -162,7 +171,7 @@ class TransformersBackend:
         results: list[Generation | None] = [None] * len(prompts)
         runnable = []
         for i, ids in enumerate(prompts):
-            if _fits(len(ids), sampling, self.context_length):
+            if _fits(len(ids), sampling, self.context_length, self.max_prompt_tokens):
                 runnable.append(i)
             else:
                 results[i] = Generation("", 0, "too_long", len(ids))
@@ -280,8 +289,11 @@ class VLLMBackend:
         request_timeout: float = 600.0,
         max_retries: int = 3,
         backoff: float = 1.0,
+        max_prompt_tokens: int | None = None,
     ):
         from transformers import AutoTokenizer, GenerationConfig
+
+        self.max_prompt_tokens = max_prompt_tokens
 
         if not urls:
             raise ValueError("VLLMBackend needs at least one server URL")
@@ -385,7 +397,7 @@ class VLLMBackend:
         futures = {}
         for i, messages in enumerate(conversations):
             ids = self.renderer.render(messages)
-            if not _fits(len(ids), sampling, self.context_length):
+            if not _fits(len(ids), sampling, self.context_length, self.max_prompt_tokens):
                 results[i] = Generation("", 0, "too_long", len(ids))
                 if on_result:
                     on_result(results[i])

@@ -73,6 +73,7 @@ IDENTITY_FIELDS = (
     "filter_truncated",
     "meta_phrases",
     "max_conversation_tokens",
+    "max_prompt_tokens",
     "backend",
     "dtype",
 )
@@ -124,6 +125,12 @@ class DistillConfig(BaseModel):
         gt=0,
         description="filter rows whose prompt plus reply exceeds this many tokens "
         "(prompts that cannot fit the model's context with max_new_tokens are always filtered)",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="filter (as too_long) prompts longer than this many tokens before generating "
+        "(saves the generation a later length limit would throw away)",
     )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: in-process; vllm: OpenAI-compatible server(s)"
@@ -525,7 +532,11 @@ def _open_backend(
         from sd2_hf.data.backends import TransformersBackend
 
         backend = TransformersBackend(
-            target_path, batch_size=config.batch_size, dtype=config.dtype, device=config.device
+            target_path,
+            batch_size=config.batch_size,
+            dtype=config.dtype,
+            device=config.device,
+            max_prompt_tokens=config.max_prompt_tokens,
         )
         try:
             yield backend
@@ -540,6 +551,7 @@ def _open_backend(
         "request_timeout": config.request_timeout,
         "max_retries": config.max_retries,
         "backoff": config.backoff,
+        "max_prompt_tokens": config.max_prompt_tokens,
     }
     if config.server_urls:
         backend = VLLMBackend(target_path, config.server_urls, **options)
@@ -744,6 +756,7 @@ def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path)
             "filter_truncated": config.filter_truncated,
             "meta_phrases": config.meta_phrases,
             "max_conversation_tokens": config.max_conversation_tokens,
+            "max_prompt_tokens": config.max_prompt_tokens,
         },
         "counts": counts,
         "complete": result.complete,
