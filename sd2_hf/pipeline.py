@@ -565,18 +565,21 @@ def _stage_note(name: str, result: dict[str, Any]) -> str:
     return ""
 
 
-def _zero_weight_fraction(path: str, cache: dict[str, str]) -> str:
-    """Fraction of linear-layer MACs removed by zero weights (read from the checkpoint)."""
-    if path not in cache:
-        from sd2_hf.assets import resolve_model
-        from sd2_hf.evaluation.macs import count_macs
-
-        try:
-            cache[path] = f"{count_macs(resolve_model(path)).sparsity:.1%}"
-        except (OSError, ValueError) as err:
-            logger.debug("no sparsity for %s: %s", path, err)
-            cache[path] = "-"
-    return cache[path]
+def _drafter_sparsity(path: str) -> str:
+    """Sparsity of the targeted layers as the sd2 stage that wrote `path` recorded it."""
+    directory = Path(path)
+    for name, keys in (
+        ("sd2_drafter.json", ("sparsity", "global_sparsity_after_roundtrip")),
+        ("sparsity_report.json", ("global_sparsity",)),
+        ("train_report.json", ("sparsity_after",)),
+    ):
+        if (directory / name).is_file():
+            value: Any = read_json(directory / name)
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)):
+                return f"{value:.1%}"
+    return "-"
 
 
 def summary(result: PipelineResult) -> str:
@@ -599,14 +602,13 @@ def summary(result: PipelineResult) -> str:
             "",
             f"  MAL on {report['num_prompts']} prompts of {report['prompts']['source']} "
             f"(K={report['num_draft_tokens']}, {report['backend']}, target {report['target']})",
-            f"  {'drafter':<12}{'MAL':>7}{'MACs vs target':>16}{'zero weights':>14}"
+            f"  {'drafter':<12}{'MAL':>7}{'MACs vs target':>16}{'sparsity':>10}"
             f"{'improvement':>13}{'lossless':>10}",
         ]
-        cache: dict[str, str] = {}
         for row in report["drafters"]:
             mal = f"{row['mal']:.3f}" if row["mal"] is not None else "-"
             rel = f"{row['relative_macs']:.1%}" if row.get("relative_macs") is not None else "-"
-            zeros = _zero_weight_fraction(row["path"], cache) if row["kind"] == "model" else "-"
+            sparsity = _drafter_sparsity(row["path"]) if row["kind"] == "model" else "-"
             gain = row.get("improvement_factor")
             gain_text = f"{gain:.3f}" if gain is not None else "-"
             lossless = (
@@ -615,7 +617,7 @@ def summary(result: PipelineResult) -> str:
                 else "-"
             )
             lines.append(
-                f"  {row['name']:<12}{mal:>7}{rel:>16}{zeros:>14}{gain_text:>13}{lossless:>10}"
+                f"  {row['name']:<12}{mal:>7}{rel:>16}{sparsity:>10}{gain_text:>13}{lossless:>10}"
             )
         mals = {row["name"]: row["mal"] for row in report["drafters"]}
         if mals.get("sd2") and mals.get("pruned"):

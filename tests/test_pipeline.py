@@ -85,8 +85,24 @@ def records(root: Path) -> dict[str, dict]:
     }
 
 
-def test_run_every_stage_then_skip_then_redo_train(tmp_path, tiny_model_dir, capsys):
-    recipe = write_recipe(tmp_path / "recipe", tiny_model_dir)
+def test_run_every_stage_then_skip_then_redo_train(
+    tmp_path, tiny_model_dir, tiny_tokenizer, capsys
+):
+    # The longest seed prompts are filtered before generation (distill.max_prompt_tokens).
+    lengths = sorted(
+        len(
+            tiny_tokenizer.apply_chat_template(
+                r["messages"][:1], add_generation_prompt=True, return_dict=False
+            )
+        )
+        for r in tiny.conversations(8)
+    )
+    limit = lengths[-3]
+    long_prompts = sum(n > limit for n in lengths)
+    distill = {"max_new_tokens": 12, "filter_truncated": False, "dtype": "float32"}
+    recipe = write_recipe(
+        tmp_path / "recipe", tiny_model_dir, distill={**distill, "max_prompt_tokens": limit}
+    )
     root = tmp_path / "recipe" / "run"
 
     # 1. First run: every stage runs, in order, into <output>/<stage>/.
@@ -101,7 +117,10 @@ def test_run_every_stage_then_skip_then_redo_train(tmp_path, tiny_model_dir, cap
     assert first["train"]["config"]["dataset"] == str(root / "distill")
     assert first["export"]["config"]["drafter"] == str(root / "train")
     assert first["train"]["inputs"]["prune"]["run_id"] == first["prune"]["run_id"]
-    assert first["distill"]["result"]["written"] == 8
+    assert 1 <= long_prompts <= 2
+    assert first["distill"]["result"]["written"] == 8 - long_prompts
+    assert first["distill"]["result"]["filtered_by_reason"] == {"too_long": long_prompts}
+    assert first["train"]["result"]["num_conversations"] == 8 - long_prompts
     assert first["prune"]["result"]["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert first["train"]["result"]["global_step"] == 4
     assert not any((root / s / RUNNING_FILE).exists() for s in STAGES)
@@ -117,6 +136,9 @@ def test_run_every_stage_then_skip_then_redo_train(tmp_path, tiny_model_dir, cap
     # The summary reports MAL per drafter and where the report is.
     assert f"{rows['sd2']['mal']:.3f}" in out and f"{rows['pruned']['mal']:.3f}" in out
     assert str(root / "eval" / "eval.md") in out
+    table = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    sparsity = f"{first['prune']['result']['global_sparsity']:.1%}"
+    assert sparsity in table["pruned"] and sparsity in table["sd2"]
 
     provenance = json.loads((root / PROVENANCE_FILE).read_text())
     run = provenance["run"]
@@ -159,7 +181,7 @@ def test_run_every_stage_then_skip_then_redo_train(tmp_path, tiny_model_dir, cap
     assert sd2_main(["run", str(recipe), "train.max_steps=3", "--only", "distill"]) == 0
     assert statuses(capsys.readouterr().out) == {"distill": "resumed"}
     manifest = json.loads((root / "distill" / "manifest.json").read_text())
-    assert manifest["this_run"]["rows_resumed"] == 8
+    assert manifest["this_run"]["rows_resumed"] == 8  # written and filtered rows alike
     assert manifest["this_run"]["rows_processed"] == 0
 
     # 5. The resumed distill is a new output: a dry run shows every consumer would be redone.
