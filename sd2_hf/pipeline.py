@@ -233,6 +233,9 @@ def _run_eval(plan: StagePlan) -> dict[str, Any]:
     from sd2_hf.evaluation.runner import run_eval
 
     report = run_eval(plan.config)
+    sd2 = next((row for row in report["drafters"] if row["name"] == "sd2"), None)
+    if sd2 and (Path(sd2["path"]) / "sd2_drafter.json").is_file():
+        _add_eval_to_card(Path(sd2["path"]), plan.output / "eval.json")
     keep = ("name", "kind", "mal", "relative_macs", "improvement_factor", "lossless_mismatches")
     return {
         "backend": report["backend"],
@@ -240,6 +243,25 @@ def _run_eval(plan: StagePlan) -> dict[str, Any]:
         "num_prompts": report["num_prompts"],
         "drafters": [{k: row.get(k) for k in keep} for row in report["drafters"]],
     }
+
+
+def _add_eval_to_card(export_dir: Path, eval_json: Path) -> None:
+    """Put the measured MAL into the exported drafter's metadata and model card.
+
+    Export runs before eval in the pipeline, so its card is written without evaluation; the
+    weights are unchanged here, only `sd2_drafter.json` and `README.md` are rewritten.
+    """
+    from sd2_hf.export.card import render_model_card
+    from sd2_hf.export.evals import best_run, load_eval_runs
+    from sd2_hf.export.export import METADATA_FILE
+    from sd2_hf.utils.io import atomic_write_text
+
+    metadata = read_json(export_dir / METADATA_FILE)
+    runs = load_eval_runs([str(eval_json)], str(export_dir), "sd2")
+    metadata["eval"] = {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
+    atomic_write_json(export_dir / METADATA_FILE, metadata)
+    card = str(render_model_card(metadata)).rstrip("\n") + "\n"
+    atomic_write_text(export_dir / "README.md", card)
 
 
 RUNNERS: dict[str, Callable[[StagePlan], dict[str, Any]]] = {

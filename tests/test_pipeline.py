@@ -132,7 +132,10 @@ def test_run_every_stage_then_skip_then_redo_train(
     assert rows["pruned"]["path"] == str(root / "prune")
     assert all(r["lossless_mismatches"] == 0 for r in rows.values())
     assert (root / "eval" / "mal_per_category.png").exists()
-    assert (root / "export" / "sd2_drafter.json").exists()
+    # The exported drafter's card states the MAL measured by the eval stage.
+    metadata = json.loads((root / "export" / "sd2_drafter.json").read_text())
+    assert metadata["eval"]["runs"][0]["drafter"] == "sd2"
+    assert f"{rows['sd2']['mal']:.2f}" in (root / "export" / "README.md").read_text()
     # The summary reports MAL per drafter and where the report is.
     assert f"{rows['sd2']['mal']:.3f}" in out and f"{rows['pruned']['mal']:.3f}" in out
     assert str(root / "eval" / "eval.md") in out
