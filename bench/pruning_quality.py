@@ -184,6 +184,7 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
+    dense = report["runs"][0]
     lines = [
         "# Pruning quality: one-shot 50% pruning of "
         f"{report['model']} (calibration: {report['calibration_samples']} ShareGPT "
@@ -192,6 +193,11 @@ def markdown(report: dict) -> str:
         f"Perplexity on the assistant tokens of {report['eval_conversations']} held-out ShareGPT "
         "conversations (disjoint from calibration). Times measured in the same run on a shared "
         "2-core CPU (noisy). MACs: one decoding step at context 512, zeros not counted.",
+        "",
+        f"Scored: {dense['conversations']} conversations, {dense['scored_tokens']} assistant "
+        f"tokens ({dense['skipped']} skipped: no assistant token within the first "
+        f"{report['max_seq_length']} tokens). Layer-dropped rows are before any healing "
+        "fine-tuning.",
         "",
         "| model | sparsity | relative MACs | perplexity | vs dense | prune time (s) "
         "| eval time (s) |",
