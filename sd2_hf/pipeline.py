@@ -713,14 +713,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="recipe overrides section.key=value (value parsed as YAML, e.g. train.max_steps=3, "
-        "eval.drafters=[a=dir]); section=null drops a stage; paths relative to the current dir",
+        "eval.drafters=[a=dir]); section=null drops a stage; paths relative to the current dir. Put them before "
+        "the options",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--from",
         dest="from_stage",
         choices=STAGES,
-        help="run from this stage on (earlier stages must be complete)",
+        help="run from this stage on (earlier stages must be complete); complete stages are "
+        "still skipped unless --force",
     )
     which.add_argument(
         "--only", choices=STAGES, help="run only this stage (its inputs must be complete)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,18 @@ def test_run_every_stage_then_skip_then_redo_train(
     assert third["train"]["resumed"] is False
     assert third["export"]["inputs"]["train"]["run_id"] == third["train"]["run_id"]
 
-    # 4. An interrupted distillation (no completion record) resumes from its journal.
+    # 4. An interrupted training resumes from its last checkpoint, not from step 0 (here
+    # killed after the step-2 checkpoint: the step-3 one and the completion record are gone).
+    (root / "train" / COMPLETE_FILE).unlink()
+    shutil.rmtree(root / "train" / "checkpoints" / "checkpoint-3")
+    running = {"fingerprint": third["train"]["fingerprint"], "since": "earlier"}
+    (root / "train" / RUNNING_FILE).write_text(json.dumps(running))
+    assert sd2_main(["run", str(recipe), "train.max_steps=3", "--only", "train"]) == 0
+    assert statuses(capsys.readouterr().out) == {"train": "resumed"}
+    report = json.loads((root / "train" / "train_report.json").read_text())
+    assert report["resumed_from"].endswith("checkpoint-2") and report["global_step"] == 3
+
+    # 5. An interrupted distillation (no completion record) resumes from its journal.
     (root / "distill" / COMPLETE_FILE).unlink()
     running = {"fingerprint": third["distill"]["fingerprint"], "since": "earlier"}
     (root / "distill" / RUNNING_FILE).write_text(json.dumps(running))
@@ -187,7 +199,7 @@ def test_run_every_stage_then_skip_then_redo_train(
     assert manifest["this_run"]["rows_resumed"] == 8  # written and filtered rows alike
     assert manifest["this_run"]["rows_processed"] == 0
 
-    # 5. The resumed distill is a new output: a dry run shows every consumer would be redone.
+    # 6. The resumed distill is a new output: a dry run shows every consumer would be redone.
     assert sd2_main(["run", str(recipe), "train.max_steps=3", "--dry-run"]) == 0
     dry = capsys.readouterr().out
     for stage in ("prune", "train", "export", "eval"):
