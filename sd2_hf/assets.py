@@ -236,7 +236,8 @@ def _gemma_unigram_to_bpe(tokenizer_json: Path) -> None:
     GGUF vocabulary, whose scores are BPE merge ranks (-rank); Viterbi over those scores prefers
     single characters ("Hello" -> H,e,l,l,o), which ruins generation and acceptance. The merges
     are recovered from the scores with transformers' own `generate_merges` (as its SentencePiece
-    BPE conversion does), giving the upstream tokenisation ("Hello", "▁world").
+    BPE conversion does), giving the upstream tokenisation ("Hello", "▁world"), and <bos> is
+    prepended on encoding as upstream does.
     """
     from transformers.convert_slow_tokenizer import generate_merges
 
@@ -258,6 +259,22 @@ def _gemma_unigram_to_bpe(tokenizer_json: Path) -> None:
         "ignore_merges": False,
         "vocab": vocab,
         "merges": [list(pair) for pair in merges],
+    }
+    # Gemma needs <bos> first (without it the model degenerates); upstream adds it when encoding.
+    bos_id = vocab["<bos>"]
+    state["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<bos>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [
+            {"SpecialToken": {"id": "<bos>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<bos>", "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos_id], "tokens": ["<bos>"]}},
     }
     tokenizer_json.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
 

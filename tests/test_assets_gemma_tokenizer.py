@@ -43,10 +43,14 @@ def test_unigram_with_rank_scores_becomes_bpe(tmp_path):
     _gemma_unigram_to_bpe(path)
     tok = Tokenizer.from_file(str(path))
     assert json.loads(path.read_text())["model"]["type"] == "BPE"
-    enc = tok.encode("hello world")
+    enc = tok.encode("hello world", add_special_tokens=False)
     assert enc.tokens == ["hello", "▁world"]
     assert [tok.id_to_token(i) for i in enc.ids] == enc.tokens  # ids unchanged
     assert tok.token_to_id("hello") == [t for t, _ in vocab].index("hello")
     # a second call is a no-op
     _gemma_unigram_to_bpe(path)
-    assert Tokenizer.from_file(str(path)).encode("hello world").tokens == ["hello", "▁world"]
+    assert Tokenizer.from_file(str(path)).encode("hello world").tokens == [
+        "<bos>",
+        "hello",
+        "▁world",
+    ]
