@@ -89,3 +89,16 @@ def chat_rows_file(tmp_path_factory, chat_rows):
     path = tmp_path_factory.mktemp("chat-rows") / "chat.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows))
     return str(path)
+
+
+@pytest.fixture()
+def single_torch_thread():
+    """One torch intra-op thread for the test: on an oversubscribed CPU (parallel test runs, a
+    vLLM server beside the test) OpenMP threads spin-wait for each other and generation gets
+    10-100x slower; one thread is unaffected. Restores the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
