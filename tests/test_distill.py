@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import load_dataset
 
 from sd2_hf.data.backends import Generation, Sampling, TransformersBackend
 from sd2_hf.data.distill import DistillConfig, run_distill
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -403,21 +403,17 @@ def test_kill_and_resume_gives_the_uninterrupted_rows(tmp_path, tiny_model_dir, 
     manifest = assert_accounting_closes(killed_out, 20)
     assert manifest["this_run"]["rows_resumed"] == 2 * commits
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = DistillConfig(
-            target=str(tiny_model_dir),
-            source=str(seed_file),
-            output=str(tmp_path / "reference"),
-            max_new_tokens=24,
-            filter_truncated=False,
-            shard_size=2,
-            batch_size=2,
-        )
-        run_distill(reference)
-    finally:
-        torch.set_num_threads(threads)
+    # The reference runs in this process, also with one thread (the `single_torch_thread` mark).
+    reference = DistillConfig(
+        target=str(tiny_model_dir),
+        source=str(seed_file),
+        output=str(tmp_path / "reference"),
+        max_new_tokens=24,
+        filter_truncated=False,
+        shard_size=2,
+        batch_size=2,
+    )
+    run_distill(reference)
     got, want = read_rows(killed_out), read_rows(tmp_path / "reference")
     assert len({r["id"] for r in got}) == len(got) == 20
     key = lambda r: r["id"]  # noqa: E731

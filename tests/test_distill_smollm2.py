@@ -10,6 +10,8 @@ import pytest
 from sd2_hf import assets
 from sd2_hf.data.distill import DistillConfig, run_distill
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 COMMON_WORDS = {"the", "a", "an", "to", "of", "and", "is", "in", "for", "you", "it", "that", "i"}
 
 

@@ -16,6 +16,8 @@ from test_distill import assert_accounting_closes, read_rows, two_turn_rows, wri
 
 from sd2_hf.data.distill import DistillConfig, run_distill
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 class FakeVLLM(BaseHTTPRequestHandler):
     """Answers /v1/completions with token ids derived from the prompt (or with HTTP 500)."""
