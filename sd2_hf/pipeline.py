@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -435,11 +436,12 @@ def run_pipeline(
     records: dict[str, dict[str, Any]] = {}
     provenance = None if dry_run else _Provenance(root, recipe, plans, command or sys.argv)
     try:
-        for index, plan in enumerate(plans, 1):
-            outcome = _stage(plan, selected, records, plans, force, dry_run, index, len(plans))
-            result.outcomes.append(outcome)
-            if provenance:
-                provenance.stage(outcome)
+        with _threads(None if dry_run else recipe.threads):
+            for index, plan in enumerate(plans, 1):
+                outcome = _stage(plan, selected, records, plans, force, dry_run, index, len(plans))
+                result.outcomes.append(outcome)
+                if provenance:
+                    provenance.stage(outcome)
     except BaseException as err:
         if provenance:
             provenance.finish("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
@@ -448,6 +450,28 @@ def run_pipeline(
     if provenance:
         provenance.finish("complete")
     return result
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads (and OMP_NUM_THREADS for processes the stages start) while the
+    stages run; restored afterwards for a caller that goes on in this process."""
+    if not count:
+        yield
+        return
+    import torch
+
+    before, env_before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(count)
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_before
 
 
 def _stage(

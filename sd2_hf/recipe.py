@@ -187,6 +187,14 @@ class Recipe(BaseModel):
         description="run directory: each stage writes to <output>/<stage>/ "
         "(default: outputs/<name> in the current directory)",
     )
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads of the stages run in the pipeline's process (None: "
+        "torch's default, one per core). On a shared CPU machine 1 avoids OpenMP "
+        "oversubscription, which can slow generation and training many times over. Not part "
+        "of any stage's fingerprint",
+    )
     target: ModelSection = Field(description="the target model the drafter serves")
     drafter: ModelSection | None = Field(
         None, description="the model pruned into the drafter (default: the target itself)"

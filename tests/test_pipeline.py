@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -234,6 +235,17 @@ def test_bad_stage_input_is_a_message_not_a_traceback(tmp_path, tiny_model_dir):
         )
     provenance = json.loads((tmp_path / "r" / "run" / PROVENANCE_FILE).read_text())
     assert provenance["run"]["status"] == "failed"
+
+
+def test_threads_are_set_for_the_stages_and_restored(monkeypatch):
+    from sd2_hf.pipeline import _threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with _threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        assert os.environ["OMP_NUM_THREADS"] == str(before + 1)
+    assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ
 
 
 @pytest.mark.vllm
