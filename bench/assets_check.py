@@ -5,7 +5,7 @@ GGUF → safetensors exactness, perplexity on ShareGPT replies and a greedy repl
 
 Writes bench/results/assets_check.json and .md. The perplexity is token-weighted over the
 assistant tokens (reply + end-of-turn) of the first exchange of the first N ShareGPT
-conversations that have one, each rendered with the model's chat template, cut at 1024 tokens.
+conversations that have one, each rendered with the model's chat template, cut at 512 tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sd2_hf.data.loaders import load_conversations, load_mtbench
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAX_TOKENS = 1024
+MAX_TOKENS = 512
 
 
 def fetch_all(names: list[str]) -> dict:
