@@ -455,6 +455,7 @@ _PATH_KEYS: dict[tuple[str, ...], str] = {
     ("train", "dataset"): "path",
     ("train", "teacher"): "path",
     ("train", "accelerate_config"): "path",
+    ("train", "trainer_args", "chat_template_path"): "path",
     ("export", "drafter"): "path",
     ("export", "target"): "path",
     ("export", "eval_json"): "paths",

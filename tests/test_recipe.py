@@ -56,6 +56,9 @@ def test_sd2_recipe_validates_and_chains_its_stages(path, tmp_path):
     from sd2_hf.pruning.recipes import load_recipe as load_pruning_recipe
 
     assert load_pruning_recipe(plans["prune"].config.recipe).modifiers
+    template = plans["train"].config.trainer_args.get("chat_template_path")
+    if template:
+        assert Path(template).is_file() and template.endswith("-training.jinja")
     accelerate_config = plans["train"].launch.get("accelerate_config")
     if accelerate_config:
         assert Path(accelerate_config).resolve() in ACCELERATE_CONFIGS
@@ -275,3 +278,60 @@ def test_cli_dry_run_and_clear_errors(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(SystemExit, match="a recipe is a YAML mapping"):
         sd2_main(["run", str(tmp_path / "list.yaml")])
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _original_template(name: str) -> str:
+    if name == "smollm2":
+        from sd2_hf.assets import asset_dir, is_cached
+
+        if is_cached("smollm2-135m-instruct"):  # the asset's own copy, when fetched
+            shipped = asset_dir("smollm2-135m-instruct") / "chat_template.jinja"
+            assert shipped.read_text() == SMOLLM2_TEMPLATE
+        return SMOLLM2_TEMPLATE
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "llama3_2.jinja").read_text()
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3.2"])
+def test_training_chat_templates_render_like_the_originals(name, tiny_tokenizer):
+    """The training templates only add `{% generation %}` markers: same text, and TRL's
+    assistant-only loss accepts them (no patching needed)."""
+    import copy
+
+    from trl.chat_template_utils import get_training_chat_template
+
+    training = (RECIPES / "chat_templates" / f"{name}-training.jinja").read_text()
+    original, patched = copy.deepcopy(tiny_tokenizer), copy.deepcopy(tiny_tokenizer)
+    original.chat_template, patched.chat_template = _original_template(name), training
+    conversations = [
+        [{"role": "user", "content": " Hi there "}, {"role": "assistant", "content": "Hello!"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "One?"},
+            {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "Three?"},
+            {"role": "assistant", "content": " Four. "},
+        ],
+    ]
+    for messages in conversations:
+        for prompt in (messages[:-1], messages):
+            for add in (False, True):
+                kwargs = {"tokenize": False, "add_generation_prompt": add}
+                assert patched.apply_chat_template(
+                    prompt, **kwargs
+                ) == original.apply_chat_template(prompt, **kwargs)
+        masked = patched.apply_chat_template(
+            messages, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert 0 < sum(masked["assistant_masks"]) < len(masked["input_ids"])
+    assert get_training_chat_template(patched) is None
