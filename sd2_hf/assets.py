@@ -289,8 +289,6 @@ def convert_gguf(
         model.generation_config.eos_token_id = eos
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if config.model_type.startswith("gemma"):
-        _gemma_unigram_to_bpe(out / "tokenizer.json")
     return {
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -298,56 +296,6 @@ def convert_gguf(
         "source_gguf": name,
         "chat_template": template_source,
     }
-
-
-def _gemma_unigram_to_bpe(tokenizer_json: Path) -> None:
-    """Rebuild Gemma's GGUF tokenizer as the byte-fallback BPE it is.
-
-    transformers 5.17's GGUF converter (`GGUFGemmaConverter`) makes a Unigram model from the
-    GGUF vocabulary, whose scores are BPE merge ranks (-rank); Viterbi over those scores prefers
-    single characters ("Hello" -> H,e,l,l,o), which ruins generation and acceptance. The merges
-    are recovered from the scores with transformers' own `generate_merges` (as its SentencePiece
-    BPE conversion does), giving the upstream tokenisation ("Hello", "▁world"), and <bos> is
-    prepended on encoding as upstream does.
-    """
-    from transformers.convert_slow_tokenizer import generate_merges
-
-    state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    if state["model"]["type"] != "Unigram":
-        return
-    vocab_scores = state["model"]["vocab"]
-    vocab = {token: index for index, (token, _) in enumerate(vocab_scores)}
-    special = {added["content"] for added in state["added_tokens"]}
-    merges = generate_merges(vocab, dict(vocab_scores), skip_tokens=special)
-    state["model"] = {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": "<unk>",
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": True,
-        "byte_fallback": True,
-        "ignore_merges": False,
-        "vocab": vocab,
-        "merges": [list(pair) for pair in merges],
-    }
-    # Gemma needs <bos> first (without it the model degenerates); upstream adds it when encoding.
-    bos_id = vocab["<bos>"]
-    state["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [
-            {"SpecialToken": {"id": "<bos>", "type_id": 0}},
-            {"Sequence": {"id": "A", "type_id": 0}},
-        ],
-        "pair": [
-            {"SpecialToken": {"id": "<bos>", "type_id": 0}},
-            {"Sequence": {"id": "A", "type_id": 0}},
-            {"SpecialToken": {"id": "<bos>", "type_id": 1}},
-            {"Sequence": {"id": "B", "type_id": 1}},
-        ],
-        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos_id], "tokens": ["<bos>"]}},
-    }
-    tokenizer_json.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
 
 
 def _gguf_from_member(member: str) -> Builder:
