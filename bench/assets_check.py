@@ -39,7 +39,7 @@ def fetch_all(names: list[str]) -> dict:
         seconds = time.perf_counter() - start
         record = assets.complete_record(name)
         out[name] = {
-            "path": str(path),
+            "path": "$SD2_HOME/" + str(path.relative_to(assets.home())),
             "cached_before": cached_before,
             "fetch_seconds_this_run": round(seconds, 2),
             "first_build_seconds": record["seconds"],
@@ -174,7 +174,7 @@ def markdown(result: dict) -> str:
     ]
     for name, a in result["assets"].items():
         lines.append(
-            f"| {name} | {a['bytes'] / 1e6:.1f} | {a['first_build_seconds']} "
+            f"| {name} | {a['bytes'] / 1e6:.2f} | {a['first_build_seconds']} "
             f"| {a['fetch_seconds_this_run']} |"
         )
     s = result["datasets"]["sharegpt"]
