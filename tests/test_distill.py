@@ -335,6 +335,17 @@ def test_changed_settings_refuse_to_mix(tmp_path):
     assert again.resumed == 0 and again.written == 2
 
 
+def test_unicode_line_separators_stay_inside_their_row(tmp_path):
+    text = "line one\u2028line two\u2029and \u00e9\u4e2d"
+    source = write_jsonl(
+        tmp_path / "seed.jsonl", [{"id": "u", "messages": [{"role": "user", "content": text}]}]
+    )
+    run_distill(config(tmp_path, source), backend=ScriptedBackend())
+    rows = read_rows(tmp_path / "out")  # str.splitlines treats U+2028/U+2029 as line breaks
+    assert len(rows) == 1 and rows[0]["messages"][0]["content"] == text
+    assert load_dataset(str(tmp_path / "out"), split="train")[0]["messages"][0]["content"] == text
+
+
 def test_one_writer_per_output_directory(tmp_path):
     import fcntl
 

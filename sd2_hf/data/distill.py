@@ -439,7 +439,9 @@ class _Journal:
         shard = None
         if written:
             text = "".join(
-                json.dumps({"id": r.id, "messages": r.out}, ensure_ascii=False) + "\n"
+                # ASCII escapes: raw U+2028/U+2029 (real ShareGPT text has them) are line breaks
+                # to `str.splitlines` and other line readers, which would split a row in two.
+                json.dumps({"id": r.id, "messages": r.out}) + "\n"
                 for r in written
             )
             atomic_write_text(self.data_dir / name, text)
