@@ -305,6 +305,32 @@ def test_eval_json_sets_k_and_the_card_shows_the_measured_mal(
     assert 'from_pretrained("org/smollm2-sd2-drafter")' in card.text
 
 
+def test_w4a16_picks_a_group_size_that_divides_every_layer(tmp_path, tiny_tokenizer, exports):
+    """Widths 192 and 384 (like SmolLM2's 576) are not multiples of the preset's 128."""
+    assert (
+        read_json(f"{exports['w4a16'].output}/sd2_drafter.json")["quantization"]["group_size"]
+        == 128
+    )
+    model = tiny.build_model(tiny_tokenizer, hidden_size=192, intermediate_size=384, num_heads=3)
+    source = tiny.save_model(tiny.magnitude_sparsify(model, 0.5), tiny_tokenizer, tmp_path / "odd")
+    with pytest.raises(ExportError, match="192, 384.*--group-size"):
+        run_export(
+            ExportConfig(
+                drafter=str(source), output=str(tmp_path / "g"), format="w4a16", group_size=128
+            )
+        )
+    result = run_export(
+        ExportConfig(drafter=str(source), output=str(tmp_path / "w4"), format="w4a16")
+    )
+    config = read_json(tmp_path / "w4" / "config.json")["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    assert result.zeros_kept == 1.0
+    assert "one scale per 64 input columns" in (tmp_path / "w4" / "README.md").read_text()
+    assert (
+        len(_greedy(AutoModelForCausalLM.from_pretrained(result.output), tiny_tokenizer, "Hi")) > 0
+    )
+
+
 def test_card_without_evaluation_claims_no_mal(exports):
     card = ModelCard.load(f"{exports['w8a8'].output}/README.md")
     assert "makes no claim" in card.text

@@ -24,8 +24,8 @@ FORMAT_DESCRIPTIONS = {
     "w8a8": "compressed-tensors `int-quantized`: int8 weights (per channel, symmetric) and int8 "
     "activations (per token, dynamic), made with llm-compressor's `QuantizationModifier` on "
     "top of the sparse weights.",
-    "w4a16": "compressed-tensors `pack-quantized`: int4 weights (groups of 128, symmetric) with "
-    "16-bit activations, made with llm-compressor's `QuantizationModifier` on top of the sparse "
+    "w4a16": "compressed-tensors `pack-quantized`: int4 weights (symmetric, one scale per "
+    "{group_size} input columns) with 16-bit activations, made with llm-compressor's `QuantizationModifier` on top of the sparse "
     "weights.",
     "fp8": "compressed-tensors `float-quantized`: FP8 (e4m3) weights per channel and dynamic "
     "per-token FP8 activations, made with llm-compressor's `QuantizationModifier` on top of the "
@@ -178,7 +178,9 @@ def render_model_card(metadata: dict[str, Any], repo_id: str | None = None) -> M
         uag=uag,
         sd2_version=versions.get("sd2-hf", ""),
         format=metadata["format"],
-        format_description=FORMAT_DESCRIPTIONS[metadata["format"]],
+        format_description=FORMAT_DESCRIPTIONS[metadata["format"]].format(
+            group_size=(metadata.get("quantization") or {}).get("group_size")
+        ),
         structure=sparsity["structure"],
         sparsity_before=_pct(sparsity["global_sparsity"]),
         sparsity_after=_pct(sparsity["global_sparsity_after_roundtrip"]),

@@ -38,6 +38,9 @@ ExportFormat = Literal["dense", "w8a8", "w4a16", "fp8"]
 # static FP8 activation scales would need calibration data (`oneshot` fails without a dataset).
 # The schemes are symmetric, so a zero weight quantizes to exactly zero and the sparsity survives.
 QUANTIZATION_SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
+# W4A16 quantizes groups of input columns; the preset's 128 does not divide every model's widths
+# (SmolLM2's hidden size is 576), and llm-compressor refuses such layers.
+W4A16_GROUP_SIZES = (128, 64, 32)
 
 
 class ExportError(ValueError):
@@ -99,6 +102,12 @@ class ExportConfig(BaseModel):
         description="layers left alone (`re:.*lm_head` keeps the head dense; plain `lm_head` "
         "does not match in llm-compressor 0.14)",
     )
+    group_size: int | None = Field(
+        None,
+        gt=0,
+        description="w4a16 only: input columns per quantization group; default: the first of "
+        f"{', '.join(map(str, W4A16_GROUP_SIZES))} that divides every quantized layer's input width",
+    )
     context_length: int = Field(512, gt=0, description="context length for the MAC counts")
     base_model: str | None = Field(
         None,
@@ -123,6 +132,8 @@ class ExportConfig(BaseModel):
     def _check(self) -> ExportConfig:
         if self.eval_drafter is not None and not self.eval_json:
             raise ValueError("eval_drafter names an entry of --eval-json files: pass --eval-json")
+        if self.group_size is not None and self.format != "w4a16":
+            raise ValueError("group_size applies to format 'w4a16' only")
         if not self.targets:
             raise ValueError("targets must name at least one layer pattern, e.g. ['Linear']")
         if Path(self.output).expanduser().resolve() == Path(self.drafter).expanduser().resolve():
@@ -253,6 +264,7 @@ def run_export(config: ExportConfig) -> ExportResult:
                 f"no layer of the drafter matches targets={config.targets} ignore={config.ignore}; "
                 "use llm-compressor syntax: a class name (Linear), a module name or `re:<regex>`"
             )
+        group_size = _group_size(config, linears) if config.format == "w4a16" else None
         with torch.no_grad():
             pruned = {name: module.weight == 0 for name, module in linears.items()}
         before = sparsity_report(model, config.targets, config.ignore)
@@ -278,7 +290,7 @@ def run_export(config: ExportConfig) -> ExportResult:
             if config.format == "dense":
                 model.save_pretrained(staging)
             else:
-                quantization = _quantize(model, config)
+                quantization = _quantize(model, config, group_size)
                 model.save_pretrained(staging, save_compressed=True)
                 written = read_json(staging / "config.json")["quantization_config"]
                 quantization["compressed_tensors_format"] = written["format"]
@@ -379,18 +391,37 @@ def _check_output(output: Path, overwrite: bool) -> None:
             )
 
 
-def _quantize(model, config: ExportConfig) -> dict[str, Any]:
+def _group_size(config: ExportConfig, linears: dict) -> int:
+    widths = sorted({module.weight.shape[1] for module in linears.values()})
+    candidates = [config.group_size] if config.group_size else list(W4A16_GROUP_SIZES)
+    for size in candidates:
+        if all(width % size == 0 for width in widths):
+            return size
+    raise ExportError(
+        f"w4a16 needs a group size that divides the input width of every quantized layer "
+        f"({', '.join(map(str, widths))}); tried {', '.join(map(str, candidates))}: pass "
+        "--group-size G, or leave the odd layers out with --ignore"
+    )
+
+
+def _quantize(model, config: ExportConfig, group_size: int | None) -> dict[str, Any]:
+    from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    scheme = QUANTIZATION_SCHEMES[config.format]
+    name = QUANTIZATION_SCHEMES[config.format]
+    scheme = preset_name_to_scheme(name, config.targets)
+    if group_size is not None:
+        weights = scheme.weights.model_copy(update={"group_size": group_size})
+        scheme = scheme.model_copy(update={"weights": weights})
     oneshot(
         model=model,
-        recipe=QuantizationModifier(targets=config.targets, scheme=scheme, ignore=config.ignore),
+        recipe=QuantizationModifier(config_groups={"group_0": scheme}, ignore=config.ignore),
     )
     return {
         "tool": "llmcompressor.QuantizationModifier",
-        "scheme": scheme,
+        "scheme": name,
+        "group_size": group_size,
         "targets": config.targets,
         "ignore": config.ignore,
     }
