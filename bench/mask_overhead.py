@@ -44,13 +44,15 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def run(model, tok, dataset, out_dir: Path, steps: int, with_masks: bool) -> list[float]:
+def run(
+    model, tok, dataset, out_dir: Path, steps: int, with_masks: bool, batch: int, max_length: int
+) -> list[float]:
     args = SD2Config(
         output_dir=str(out_dir),
         max_steps=steps,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=batch,
         learning_rate=1e-4,
-        max_length=128,
+        max_length=max_length,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
@@ -73,7 +75,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
     tok = tiny.build_tokenizer()
     base = tiny.build_model(
@@ -99,7 +108,16 @@ def main() -> None:
         variants = ("with", "without") if i % 2 == 0 else ("without", "with")
         for v in variants:
             order.append(v)
-            times[v] += run(copy.deepcopy(base), tok, dataset, tmp, opts.steps, v == "with")
+            times[v] += run(
+                copy.deepcopy(base),
+                tok,
+                dataset,
+                tmp,
+                opts.steps,
+                v == "with",
+                opts.batch,
+                opts.max_length,
+            )
         print(
             f"round {i + 1}/{opts.rounds}: median with {statistics.median(times['with']):.4f}s, without {statistics.median(times['without']):.4f}s",
             flush=True,
@@ -113,7 +131,8 @@ def main() -> None:
         "sparsity": 0.5,
         "rounds": opts.rounds,
         "steps_per_run_measured": opts.steps - 2,
-        "batch": "4 x 128 tokens",
+        "batch": f"{opts.batch} x {opts.max_length} tokens",
+        "threads": torch.get_num_threads(),
         "median_step_s_with_callback": med_with,
         "median_step_s_without_callback": med_without,
         "steps_per_s_with": 1 / med_with,
@@ -130,13 +149,14 @@ def main() -> None:
     atomic_write_json(out / "mask_overhead.json", result)
     md = (
         "# Mask callback overhead\n\n"
-        f"SD2Trainer on a {n_params / 1e6:.1f}M-parameter Llama (50% sparse), CPU, batch 4 x 128 tokens; "
+        f"SD2Trainer on a {n_params / 1e6:.1f}M-parameter Llama (50% sparse), CPU ({torch.get_num_threads()} threads), "
+        f"batch {opts.batch} x {opts.max_length} tokens; "
         f"{opts.rounds} alternating rounds of {opts.steps - 2} measured steps per variant.\n\n"
         "| variant | median step (s) | steps/s |\n|---|---|---|\n"
         f"| with SparsityMaskCallback | {med_with:.4f} | {1 / med_with:.3f} |\n"
         f"| without | {med_without:.4f} | {1 / med_without:.3f} |\n\n"
         f"Overhead: **{(ratio - 1) * 100:+.2f}%** (time ratio {ratio:.4f}; goal <= 3%).\n\n"
-        "Command: `.venv/bin/python bench/mask_overhead.py`\n"
+        f"Command: `.venv/bin/python bench/mask_overhead.py {' '.join(sys.argv[1:])}`\n"
     )
     atomic_write_text(out / "mask_overhead.md", md)
     print(
