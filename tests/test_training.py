@@ -19,6 +19,8 @@ from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse, sparsity_re
 from sd2_hf.training.callbacks import MaskDriftError
 
 REPO = Path(__file__).resolve().parents[1]
+# tiny models: one thread is as fast and immune to CPU oversubscription (see conftest)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def zero_pattern(model) -> dict[str, torch.Tensor]:
