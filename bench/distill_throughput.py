@@ -218,6 +218,8 @@ def main() -> None:
         f"vLLM server start-up: {startup_s:.1f} s (paid once per job).",
         f"Greedy rows identical between the two best runs: {agree}/{len(hf_rows)}.",
         f"Machine: {os.cpu_count()} CPUs, shared with other jobs during the run (load averages above).",
+        "Transformers runs with one torch thread use one core while vLLM uses all; the "
+        "tokens/CPU-s ratio compares work per core and is the load-independent figure.",
     ]
     atomic_write_text(results / "distill_throughput.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
