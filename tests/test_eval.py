@@ -377,3 +377,64 @@ def test_backends_agree_on_mal_within_5_percent(backend_reports):
         # boundaries differ (vLLM's prefill commits the first token undrafted, transformers
         # drafts from the prompt) and so do the last drafts (shortened by transformers only).
         assert vllm == pytest.approx(hf, rel=0.05), name
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+def test_interrupted_eval_resumes_without_remeasuring(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
+):
+    """A run killed during its second drafter keeps the reference run and the first drafter's
+    row; the rerun measures only the second, and the report equals an uninterrupted run's."""
+    import sd2_hf.evaluation.runner as runner
+
+    drafters = [f"random={tiny_drafter_dir}", f"noisy={noisy_drafter_dir}"]
+    config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", drafters=drafters)
+    measured, references, killed = [], [], []
+    real_measure, real_build = runner.measure, runner.build_prompts
+
+    def measure(backend, plan, *args, **kwargs):
+        measured.append(plan.name)
+        if plan.name == "noisy" and not killed:
+            killed.append(plan.name)
+            raise KeyboardInterrupt("killed")
+        return real_measure(backend, plan, *args, **kwargs)
+
+    def build_prompts(*args, **kwargs):
+        references.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(runner, "build_prompts", build_prompts)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config)
+    assert (tmp_path / "eval" / "partial" / "reference.json").is_file()
+    assert not (tmp_path / "eval" / "eval.json").exists()
+
+    report = run_eval(config)
+    assert measured == ["ngram", "random", "noisy", "noisy"]  # the others measured once
+    assert len(references) == 1  # the target's reference run is reused
+    assert not (tmp_path / "eval" / "partial").exists()
+
+    fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
+    for name in ("none", "random", "noisy"):
+        a, b = _row(report, name), _row(fresh, name)
+        assert (a["mal"], a["accepted_tokens"], a["draft_steps"], a["new_tokens"]) == (
+            b["mal"],
+            b["accepted_tokens"],
+            b["draft_steps"],
+            b["new_tokens"],
+        )
+        assert a["lossless_mismatches"] == b["lossless_mismatches"] == 0
+
+    # Other settings: the partial results are not reused.
+    monkeypatch.setattr(runner, "measure", measure)
+    measured.clear()
+    (tmp_path / "eval" / "eval.json").unlink()
+    changed = _config(
+        tiny_model_dir, mtbench_file, tmp_path / "eval", drafters=drafters, max_new_tokens=8
+    )
+    run_eval(changed)
+    assert measured == ["ngram", "random", "noisy"]
+    assert len(references) == 3

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from sd2_hf.evaluation.prompts import (
     load_questions,
     render,
 )
+from sd2_hf.utils.io import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +286,104 @@ def make_backend(
     return VLLMBackend(config, target_path, limit, eos_ids, output / "logs")
 
 
+class _EvalJournal:
+    """Finished parts of an interrupted evaluation, under `<output>/partial/`: the prompts with
+    the target's reference run, and one row per measured drafter. A rerun with the same settings
+    reuses them and measures only what is missing; any change of the settings that define the
+    prompts and the reference (target, prompts, K, lengths, backend, ...) starts afresh. A
+    drafter row is reused only for the same name, path and checkpoint files. Removed once the
+    report is written.
+
+    Written by the project because an evaluation is a long job (tens of minutes per drafter on a
+    CPU) and neither transformers nor vLLM keeps anything of a finished generation run.
+    """
+
+    def __init__(self, output: Path, config: EvalConfig, target_path: str):
+        self.dir = output / "partial"
+        settings = config.model_dump(exclude={"output", "drafters", "baselines"})
+        self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
+        key_file = self.dir / "key.json"
+        if self.dir.exists() and (
+            not key_file.is_file() or read_json(key_file) != _jsonable(self.key)
+        ):
+            logger.info(
+                "evaluation settings changed: discarding the partial results in %s", self.dir
+            )
+            shutil.rmtree(self.dir)
+        if not self.dir.exists():
+            (self.dir / "rows").mkdir(parents=True)
+            atomic_write_json(key_file, self.key)
+
+    def load_reference(self) -> tuple[list[Prompt], list[Generation] | None, PromptCounts] | None:
+        path = self.dir / "reference.json"
+        if not path.is_file():
+            return None
+        saved = read_json(path)
+        prompts = [Prompt(**p) for p in saved["prompts"]]
+        reference = (
+            None
+            if saved["reference"] is None
+            else [Generation(r["token_ids"], r["seconds"]) for r in saved["reference"]]
+        )
+        logger.info("reusing the target's reference run of %d prompts from %s", len(prompts), path)
+        return prompts, reference, PromptCounts(**saved["counts"])
+
+    def save_reference(
+        self, prompts: list[Prompt], reference: list[Generation] | None, counts: PromptCounts
+    ) -> None:
+        atomic_write_json(
+            self.dir / "reference.json",
+            {
+                "prompts": [asdict(p) for p in prompts],
+                "reference": None
+                if reference is None
+                else [{"token_ids": r.token_ids, "seconds": r.seconds} for r in reference],
+                "counts": asdict(counts),
+            },
+        )
+
+    def _row_file(self, plan: DrafterPlan) -> Path:
+        digest = hashlib.sha256(f"{plan.name}\0{plan.path}".encode()).hexdigest()[:16]
+        return self.dir / "rows" / f"{digest}.json"
+
+    def load_row(self, plan: DrafterPlan) -> dict[str, Any] | None:
+        path = self._row_file(plan)
+        if not path.is_file():
+            return None
+        saved = read_json(path)
+        if saved["identity"] != _jsonable(_checkpoint_identity(plan.path)):
+            return None
+        logger.info("reusing the measured row of drafter %r from %s", plan.name, path)
+        return saved["row"]
+
+    def save_row(self, plan: DrafterPlan, row: dict[str, Any]) -> None:
+        atomic_write_json(
+            self._row_file(plan), {"identity": _checkpoint_identity(plan.path), "row": row}
+        )
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _checkpoint_identity(path: str | None) -> dict[str, Any]:
+    """Name, size and modification time of each file of a local checkpoint (a Hub id or an
+    asset name as given)."""
+    if not path or not Path(path).is_dir():
+        return {"name": path}
+    return {
+        "name": str(Path(path).resolve()),
+        "files": {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(Path(path).iterdir())
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model")
+        },
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate the drafters and baselines of `config`; writes eval.json, eval.md and plots to
     `config.output` and returns the report (the content of eval.json)."""
@@ -299,20 +402,30 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     limit = length_limit(config, [target_path] + [p.path for p in plans if p.kind == "model"])
     backend = make_backend(config, target_path, tokenizer, limit, output)
     room = limit - config.max_new_tokens
-    prompts, reference, counts = build_prompts(
-        questions,
-        tokenizer,
-        config,
-        room,
-        backend if _needs_reference(config) else None,
-    )
+    journal = _EvalJournal(output, config, target_path)
+    resumed = journal.load_reference()
+    if resumed is None:
+        prompts, reference, counts = build_prompts(
+            questions,
+            tokenizer,
+            config,
+            room,
+            backend if _needs_reference(config) else None,
+        )
+        journal.save_reference(prompts, reference, counts)
+    else:
+        prompts, reference, counts = resumed
     target_macs = count_macs(target_path, config.macs_context_length).total
     rows = []
     if "none" in config.baselines:
         rows.append(_baseline_row(prompts, reference))
         _add_costs(rows[-1], target_macs, None, config.num_draft_tokens)
     for plan in plans:
-        rows.append(measure(backend, plan, prompts, reference, config))
+        row = journal.load_row(plan)
+        if row is None:
+            row = measure(backend, plan, prompts, reference, config)
+            journal.save_row(plan, row)
+        rows.append(row)
         # The ngram drafter does no multiply-accumulates: relative cost 0.
         drafter_macs = count_macs(plan.path, config.macs_context_length).total if plan.path else 0
         _add_costs(rows[-1], target_macs, drafter_macs, config.num_draft_tokens)
@@ -349,6 +462,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "versions": _versions(backend),
     }
     write_report(report, output)
+    journal.finish()
     print(to_markdown(report).split("\n## MAL per category")[0])
     print(f"written to {output}/ (eval.json, eval.md, plots)")
     return report
