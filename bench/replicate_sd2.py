@@ -1,0 +1,528 @@
+"""Reproduce the SD² paper's comparisons at small scale on real models (issue 8).
+
+Same family, target SmolLM2-135M-Instruct, drafters at about half its MACs:
+  (a) layers     half the decoder blocks dropped by angular distance, fine-tuned
+  (b) sd2        SparseGPT 50% unstructured, fine-tuned (SD²)
+  (c) 2of4       SparseGPT 2:4, fine-tuned
+  (d) *-noft     (a), (b), (c) without fine-tuning
+  (e) sd2-orig   (b) fine-tuned on the original ShareGPT replies of the same prompts (plain SFT)
+  (f) sd2-fkl, sd2-tvd   (b) with the token-level distillation loss added (DistillSpec style)
+Cross family (UAG), target Gemma-3-270M: SmolLM2 dense off the shelf, SmolLM2 dense fine-tuned
+on Gemma-distilled data (the dense reference for the sparse-vs-dense comparison) and SmolLM2
+SD² (SparseGPT 50% fine-tuned on Gemma-distilled data).
+
+Every fine-tuned drafter of a family sees the same distilled prompts and the same training
+budget (epochs, batch, learning rate, max length). Evaluation on MT-Bench first turns, greedy,
+K = 4 and 8: the transformers backend for all, vLLM for the same-family drafters.
+
+    .venv/bin/python bench/replicate_sd2.py [--root outputs/replication] [--threads 2] ...
+
+Every step is a `sd2 run` pipeline (or `run_eval`) with its own output directory: rerunning the
+same command skips finished steps and resumes an interrupted one (distillation and training
+from their journals and checkpoints, evaluation per drafter), so the bench can be stopped and
+continued across sessions. `--steps` picks what to run; the report is written from whatever
+evaluations are complete. Results: bench/results/replication.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SMOLLM2 = "asset:smollm2-135m-instruct"
+GEMMA = "asset:gemma-3-270m"
+TEMPLATE = str(REPO / "recipes" / "chat_templates" / "smollm2-training.jinja")
+PRUNING = REPO / "recipes" / "pruning"
+
+# name -> (family, description); the order of the table.
+DRAFTERS = {
+    "layers": ("smol", "(a) half the blocks dropped (angular distance) + self-distilled FT"),
+    "sd2": ("smol", "(b) SD²: SparseGPT 50% + self-distilled FT"),
+    "2of4": ("smol", "(c) SparseGPT 2:4 + self-distilled FT"),
+    "layers-noft": ("smol", "(d) (a) without fine-tuning"),
+    "sd2-noft": ("smol", "(d) (b) without fine-tuning"),
+    "2of4-noft": ("smol", "(d) (c) without fine-tuning"),
+    "sd2-orig": ("smol", "(e) (b) fine-tuned on the original ShareGPT replies (plain SFT)"),
+    "sd2-fkl": ("smol", "(f) (b) + token-level forward KL to the target"),
+    "sd2-tvd": ("smol", "(f) (b) + token-level TVD to the target"),
+    "dense": ("gemma", "SmolLM2-135M-Instruct dense, off the shelf (UAG)"),
+    "dense-ft": ("gemma", "SmolLM2 dense + FT on Gemma-distilled data (UAG)"),
+    "sd2-gemma": ("gemma", "SmolLM2 SparseGPT 50% + FT on Gemma-distilled data (UAG)"),
+}
+STEPS = ("data", "prune", "train", "eval", "report")
+
+
+def _log(message: str) -> None:
+    print(f"[replicate {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.root = Path(args.root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------
+    # Steps as pipeline recipes
+
+    def pipeline(self, name: str, data: dict[str, Any]) -> Path:
+        """Run one recipe (complete stages are skipped, partial ones resume); its run dir."""
+        from sd2_hf.pipeline import run_pipeline
+        from sd2_hf.recipe import recipe_from_dict
+
+        recipe = recipe_from_dict(
+            {"name": name, "output": str(self.root / name), "threads": self.args.threads, **data},
+            source=f"replication step {name}",
+        )
+        started = time.perf_counter()
+        result = run_pipeline(recipe, command=sys.argv)
+        ran = result.ran
+        _log(
+            f"{name}: {'ran ' + ', '.join(ran) if ran else 'complete'} ({time.perf_counter() - started:.0f} s)"
+        )
+        return self.root / name
+
+    def distill_section(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "limit": a.distill_limit,
+            "max_turns": 1,
+            "max_prompt_tokens": a.max_prompt_tokens,
+            "max_new_tokens": a.distill_new_tokens,
+            "filter_truncated": False,
+            "backend": a.distill_backend,
+            "concurrency": a.concurrency,
+            "batch_size": 16,
+        }
+
+    def train_section(self, **extra: Any) -> dict[str, Any]:
+        a = self.args
+        section = {
+            "num_train_epochs": a.epochs,
+            "learning_rate": a.learning_rate,
+            "warmup_steps": 0.1,
+            "per_device_train_batch_size": a.batch_size,
+            "max_length": a.max_length,
+            "logging_steps": 5,
+            "save_steps": 25,
+            "trainer_args": {"chat_template_path": TEMPLATE},
+        }
+        if a.max_steps:
+            section["max_steps"] = a.max_steps
+        section.update(extra)
+        return section
+
+    def prune_section(self, **method: Any) -> dict[str, Any]:
+        return {"num_samples": self.args.calibration_samples, "max_seq_length": 256, **method}
+
+    def data(self) -> None:
+        common = {"dataset": "asset:sharegpt", "distill": self.distill_section()}
+        self.pipeline("data-smol", {"target": SMOLLM2, **common})
+        self.original_replies()
+        if "gemma" in self.args.families:
+            self.pipeline("data-gemma", {"target": GEMMA, **common})
+
+    def original_replies(self) -> Path:
+        """(e)'s data: the original ShareGPT first turns of exactly the distilled prompts."""
+        from sd2_hf.data.loaders import load_conversations
+        from sd2_hf.pipeline import read_record
+
+        out = self.root / "data-orig" / "train.jsonl"
+        distilled = self.root / "data-smol" / "distill"
+        stamp = (read_record(distilled) or {}).get("run_id")
+        marker = out.with_suffix(".source.json")
+        if out.is_file() and marker.is_file() and read_json(marker) == {"distilled": stamp}:
+            return out
+        from datasets import load_dataset
+
+        ids = {row["id"] for row in load_dataset(str(distilled), split="train")}
+        original = load_conversations("asset:sharegpt", limit=self.args.distill_limit)
+        rows = []
+        for row in original.rows:
+            if row["id"] not in ids:
+                continue
+            messages = [m for m in row["messages"] if m["role"] == "system"]
+            turns = [m for m in row["messages"] if m["role"] != "system"][:2]
+            if [m["role"] for m in turns] == ["user", "assistant"] and turns[1]["content"].strip():
+                rows.append({"id": row["id"], "messages": messages + turns})
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(marker, {"distilled": stamp})
+        _log(f"data-orig: {len(rows)} original replies for {len(ids)} distilled prompts")
+        return out
+
+    def drafters(self, train: bool) -> None:
+        """Prune (and with `train`, fine-tune) every drafter."""
+        smol_data = str(self.root / "data-smol" / "distill")
+        stage = {"train": self.train_section()} if train else {}
+        one_shot = {
+            "layers": {"method": "layers", "target_macs_fraction": 0.5},
+            "sd2": {"recipe": str(PRUNING / "sparsegpt-50.yaml")},
+            "2of4": {"recipe": str(PRUNING / "sparsegpt-2of4.yaml")},
+        }
+        for name, method in one_shot.items():
+            self.pipeline(
+                name,
+                {
+                    "target": SMOLLM2,
+                    "dataset": smol_data,
+                    "prune": self.prune_section(**method),
+                    **stage,
+                },
+            )
+        if not train:
+            return
+        sd2_pruned = str(self.root / "sd2" / "prune")
+        variants = {
+            "sd2-orig": {
+                "dataset": str(self.root / "data-orig" / "train.jsonl"),
+                "train": self.train_section(),
+            },
+            "sd2-fkl": {"dataset": smol_data, "train": self.train_section(distill_loss="fkl")},
+            "sd2-tvd": {"dataset": smol_data, "train": self.train_section(distill_loss="tvd")},
+        }
+        for name, data in variants.items():
+            self.pipeline(name, {"target": SMOLLM2, "drafter": sd2_pruned, **data})
+        if "gemma" in self.args.families:
+            gemma_data = str(self.root / "data-gemma" / "distill")
+            self.pipeline(
+                "dense-ft",
+                {
+                    "target": GEMMA,
+                    "drafter": SMOLLM2,
+                    "dataset": gemma_data,
+                    "train": self.train_section(),
+                },
+            )
+            self.pipeline(
+                "sd2-gemma",
+                {
+                    "target": GEMMA,
+                    "drafter": SMOLLM2,
+                    "dataset": gemma_data,
+                    "prune": self.prune_section(recipe=str(PRUNING / "sparsegpt-50.yaml")),
+                    "train": self.train_section(),
+                },
+            )
+
+    def drafter_path(self, name: str) -> str:
+        paths = {
+            "layers": "layers/train",
+            "sd2": "sd2/train",
+            "2of4": "2of4/train",
+            "layers-noft": "layers/prune",
+            "sd2-noft": "sd2/prune",
+            "2of4-noft": "2of4/prune",
+            "sd2-orig": "sd2-orig/train",
+            "sd2-fkl": "sd2-fkl/train",
+            "sd2-tvd": "sd2-tvd/train",
+            "dense-ft": "dense-ft/train",
+            "sd2-gemma": "sd2-gemma/train",
+        }
+        return SMOLLM2 if name == "dense" else str(self.root / paths[name])
+
+    # ---------------------------------------------------------------------------------------
+    # Evaluation
+
+    def eval_runs(self) -> list[tuple[str, str, str, int]]:
+        """(run name, family, backend, K) of every evaluation."""
+        runs = []
+        for k in self.args.ks:
+            for backend in self.args.backends:
+                runs.append((f"eval-smol-{backend}-k{k}", "smol", backend, k))
+            if "gemma" in self.args.families:
+                runs.append((f"eval-gemma-transformers-k{k}", "gemma", "transformers", k))
+        return runs
+
+    def evaluate(self) -> None:
+        from sd2_hf.evaluation.config import EvalConfig
+        from sd2_hf.evaluation.runner import run_eval
+
+        for run, family, backend, k in self.eval_runs():
+            out = self.root / run
+            if (out / "eval.json").is_file():
+                _log(f"{run}: complete")
+                continue
+            names = [n for n, (f, _) in DRAFTERS.items() if f == family]
+            missing = [
+                n
+                for n in names
+                if n != "dense" and not (Path(self.drafter_path(n)) / "config.json").is_file()
+            ]
+            if missing:
+                _log(f"{run}: skipped, drafters not built yet: {', '.join(missing)}")
+                continue
+            started = time.perf_counter()
+            run_eval(
+                EvalConfig(
+                    target=SMOLLM2 if family == "smol" else GEMMA,
+                    prompts="asset:mtbench",
+                    turns="first",
+                    limit=self.args.prompts,
+                    backend=backend,
+                    num_draft_tokens=k,
+                    max_new_tokens=self.args.max_new_tokens,
+                    uag="off" if family == "smol" else "on",
+                    drafters=[f"{n}={self.drafter_path(n)}" for n in names],
+                    baselines=["none", "ngram"] if family == "smol" else ["none"],
+                    output=str(out),
+                )
+            )
+            _log(f"{run}: done in {time.perf_counter() - started:.0f} s")
+
+    # ---------------------------------------------------------------------------------------
+    # Report
+
+    def report(self) -> None:
+        from sd2_hf.pipeline import package_versions
+
+        evals = {}
+        for run, family, backend, k in self.eval_runs():
+            path = self.root / run / "eval.json"
+            if path.is_file():
+                evals[run] = (family, backend, k, read_json(path))
+        if not evals:
+            _log("report: no evaluation is complete yet")
+            return
+        rows: dict[str, dict[str, Any]] = {}
+        for family, backend, k, report in evals.values():
+            for d in report["drafters"]:
+                row = rows.setdefault(
+                    f"{family}:{d['name']}",
+                    {
+                        "family": family,
+                        "drafter": d["name"],
+                        "description": DRAFTERS.get(d["name"], (family, d["name"]))[1],
+                        "relative_macs": d["relative_macs"],
+                        "results": {},
+                    },
+                )
+                row["results"][f"{backend}-k{k}"] = {
+                    key: d[key]
+                    for key in (
+                        "mal",
+                        "mal_per_category",
+                        "acceptance_per_position",
+                        "improvement_factor",
+                        "tokens_per_second",
+                        "speedup",
+                        "lossless_checked",
+                        "lossless_mismatches",
+                        "draft_steps",
+                        "new_tokens",
+                    )
+                }
+        result = {
+            "command": " ".join(["python", "bench/replicate_sd2.py", *sys.argv[1:]]),
+            "settings": {
+                k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")
+            },
+            "evaluations": {
+                run: {
+                    "family": f,
+                    "backend": b,
+                    "num_draft_tokens": k,
+                    "num_prompts": r["num_prompts"],
+                    "prompts": r["prompts"],
+                    "target_macs": r["target_macs"],
+                }
+                for run, (f, b, k, r) in evals.items()
+            },
+            "stage_seconds": self.stage_seconds(),
+            "drafters": rows,
+            "versions": package_versions(),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
+        }
+        results = Path(self.args.results)
+        atomic_write_json(results / "replication.json", result)
+        atomic_write_text(results / "replication.md", self.markdown(result))
+        self.plot(result, results / "replication.png")
+        _log(f"report: {results / 'replication.md'}")
+
+    def stage_seconds(self) -> dict[str, dict[str, float]]:
+        """Wall time of every pipeline stage, from the completion records."""
+        from sd2_hf.pipeline import read_record
+
+        out: dict[str, dict[str, float]] = {}
+        for run_dir in sorted(self.root.iterdir()):
+            for stage in ("distill", "prune", "train"):
+                record = read_record(run_dir / stage) if (run_dir / stage).is_dir() else None
+                if record and "seconds" in record:
+                    out.setdefault(run_dir.name, {})[stage] = round(record["seconds"], 1)
+        return out
+
+    def markdown(self, result: dict[str, Any]) -> str:
+        from sd2_hf.evaluation.report import fmt
+
+        columns = sorted(
+            {c for r in result["drafters"].values() for c in r["results"]},
+            key=lambda c: (c.split("-k")[0] != "transformers", int(c.split("-k")[1])),
+        )
+        a = self.args
+        lines = [
+            "# SD² replication at small scale",
+            "",
+            f"MT-Bench first turns ({a.prompts} questions, spread over the 8 categories), greedy, "
+            f"max {a.max_new_tokens} new tokens. MAL per backend and K; relative MACs = drafter / "
+            "target MACs of one decoding step at context 512 (zeros of sparse weights not counted); "
+            "improvement factor = MAL / (K·c + 1) at K = 4 (transformers).",
+            "",
+            f"Fine-tuning (every fine-tuned drafter): {a.epochs} epoch(s), batch {a.batch_size}, "
+            f"lr {a.learning_rate}, max length {a.max_length}, loss on assistant tokens; data: the "
+            f"target's greedy replies (≤ {a.distill_new_tokens} tokens) to the first turns of the "
+            f"first {a.distill_limit} ShareGPT conversations (prompts over {a.max_prompt_tokens} "
+            "tokens skipped).",
+            "",
+            "| family | drafter | what | relative MACs | "
+            + " | ".join(f"MAL {c}" for c in columns)
+            + " | improvement factor (tf, K=4) | lossless mismatches |",
+            "|" + "---|" * (5 + len(columns) + (1 if columns else 0)),
+        ]
+        for row in result["drafters"].values():
+            res = row["results"]
+            mismatches = sum(
+                r["lossless_mismatches"] for r in res.values() if r["lossless_checked"]
+            )
+            lines.append(
+                f"| {row['family']} | {row['drafter']} | {row['description']} | {fmt(row['relative_macs'], 3)} | "
+                + " | ".join(fmt(res.get(c, {}).get("mal")) for c in columns)
+                + f" | {fmt(res.get('transformers-k4', {}).get('improvement_factor'))} | {mismatches} |"
+            )
+        lines += ["", "## MAL per category (transformers, K = 4)", ""]
+        cats = sorted(
+            {
+                c
+                for r in result["drafters"].values()
+                for c in r["results"].get("transformers-k4", {}).get("mal_per_category", {})
+            }
+        )
+        lines += ["| drafter | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 1)]
+        for row in result["drafters"].values():
+            per = row["results"].get("transformers-k4", {}).get("mal_per_category")
+            if per:
+                lines.append(
+                    f"| {row['family']}:{row['drafter']} | "
+                    + " | ".join(fmt(per.get(c)) for c in cats)
+                    + " |"
+                )
+        lines += ["", "## Acceptance per draft position (transformers, K = 8)", ""]
+        for row in result["drafters"].values():
+            acc = row["results"].get("transformers-k8", {}).get("acceptance_per_position")
+            if acc:
+                lines.append(
+                    f"- {row['family']}:{row['drafter']}: " + " / ".join(f"{x:.2f}" for x in acc)
+                )
+        lines += ["", "## Wall time per stage (s)", ""]
+        for run, stages in result["stage_seconds"].items():
+            lines.append(f"- {run}: " + ", ".join(f"{s} {t:.0f}" for s, t in stages.items()))
+        lines += ["", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", ""]
+        lines.append(
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + "."
+        )
+        lines.append("")
+        return "\n".join(lines)
+
+    def plot(self, result: dict[str, Any], path: Path) -> None:
+        from matplotlib.figure import Figure
+
+        from sd2_hf.evaluation.report import _save_png
+
+        columns = [
+            c
+            for c in ("transformers-k4", "transformers-k8")
+            if any(c in r["results"] for r in result["drafters"].values())
+        ]
+        if not columns:
+            return
+        fig = Figure(figsize=(6 * len(columns), 4.5))
+        for i, column in enumerate(columns):
+            ax = fig.add_subplot(1, len(columns), i + 1)
+            for row in result["drafters"].values():
+                res = row["results"].get(column)
+                if not res or row["relative_macs"] is None or row["drafter"] in ("none", "ngram"):
+                    continue
+                marker = "o" if row["family"] == "smol" else "s"
+                ax.scatter(row["relative_macs"], res["mal"], marker=marker)
+                ax.annotate(
+                    f"{row['family']}:{row['drafter']}",
+                    (row["relative_macs"], res["mal"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            ax.set_xlabel("relative MACs (drafter / target, one decoding step)")
+            ax.set_ylabel("mean accepted length (MAL)")
+            ax.set_title(f"MAL vs MACs, {column.replace('-k', ', K = ')}")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save_png(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--root", default=str(REPO / "outputs" / "replication"), help="run directory"
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
+    )
+    parser.add_argument(
+        "--families", default="smol,gemma", help="smol (same family) and/or gemma (UAG)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the pipeline stages"
+    )
+    # Data
+    parser.add_argument("--distill-limit", type=int, default=320, help="ShareGPT conversations")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--distill-new-tokens", type=int, default=192)
+    parser.add_argument("--distill-backend", default="vllm", choices=("vllm", "transformers"))
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="vLLM distillation requests in flight"
+    )
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    # Training budget, the same for every fine-tuned drafter
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=None, help="overrides --epochs when set")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=448)
+    # Evaluation
+    parser.add_argument("--prompts", type=int, default=40, help="MT-Bench questions (of 80)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
+    parser.add_argument(
+        "--backends", nargs="+", default=["transformers", "vllm"], choices=("transformers", "vllm")
+    )
+    args = parser.parse_args()
+    args.families = [f for f in args.families.split(",") if f]
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+
+    bench = Bench(args)
+    started = time.perf_counter()
+    if "data" in steps:
+        bench.data()
+    if "prune" in steps and "train" not in steps:
+        bench.drafters(train=False)
+    if "train" in steps:
+        bench.drafters(train=True)
+    if "eval" in steps:
+        bench.evaluate()
+    if "report" in steps:
+        bench.report()
+    _log(f"done in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
