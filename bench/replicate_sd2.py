@@ -164,7 +164,7 @@ class Bench:
         smol_data = str(self.root / "data-smol" / "distill")
         stage = {"train": self.train_section()} if train else {}
         one_shot = {
-            "layers": {"method": "layers", "target_macs_fraction": 0.5},
+            "layers": {"method": "layers", "drop": 15},  # half of the 30 blocks
             "sd2": {"recipe": str(PRUNING / "sparsegpt-50.yaml")},
             "2of4": {"recipe": str(PRUNING / "sparsegpt-2of4.yaml")},
         }
@@ -496,7 +496,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=448)
     # Evaluation
-    parser.add_argument("--prompts", type=int, default=40, help="MT-Bench questions (of 80)")
+    parser.add_argument("--prompts", type=int, default=24, help="MT-Bench questions (of 80; 3 per category)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     parser.add_argument(

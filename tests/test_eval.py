@@ -357,6 +357,19 @@ def backend_reports(vllm_python, tmp_path_factory, tiny_model_dir, noisy_drafter
             max_new_tokens=2 * MAX_NEW,
         )
         reports[backend] = run_eval(config)
+    # vLLM again with the prompts of each category sent together (counters read per category).
+    config = _config(
+        tiny_model_dir,
+        mtbench_file,
+        tmp_path_factory.mktemp("eval-vllm-concurrent"),
+        backend="vllm",
+        drafters=[f"noisy={noisy_drafter_dir}"],
+        baselines=[],
+        check_lossless=False,
+        max_new_tokens=2 * MAX_NEW,
+        concurrency=4,
+    )
+    reports["vllm-concurrent"] = run_eval(config)
     return reports
 
 
@@ -377,6 +390,29 @@ def test_backends_agree_on_mal_within_5_percent(backend_reports):
         # boundaries differ (vLLM's prefill commits the first token undrafted, transformers
         # drafts from the prompt) and so do the last drafts (shortened by transformers only).
         assert vllm == pytest.approx(hf, rel=0.05), name
+
+
+@pytest.mark.vllm
+def test_concurrent_vllm_requests_keep_mal_exact_per_category(backend_reports):
+    one, many = (
+        _row(backend_reports["vllm"], "noisy"),
+        _row(backend_reports["vllm-concurrent"], "noisy"),
+    )
+    # Batched fp32 arithmetic could tip a near-tie; on these prompts the outputs are the same,
+    # so the counters are too, overall and per category.
+    assert many["new_tokens"] == one["new_tokens"]
+    assert (many["draft_steps"], many["accepted_tokens"]) == (
+        one["draft_steps"],
+        one["accepted_tokens"],
+    )
+    assert many["mal_per_category"] == pytest.approx(one["mal_per_category"])
+    assert many["acceptance_per_position"] == pytest.approx(one["acceptance_per_position"])
+    assert backend_reports["vllm-concurrent"]["config"]["concurrency"] == 4
+
+
+def test_concurrency_is_for_vllm_only(tiny_model_dir, mtbench_file, tmp_path):
+    with pytest.raises(ValueError, match="concurrency > 1 applies to backend='vllm' only"):
+        _config(tiny_model_dir, mtbench_file, tmp_path, concurrency=2)
 
 
 # --- resume ---------------------------------------------------------------------------------

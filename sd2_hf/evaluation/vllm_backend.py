@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import httpx
 
 from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation
 from sd2_hf.evaluation.config import EvalConfig
+from sd2_hf.serving.metrics import SpecDecodeCounters
 
 
 class VLLMBackend:
@@ -105,4 +107,37 @@ class VLLMBackend:
                 counters = server.spec_counters() - before if drafter else None
                 return Generation(token_ids, seconds, counters=counters)
 
+            def many(group: list[list[int]]) -> list[Generation]:
+                """A group of prompts at once (`config.concurrency` in flight). The counters
+                cover the whole group: they go with the first generation, as does the group's
+                wall time; the others carry zero counters and zero seconds, so sums over the
+                group are exact."""
+                before = server.spec_counters() if drafter else None
+                start = time.perf_counter()
+                with ThreadPoolExecutor(min(self.config.concurrency, len(group))) as pool:
+                    responses = list(
+                        pool.map(
+                            lambda ids: client.completion(
+                                ids,
+                                max_tokens=self.config.max_new_tokens,
+                                temperature=0.0,
+                                stop_token_ids=self.stop_token_ids,
+                                return_token_ids=True,
+                            ),
+                            group,
+                        )
+                    )
+                seconds = time.perf_counter() - start
+                counters = server.spec_counters() - before if drafter else None
+                zero = SpecDecodeCounters() if drafter else None
+                return [
+                    Generation(
+                        list(r["choices"][0]["token_ids"]),
+                        seconds if i == 0 else 0.0,
+                        counters=counters if i == 0 else zero,
+                    )
+                    for i, r in enumerate(responses)
+                ]
+
+            generate.many = many  # type: ignore[attr-defined]
             yield generate
