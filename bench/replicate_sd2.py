@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -273,6 +274,8 @@ class Bench:
                     uag="off" if family == "smol" else "on",
                     drafters=[f"{n}={self.drafter_path(n)}" for n in names],
                     baselines=["none", "ngram"] if family == "smol" else ["none"],
+                    # vLLM: the prompts of a category in flight together (MAL stays exact).
+                    concurrency=8 if backend == "vllm" else 1,
                     output=str(out),
                 )
             )
@@ -466,6 +469,10 @@ class Bench:
         _save_png(fig, path)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -496,7 +503,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=448)
     # Evaluation
-    parser.add_argument("--prompts", type=int, default=24, help="MT-Bench questions (of 80; 3 per category)")
+    parser.add_argument(
+        "--prompts", type=int, default=24, help="MT-Bench questions (of 80; 3 per category)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     parser.add_argument(
@@ -509,6 +518,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
 
+    # SIGTERM like Ctrl-C: stages unwind and stop the vLLM servers they started.
+    signal.signal(signal.SIGTERM, _terminate)
     bench = Bench(args)
     started = time.perf_counter()
     if "data" in steps:

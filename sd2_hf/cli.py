@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 # Modules that register subcommands, in the order `sd2 --help` lists them.
@@ -59,11 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (a scheduler or `kill`) takes the same path as Ctrl-C: context managers and
+    # `finally` blocks run, so vLLM servers started by a stage are stopped, not orphaned.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ environment) compared with the transformers backend on the same fp32 tiny model.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +41,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
             server.requests.append(body)
             shared["in_flight"] += 1
             shared["max_in_flight"] = max(shared["max_in_flight"], shared["in_flight"])
-        time.sleep(0.02)  # long enough for concurrent requests to overlap
+        time.sleep(server.delay)  # long enough for concurrent requests to overlap
         with shared["lock"]:
             shared["in_flight"] -= 1
         if server.status != 200:
@@ -69,9 +73,10 @@ def fake_servers():
     started = []
     shared = {"lock": threading.Lock(), "in_flight": 0, "max_in_flight": 0}
 
-    def start(status: int = 200):
+    def start(status: int = 200, delay: float = 0.02):
         server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
         server.status, server.requests, server.shared = status, [], shared
+        server.delay, server.daemon_threads = delay, True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         started.append(server)
         return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -106,7 +111,8 @@ def vllm_config(tmp_path, tiny_model_dir, seed_file, urls, **overrides) -> Disti
 def test_fan_out_spreads_requests_with_bounded_concurrency(
     tmp_path, tiny_model_dir, seed_file, fake_servers
 ):
-    (a, url_a), (b, url_b) = fake_servers(), fake_servers()
+    # Replies slow enough that three requests overlap even on a busy machine.
+    (a, url_a), (b, url_b) = fake_servers(delay=0.2), fake_servers(delay=0.2)
     cfg = vllm_config(tmp_path, tiny_model_dir, seed_file, [url_a, url_b], concurrency=3)
     result = run_distill(cfg)
     assert (result.written, result.failed) == (10, 0)
@@ -148,6 +154,53 @@ def test_failing_server_rows_are_failed_then_filled_on_resume(
     assert sorted(r["id"] for r in read_rows(Path(cfg.output))) == sorted(
         json.loads(line)["id"] for line in seed_file.read_text().splitlines()
     )
+
+
+def test_sigterm_stops_at_once_and_the_rerun_completes(
+    tmp_path, tiny_model_dir, seed_file, fake_servers
+):
+    """SIGTERM (like Ctrl-C) ends `sd2 distill` without waiting for the requests in flight
+    (here each would take 10 minutes); nothing of them is journaled, and the rerun fills them."""
+    slow, slow_url = fake_servers(delay=600)
+    out = tmp_path / "out"
+    args = [
+        "--target", str(tiny_model_dir), "--source", str(seed_file), "--output", str(out),
+        "--backend", "vllm", "--max-new-tokens", "16", "--request-timeout", "900",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sd2_hf.cli", "distill", *args, "--server-urls", slow_url],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not slow.requests and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.requests, "no request reached the server"
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.monotonic() - stopped_at < 30
+    assert "interrupted" in err
+    assert not (out / "manifest.json").exists()
+
+    fast, fast_url = fake_servers()
+    result = run_distill(
+        DistillConfig.model_validate(
+            {
+                "target": str(tiny_model_dir),
+                "source": str(seed_file),
+                "output": str(out),
+                "backend": "vllm",
+                "max_new_tokens": 16,
+                "server_urls": [fast_url],
+            }
+        )
+    )
+    assert (result.written, result.failed) == (10, 0)
+    assert_accounting_closes(out, 10)
 
 
 @pytest.mark.vllm

@@ -17,9 +17,11 @@ import logging
 import threading
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
+
+from sd2_hf.utils.threads import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +315,7 @@ class VLLMBackend:
         self._local = threading.local()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sd2-vllm")
+        self._executor = DaemonThreadPool(concurrency, thread_name_prefix="sd2-vllm")
         self.model_name = model_name
         self.context_length: int | None = None
         self._server_versions: dict[str, str] = {}
@@ -415,6 +417,9 @@ class VLLMBackend:
         return {"vllm": ", ".join(found)} if found else {}
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Never waits: after an interrupt (Ctrl-C, SIGTERM) the requests still in flight would
+        # hold the exit for minutes; their rows are not journaled, so a resume redoes them.
+        # After a normal run nothing is in flight.
+        self._executor.shutdown(cancel_futures=True)
         for client in self._clients:
             client.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.serving.metrics import SpecDecodeCounters
+from sd2_hf.utils.threads import DaemonThreadPool
 
 
 class VLLMBackend:
@@ -114,18 +114,16 @@ class VLLMBackend:
                 group are exact."""
                 before = server.spec_counters() if drafter else None
                 start = time.perf_counter()
-                with ThreadPoolExecutor(min(self.config.concurrency, len(group))) as pool:
-                    responses = list(
-                        pool.map(
-                            lambda ids: client.completion(
-                                ids,
-                                max_tokens=self.config.max_new_tokens,
-                                temperature=0.0,
-                                stop_token_ids=self.stop_token_ids,
-                                return_token_ids=True,
-                            ),
-                            group,
-                        )
+                with DaemonThreadPool(min(self.config.concurrency, len(group))) as pool:
+                    responses = pool.map(
+                        lambda ids: client.completion(
+                            ids,
+                            max_tokens=self.config.max_new_tokens,
+                            temperature=0.0,
+                            stop_token_ids=self.stop_token_ids,
+                            return_token_ids=True,
+                        ),
+                        group,
                     )
                 seconds = time.perf_counter() - start
                 counters = server.spec_counters() - before if drafter else None
