@@ -136,8 +136,7 @@ def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, lo
     except RuntimeError as err:  # ServerError (start-up) and RequestFailed (engine died)
         # The root cause is the first exception line of the server log (later ones are
         # EngineDeadError and the API server's wrappers).
-        causes = re.findall(r"\b\w+(?:Error|Exception): .*", log.read_text())
-        return {"ok": False, "error": causes[0].strip() if causes else str(err)[-500:]}
+        return {"ok": False, "error": root_cause(log.read_text()) or str(err)[-500:]}
     return {
         "ok": True,
         "startup_seconds": server.startup_seconds,
@@ -145,6 +144,14 @@ def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, lo
         "mal": delta.mal if delta else None,
         "acceptance_per_position": delta.acceptance_per_position if delta else None,
     }
+
+
+def root_cause(log_text: str) -> str | None:
+    """The first exception line of a server log, WARNING lines excluded (vLLM warns about
+    `OSError: [Errno 24]` fd limits at start-up without any error happening)."""
+    lines = [line for line in log_text.splitlines() if " WARNING " not in line]
+    causes = re.findall(r"\b\w+(?:Error|Exception): .*", "\n".join(lines))
+    return causes[0].strip() if causes else None
 
 
 def to_markdown(report: dict[str, Any]) -> str:
