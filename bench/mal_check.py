@@ -4,8 +4,9 @@ Gemma-3-270M as target and SmolLM2-135M-Instruct as drafter.
 
     .venv/bin/python bench/mal_check.py [--limit 80] [--max-new-tokens 128] [--threads 1] [--runs ...]
 
-Writes bench/results/mal_check.{json,md} and each run's eval.json/eval.md/plots under
-bench/results/mal_check/<run>/. The truncated drafter is built once into the sd2 cache
+Writes bench/results/mal_check.{json,md} and each run's eval.md and plots under
+bench/results/mal_check/<run>/ (its eval.json and server logs, which name local paths, stay in
+$SD2_HOME/bench/mal_check/<run>/). The truncated drafter is built once into the sd2 cache
 ($SD2_HOME, default ~/.cache/sd2-hf).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -47,14 +49,22 @@ def truncated_drafter(keep: int = KEEP_LAYERS) -> str:
 
 
 def _run(name: str, runs: dict, **config) -> None:
-    out = RESULTS / "mal_check" / name
+    from sd2_hf.assets import home
+
+    # eval.json and the vLLM logs name this machine's paths: they stay in the work directory;
+    # the repository gets the markdown report and the plots.
+    work = home() / "bench" / "mal_check" / name
     started = time.perf_counter()
     try:
-        report = run_eval(EvalConfig(output=str(out), **config))
+        report = run_eval(EvalConfig(output=str(work), **config))
     except Exception as err:  # a failing run is reported, the others still run
         runs[name] = {"error": f"{type(err).__name__}: {err}"}
         print(f"{name} failed: {err}")
         return
+    published = RESULTS / "mal_check" / name
+    published.mkdir(parents=True, exist_ok=True)
+    for path in [work / "eval.md", *work.glob("*.png")]:
+        shutil.copy2(path, published / path.name)
     runs[name] = {
         "backend": report["backend"],
         "target": report["target"],
