@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -473,10 +472,6 @@ class Bench:
         _save_png(fig, path)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -522,20 +517,22 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
 
-    # SIGTERM like Ctrl-C: stages unwind and stop the vLLM servers they started.
-    signal.signal(signal.SIGTERM, _terminate)
+    from sd2_hf.utils.signals import sigterm_as_interrupt
+
     bench = Bench(args)
     started = time.perf_counter()
-    if "data" in steps:
-        bench.data()
-    if "prune" in steps and "train" not in steps:
-        bench.drafters(train=False)
-    if "train" in steps:
-        bench.drafters(train=True)
-    if "eval" in steps:
-        bench.evaluate()
-    if "report" in steps:
-        bench.report()
+    # SIGTERM like Ctrl-C: stages unwind and stop the vLLM servers they started.
+    with sigterm_as_interrupt():
+        if "data" in steps:
+            bench.data()
+        if "prune" in steps and "train" not in steps:
+            bench.drafters(train=False)
+        if "train" in steps:
+            bench.drafters(train=True)
+        if "eval" in steps:
+            bench.evaluate()
+        if "report" in steps:
+            bench.report()
     _log(f"done in {time.perf_counter() - started:.0f} s")
 
 

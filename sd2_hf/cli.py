@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
+
+from sd2_hf.utils.signals import sigterm_as_interrupt
 
 # Modules that register subcommands, in the order `sd2 --help` lists them.
 COMMAND_MODULES = (
@@ -60,20 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # SIGTERM (a scheduler or `kill`) takes the same path as Ctrl-C: context managers and
-    # `finally` blocks run, so vLLM servers started by a stage are stopped, not orphaned.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (a scheduler or `kill`) takes the same path as Ctrl-C: vLLM servers started by
+    # a stage are stopped, not orphaned.
     try:
-        return args.func(args) or 0
+        with sigterm_as_interrupt():
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

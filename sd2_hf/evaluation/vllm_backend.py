@@ -92,9 +92,7 @@ class VLLMBackend:
             if version:
                 self._versions["vllm"] = version
 
-            def generate(prompt_ids: list[int]) -> Generation:
-                before = server.spec_counters() if drafter else None
-                start = time.perf_counter()
+            def request(prompt_ids: list[int]) -> list[int]:
                 response = client.completion(
                     prompt_ids,
                     max_tokens=self.config.max_new_tokens,
@@ -102,8 +100,13 @@ class VLLMBackend:
                     stop_token_ids=self.stop_token_ids,
                     return_token_ids=True,
                 )
+                return list(response["choices"][0]["token_ids"])
+
+            def generate(prompt_ids: list[int]) -> Generation:
+                before = server.spec_counters() if drafter else None
+                start = time.perf_counter()
+                token_ids = request(prompt_ids)
                 seconds = time.perf_counter() - start
-                token_ids = list(response["choices"][0]["token_ids"])
                 counters = server.spec_counters() - before if drafter else None
                 return Generation(token_ids, seconds, counters=counters)
 
@@ -115,26 +118,17 @@ class VLLMBackend:
                 before = server.spec_counters() if drafter else None
                 start = time.perf_counter()
                 with DaemonThreadPool(min(self.config.concurrency, len(group))) as pool:
-                    responses = pool.map(
-                        lambda ids: client.completion(
-                            ids,
-                            max_tokens=self.config.max_new_tokens,
-                            temperature=0.0,
-                            stop_token_ids=self.stop_token_ids,
-                            return_token_ids=True,
-                        ),
-                        group,
-                    )
+                    outputs = pool.map(request, group)
                 seconds = time.perf_counter() - start
                 counters = server.spec_counters() - before if drafter else None
                 zero = SpecDecodeCounters() if drafter else None
                 return [
                     Generation(
-                        list(r["choices"][0]["token_ids"]),
+                        token_ids,
                         seconds if i == 0 else 0.0,
                         counters=counters if i == 0 else zero,
                     )
-                    for i, r in enumerate(responses)
+                    for i, token_ids in enumerate(outputs)
                 ]
 
             generate.many = many  # type: ignore[attr-defined]

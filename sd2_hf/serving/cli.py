@@ -6,8 +6,6 @@ import argparse
 import json
 import logging
 import shlex
-import signal
-import threading
 import time
 from typing import Literal
 
@@ -15,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2_hf.serving.metrics import SpecDecodeCounters
 from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.signals import sigterm_as_interrupt
 
 
 class ServeConfig(BaseModel):
@@ -67,10 +66,6 @@ def curl_example(url: str, model: str) -> str:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_serve(config: ServeConfig) -> SpecDecodeCounters:
     """Serve until Ctrl-C or SIGTERM, then stop the server and return its final counters."""
     from sd2_hf.serving.server import VLLMServer
@@ -87,12 +82,9 @@ def run_serve(config: ServeConfig) -> SpecDecodeCounters:
         startup_timeout=config.startup_timeout,
         log_path=config.log_path,
     )
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM takes the same path as Ctrl-C, so the server (in its own process group,
-        # which a terminal's Ctrl-C does not reach) is stopped in order, even mid-start.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    # SIGTERM takes the same path as Ctrl-C, so the server (in its own process group, which a
+    # terminal's Ctrl-C does not reach) is stopped in order, even mid-start.
+    with sigterm_as_interrupt():
         with server:
             if server.speculative_config:
                 spec = ", ".join(f"{k}={v}" for k, v in server.speculative_config.items())
@@ -115,9 +107,6 @@ def run_serve(config: ServeConfig) -> SpecDecodeCounters:
                 pass
             print("stopping the vLLM server ...", flush=True)
             counters = server.spec_counters()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if server.speculative_config:
         print(f"server stopped. Speculative decoding over its lifetime:\n{counters.summary()}")
     else:
