@@ -58,6 +58,10 @@ DRAFTERS = {
     "dense-ft": ("gemma", "SmolLM2 dense + FT on Gemma-distilled data (UAG)"),
     "sd2-gemma": ("gemma", "SmolLM2 SparseGPT 50% + FT on Gemma-distilled data (UAG)"),
 }
+BASELINES = {
+    "none": "the target alone (no drafting)",
+    "ngram": "prompt lookup (n-gram), no draft model",
+}
 STEPS = ("data", "prune", "train", "eval", "report")
 
 
@@ -247,9 +251,6 @@ class Bench:
         return runs
 
     def evaluate(self) -> None:
-        from sd2_hf.evaluation.config import EvalConfig
-        from sd2_hf.evaluation.runner import run_eval
-
         for run, family, backend, k in self.eval_runs():
             out = self.root / run
             if (out / "eval.json").is_file():
@@ -265,24 +266,42 @@ class Bench:
                 _log(f"{run}: skipped, drafters not built yet: {', '.join(missing)}")
                 continue
             started = time.perf_counter()
-            run_eval(
-                EvalConfig(
-                    target=SMOLLM2 if family == "smol" else GEMMA,
-                    prompts="asset:mtbench",
-                    turns="first",
-                    limit=self.args.prompts,
-                    backend=backend,
-                    num_draft_tokens=k,
-                    max_new_tokens=self.args.max_new_tokens,
-                    uag="off" if family == "smol" else "on",
-                    drafters=[f"{n}={self.drafter_path(n)}" for n in names],
-                    baselines=["none", "ngram"] if family == "smol" else ["none"],
-                    # vLLM: the prompts of a category in flight together (MAL stays exact).
-                    concurrency=8 if backend == "vllm" else 1,
-                    output=str(out),
-                )
-            )
+            try:
+                self._run_eval(run, family, backend, k, names, out)
+            finally:
+                # Accumulated over attempts: an interrupted evaluation resumes per drafter.
+                self.add_eval_seconds(run, time.perf_counter() - started)
             _log(f"{run}: done in {time.perf_counter() - started:.0f} s")
+
+    def add_eval_seconds(self, run: str, seconds: float) -> None:
+        path = self.root / "eval-seconds.json"
+        spent = read_json(path) if path.is_file() else {}
+        spent[run] = round(spent.get(run, 0.0) + seconds, 1)
+        atomic_write_json(path, spent)
+
+    def _run_eval(
+        self, run: str, family: str, backend: str, k: int, names: list[str], out: Path
+    ) -> None:
+        from sd2_hf.evaluation.config import EvalConfig
+        from sd2_hf.evaluation.runner import run_eval
+
+        run_eval(
+            EvalConfig(
+                target=SMOLLM2 if family == "smol" else GEMMA,
+                prompts="asset:mtbench",
+                turns="first",
+                limit=self.args.prompts,
+                backend=backend,
+                num_draft_tokens=k,
+                max_new_tokens=self.args.max_new_tokens,
+                uag="off" if family == "smol" else "on",
+                drafters=[f"{n}={self.drafter_path(n)}" for n in names],
+                baselines=["none", "ngram"] if family == "smol" else ["none"],
+                # vLLM: the prompts of a category in flight together (MAL stays exact).
+                concurrency=8 if backend == "vllm" else 1,
+                output=str(out),
+            )
+        )
 
     # ---------------------------------------------------------------------------------------
     # Report
@@ -306,7 +325,8 @@ class Bench:
                     {
                         "family": family,
                         "drafter": d["name"],
-                        "description": DRAFTERS.get(d["name"], (family, d["name"]))[1],
+                        "description": BASELINES.get(d["name"])
+                        or DRAFTERS.get(d["name"], (family, d["name"]))[1],
                         "relative_macs": d["relative_macs"],
                         "results": {},
                     },
@@ -343,6 +363,9 @@ class Bench:
                 for run, (f, b, k, r) in evals.items()
             },
             "stage_seconds": self.stage_seconds(),
+            "eval_seconds": {
+                run: seconds for run, seconds in self.eval_seconds().items() if run in evals
+            },
             "drafters": rows,
             "versions": package_versions(),
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
@@ -352,6 +375,10 @@ class Bench:
         atomic_write_text(results / "replication.md", self.markdown(result))
         self.plot(result, results / "replication.png")
         _log(f"report: {results / 'replication.md'}")
+
+    def eval_seconds(self) -> dict[str, float]:
+        path = self.root / "eval-seconds.json"
+        return read_json(path) if path.is_file() else {}
 
     def stage_seconds(self) -> dict[str, dict[str, float]]:
         """Wall time of every pipeline stage, from the completion records."""
@@ -429,6 +456,11 @@ class Bench:
         lines += ["", "## Wall time per stage (s)", ""]
         for run, stages in result["stage_seconds"].items():
             lines.append(f"- {run}: " + ", ".join(f"{s} {t:.0f}" for s, t in stages.items()))
+        for run, seconds in result["eval_seconds"].items():
+            lines.append(f"- {run}: {seconds:.0f}")
+        total = sum(t for st in result["stage_seconds"].values() for t in st.values())
+        total += sum(result["eval_seconds"].values())
+        lines.append(f"- total: {total / 3600:.1f} h")
         lines += ["", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", ""]
         lines.append(
             "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + "."
@@ -441,32 +473,49 @@ class Bench:
 
         from sd2_hf.evaluation.report import _save_png
 
-        columns = [
-            c
-            for c in ("transformers-k4", "transformers-k8")
-            if any(c in r["results"] for r in result["drafters"].values())
+        # One panel per (family, backend/K): the two families have different targets, so
+        # their relative MACs and MALs are not on the same scale.
+        panels = [
+            (family, column)
+            for family in ("smol", "gemma")
+            for column in ("transformers-k4", "transformers-k8", "vllm-k4", "vllm-k8")
+            if any(
+                r["family"] == family and column in r["results"]
+                for r in result["drafters"].values()
+            )
         ]
-        if not columns:
+        if not panels:
             return
-        fig = Figure(figsize=(6 * len(columns), 4.5))
-        for i, column in enumerate(columns):
-            ax = fig.add_subplot(1, len(columns), i + 1)
+        ncols = min(len(panels), 4)
+        nrows = -(-len(panels) // ncols)
+        fig = Figure(figsize=(4.5 * ncols, 4 * nrows))
+        target = {"smol": "SmolLM2-135M", "gemma": "Gemma-3-270M (UAG)"}
+        for i, (family, column) in enumerate(panels):
+            ax = fig.add_subplot(nrows, ncols, i + 1)
             for row in result["drafters"].values():
                 res = row["results"].get(column)
-                if not res or row["relative_macs"] is None or row["drafter"] in ("none", "ngram"):
+                if row["family"] != family or not res or row["relative_macs"] is None:
                     continue
-                marker = "o" if row["family"] == "smol" else "s"
-                ax.scatter(row["relative_macs"], res["mal"], marker=marker)
+                if row["drafter"] in BASELINES:
+                    continue
+                finetuned = not row["drafter"].endswith("-noft") and row["drafter"] != "dense"
+                ax.scatter(
+                    row["relative_macs"],
+                    res["mal"],
+                    marker="o" if finetuned else "x",
+                    color="tab:blue" if finetuned else "tab:gray",
+                )
                 ax.annotate(
-                    f"{row['family']}:{row['drafter']}",
+                    row["drafter"],
                     (row["relative_macs"], res["mal"]),
                     fontsize=7,
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
-            ax.set_xlabel("relative MACs (drafter / target, one decoding step)")
-            ax.set_ylabel("mean accepted length (MAL)")
-            ax.set_title(f"MAL vs MACs, {column.replace('-k', ', K = ')}")
+            ax.set_xlabel("relative MACs (drafter / target)")
+            ax.set_ylabel("MAL")
+            backend, k = column.split("-k")
+            ax.set_title(f"{target[family]}, {backend}, K = {k}", fontsize=9)
             ax.grid(alpha=0.3)
         fig.tight_layout()
         _save_png(fig, path)
@@ -476,6 +525,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--root", default=str(REPO / "outputs" / "replication"), help="run directory"
+    )
+    parser.add_argument(
+        "--results", default=str(RESULTS), help="where replication.{md,json,png} are written"
     )
     parser.add_argument(
         "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
