@@ -347,7 +347,9 @@ class Bench:
                     )
                 }
         result = {
-            "command": " ".join(["python", "bench/replicate_sd2.py", *sys.argv[1:]]),
+            # The command that builds and evaluates (rerunning it resumes); `--steps report`
+            # only rewrites these files from the evaluations on disk.
+            "command": self.command(),
             "settings": {
                 k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")
             },
@@ -375,6 +377,66 @@ class Bench:
         atomic_write_text(results / "replication.md", self.markdown(result))
         self.plot(result, results / "replication.png")
         _log(f"report: {results / 'replication.md'}")
+
+    def command(self) -> str:
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            name = arg.split("=")[0]
+            if name in ("--steps", "--root", "--results"):
+                skip = "=" not in arg
+                continue
+            argv.append(arg)
+        return " ".join(["python", "bench/replicate_sd2.py", *argv])
+
+    def comparisons(self, result: dict[str, Any]) -> list[str]:
+        """The paper's comparisons as ratios of MAL, per backend and K, with how many of the
+        8 MT-Bench categories agree (24 prompts: a ratio near 1 is within noise)."""
+        rows = {f"{r['family']}:{r['drafter']}": r for r in result["drafters"].values()}
+        pairs = [
+            ("SD² vs layer-pruned, both fine-tuned (paper: 1.59×)", "smol:sd2", "smol:layers"),
+            ("SD² vs its pruned drafter before fine-tuning", "smol:sd2", "smol:sd2-noft"),
+            ("layer-pruned: fine-tuned vs not", "smol:layers", "smol:layers-noft"),
+            ("2:4: fine-tuned vs not", "smol:2of4", "smol:2of4-noft"),
+            ("unstructured 50% vs 2:4 (both fine-tuned)", "smol:sd2", "smol:2of4"),
+            ("self-distilled vs original ShareGPT replies", "smol:sd2", "smol:sd2-orig"),
+            ("+ forward KL vs SFT only (same data)", "smol:sd2-fkl", "smol:sd2"),
+            ("+ TVD vs SFT only (same data)", "smol:sd2-tvd", "smol:sd2"),
+            (
+                "sparse vs dense, both fine-tuned on Gemma data (paper: −8.36% MAL, −43.87% MACs)",
+                "gemma:sd2-gemma",
+                "gemma:dense-ft",
+            ),
+            ("dense: fine-tuned on Gemma data vs off the shelf", "gemma:dense-ft", "gemma:dense"),
+        ]
+        columns = sorted(
+            {c for r in rows.values() for c in r["results"]},
+            key=lambda c: (c.split("-k")[0] != "transformers", int(c.split("-k")[1])),
+        )
+        lines = [
+            "| comparison | A | B | MACs A/B | "
+            + " | ".join(f"MAL A/B {c} (categories A > B)" for c in columns)
+            + " |",
+            "|" + "---|" * (4 + len(columns)),
+        ]
+        for label, a, b in pairs:
+            if a not in rows or b not in rows:
+                continue
+            ma, mb = rows[a]["relative_macs"], rows[b]["relative_macs"]
+            cells = []
+            for c in columns:
+                ra, rb = rows[a]["results"].get(c), rows[b]["results"].get(c)
+                if not ra or not rb:
+                    cells.append("-")
+                    continue
+                pa, pb = ra["mal_per_category"], rb["mal_per_category"]
+                wins = sum(pa[k] > pb[k] for k in pa if k in pb)
+                cells.append(f"{ra['mal'] / rb['mal']:.3f} ({wins}/{len(pa)})")
+            macs = f"{ma / mb:.3f}" if ma and mb else "-"
+            lines.append(f"| {label} | {a} | {b} | {macs} | " + " | ".join(cells) + " |")
+        return lines
 
     def eval_seconds(self) -> dict[str, float]:
         path = self.root / "eval-seconds.json"
@@ -429,6 +491,8 @@ class Bench:
                 + " | ".join(fmt(res.get(c, {}).get("mal")) for c in columns)
                 + f" | {fmt(res.get('transformers-k4', {}).get('improvement_factor'))} | {mismatches} |"
             )
+        lines += ["", "## The paper's comparisons (MAL ratios)", ""]
+        lines += self.comparisons(result)
         lines += ["", "## MAL per category (transformers, K = 4)", ""]
         cats = sorted(
             {
