@@ -556,6 +556,7 @@ class Bench:
         target = {"smol": "SmolLM2-135M", "gemma": "Gemma-3-270M (UAG)"}
         for i, (family, column) in enumerate(panels):
             ax = fig.add_subplot(nrows, ncols, i + 1)
+            points = []
             for row in result["drafters"].values():
                 res = row["results"].get(column)
                 if row["family"] != family or not res or row["relative_macs"] is None:
@@ -569,13 +570,34 @@ class Bench:
                     marker="o" if finetuned else "x",
                     color="tab:blue" if finetuned else "tab:gray",
                 )
-                ax.annotate(
-                    row["drafter"],
-                    (row["relative_macs"], res["mal"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+                points.append((row["relative_macs"], res["mal"], row["drafter"]))
+            # Drafters at the same MACs share an x: spread their labels vertically so that
+            # near-equal MALs stay readable.
+            mals = [m for _, m, _ in points] or [0.0]
+            gap = max(max(mals) - min(mals), 0.1) * 0.06
+            xs = [x for x, _, _ in points] or [0.0]
+            span = max(max(xs) - min(xs), 0.05)
+            top = max(mals)
+            columns_x: dict[float, list[tuple[float, str]]] = {}
+            for x, mal, name in points:
+                columns_x.setdefault(round(x, 3), []).append((mal, name))
+            for x, labelled in columns_x.items():
+                last = None
+                for mal, name in sorted(labelled):
+                    y = mal if last is None else max(mal, last + gap)
+                    ax.annotate(
+                        name,
+                        (x, mal),
+                        xytext=(x + 0.04 * span, y),
+                        textcoords="data",
+                        fontsize=7,
+                        ha="left",
+                        va="center",
+                    )
+                    last = y
+                    top = max(top, y)
+            ax.set_xlim(min(xs) - 0.1 * span, max(xs) + 0.45 * span)
+            ax.set_ylim(top=top + gap)
             ax.set_xlabel("relative MACs (drafter / target)")
             ax.set_ylabel("MAL")
             backend, k = column.split("-k")
