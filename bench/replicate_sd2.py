@@ -510,13 +510,23 @@ class Bench:
                     + " | ".join(fmt(per.get(c)) for c in cats)
                     + " |"
                 )
-        lines += ["", "## Acceptance per draft position (transformers, K = 8)", ""]
-        for row in result["drafters"].values():
-            acc = row["results"].get("transformers-k8", {}).get("acceptance_per_position")
-            if acc:
-                lines.append(
-                    f"- {row['family']}:{row['drafter']}: " + " / ".join(f"{x:.2f}" for x in acc)
-                )
+        lines += [
+            "",
+            "## Acceptance per draft position (K = 8)",
+            "",
+            "Fraction of verification steps whose draft token at position i was accepted.",
+        ]
+        if not any(c.endswith("-k8") for c in columns):
+            lines += ["", "Not measured yet."]
+        for column in (c for c in columns if c.endswith("-k8")):
+            lines += ["", f"{column.split('-k')[0]}:", ""]
+            for row in result["drafters"].values():
+                acc = row["results"].get(column, {}).get("acceptance_per_position")
+                if acc:
+                    lines.append(
+                        f"- {row['family']}:{row['drafter']}: "
+                        + " / ".join(f"{x:.2f}" for x in acc)
+                    )
         lines += ["", "## Wall time per stage (s)", ""]
         for run, stages in result["stage_seconds"].items():
             lines.append(f"- {run}: " + ", ".join(f"{s} {t:.0f}" for s, t in stages.items()))
