@@ -516,9 +516,10 @@ class Bench:
             "",
             "Fraction of verification steps whose draft token at position i was accepted.",
         ]
-        if not any(c.endswith("-k8") for c in columns):
+        k8_columns = [c for c in columns if c.endswith("-k8")]
+        if not k8_columns:
             lines += ["", "Not measured yet."]
-        for column in (c for c in columns if c.endswith("-k8")):
+        for column in k8_columns:
             lines += ["", f"{column.split('-k')[0]}:", ""]
             for row in result["drafters"].values():
                 acc = row["results"].get(column, {}).get("acceptance_per_position")
