@@ -130,8 +130,9 @@ class Bench:
 
     def data(self) -> None:
         common = {"dataset": "asset:sharegpt", "distill": self.distill_section()}
-        self.pipeline("data-smol", {"target": SMOLLM2, **common})
-        self.original_replies()
+        if "smol" in self.args.families:
+            self.pipeline("data-smol", {"target": SMOLLM2, **common})
+            self.original_replies()
         if "gemma" in self.args.families:
             # Commits every 64 rows: Gemma generates slowly on a CPU, and an interrupted window
             # is redone on resume. (data-smol ran with the default window; changing it there
@@ -168,7 +169,32 @@ class Bench:
         return out
 
     def drafters(self, train: bool) -> None:
-        """Prune (and with `train`, fine-tune) every drafter."""
+        """Prune (and with `train`, fine-tune) every drafter of the chosen families."""
+        if "smol" in self.args.families:
+            self.smol_drafters(train)
+        if train and "gemma" in self.args.families:
+            gemma_data = str(self.root / "data-gemma" / "distill")
+            self.pipeline(
+                "dense-ft",
+                {
+                    "target": GEMMA,
+                    "drafter": SMOLLM2,
+                    "dataset": gemma_data,
+                    "train": self.train_section(),
+                },
+            )
+            self.pipeline(
+                "sd2-gemma",
+                {
+                    "target": GEMMA,
+                    "drafter": SMOLLM2,
+                    "dataset": gemma_data,
+                    "prune": self.prune_section(recipe=str(PRUNING / "sparsegpt-50.yaml")),
+                    "train": self.train_section(),
+                },
+            )
+
+    def smol_drafters(self, train: bool) -> None:
         smol_data = str(self.root / "data-smol" / "distill")
         stage = {"train": self.train_section()} if train else {}
         one_shot = {
@@ -199,27 +225,6 @@ class Bench:
         }
         for name, data in variants.items():
             self.pipeline(name, {"target": SMOLLM2, "drafter": sd2_pruned, **data})
-        if "gemma" in self.args.families:
-            gemma_data = str(self.root / "data-gemma" / "distill")
-            self.pipeline(
-                "dense-ft",
-                {
-                    "target": GEMMA,
-                    "drafter": SMOLLM2,
-                    "dataset": gemma_data,
-                    "train": self.train_section(),
-                },
-            )
-            self.pipeline(
-                "sd2-gemma",
-                {
-                    "target": GEMMA,
-                    "drafter": SMOLLM2,
-                    "dataset": gemma_data,
-                    "prune": self.prune_section(recipe=str(PRUNING / "sparsegpt-50.yaml")),
-                    "train": self.train_section(),
-                },
-            )
 
     def drafter_path(self, name: str) -> str:
         paths = {
@@ -244,7 +249,7 @@ class Bench:
         """(run name, family, backend, K) of every evaluation."""
         runs = []
         for k in self.args.ks:
-            for backend in self.args.backends:
+            for backend in self.args.backends if "smol" in self.args.families else ():
                 runs.append((f"eval-smol-{backend}-k{k}", "smol", backend, k))
             if "gemma" in self.args.families:
                 runs.append((f"eval-gemma-transformers-k{k}", "gemma", "transformers", k))
@@ -314,10 +319,13 @@ class Bench:
             path = self.root / run / "eval.json"
             if path.is_file():
                 evals[run] = (family, backend, k, read_json(path))
-        if not evals:
+        earlier = self.earlier_results(evals)
+        if not evals and not earlier:
             _log("report: no evaluation is complete yet")
             return
         rows: dict[str, dict[str, Any]] = {}
+        for key, row in (earlier or {}).get("drafters", {}).items():
+            rows[key] = row
         for family, backend, k, report in evals.values():
             for d in report["drafters"]:
                 row = rows.setdefault(
@@ -368,15 +376,68 @@ class Bench:
             "eval_seconds": {
                 run: seconds for run, seconds in self.eval_seconds().items() if run in evals
             },
+            "carried_over": sorted((earlier or {}).get("evaluations", {})),
             "drafters": rows,
             "versions": package_versions(),
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
         }
+        if earlier:
+            result["evaluations"] = {**earlier["evaluations"], **result["evaluations"]}
+            result["eval_seconds"] = {**earlier["eval_seconds"], **result["eval_seconds"]}
+            result["stage_seconds"] = {**earlier["stage_seconds"], **result["stage_seconds"]}
         results = Path(self.args.results)
         atomic_write_json(results / "replication.json", result)
         atomic_write_text(results / "replication.md", self.markdown(result))
         self.plot(result, results / "replication.png")
         _log(f"report: {results / 'replication.md'}")
+
+    # Settings that must match for an earlier report's evaluations to share a table with
+    # this run's (what is evaluated where, and the threads, do not change a result).
+    _NOT_COMPARED = ("families", "ks", "backends", "threads", "concurrency")
+
+    def earlier_results(self, evals: dict[str, Any]) -> dict[str, Any] | None:
+        """The evaluations of the published report whose run directories are not on this
+        machine, to keep in the table beside this run's.
+
+        A session's machine can lose `--root` (a fresh checkout), and rebuilding every drafter
+        to re-evaluate what is already measured would cost hours on a CPU: the earlier numbers
+        are carried, with their wall times, and listed as such in the report. Only when the
+        data, training and evaluation settings are the same as this run's."""
+        path = Path(self.args.results) / "replication.json"
+        if not path.is_file():
+            return None
+        old = read_json(path)
+        ours = {k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")}
+        differ = sorted(
+            k
+            for k in set(ours) | set(old.get("settings", {}))
+            if k not in self._NOT_COMPARED and ours.get(k) != old.get("settings", {}).get(k)
+        )
+        if differ:
+            _log(
+                f"report: {path.name} was made with other settings ({', '.join(differ)}); not kept"
+            )
+            return None
+        carried = {run: e for run, e in old["evaluations"].items() if run not in evals}
+        if not carried:
+            return None
+        columns = {
+            (e["family"], f"{e['backend']}-k{e['num_draft_tokens']}") for e in carried.values()
+        }
+        drafters = {}
+        for key, row in old["drafters"].items():
+            kept = {c: r for c, r in row["results"].items() if (row["family"], c) in columns}
+            if kept:
+                drafters[key] = {**row, "results": kept}
+        local = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
+        return {
+            "evaluations": carried,
+            "drafters": drafters,
+            "eval_seconds": {r: t for r, t in old.get("eval_seconds", {}).items() if r in carried},
+            "stage_seconds": {
+                r: t for r, t in old.get("stage_seconds", {}).items() if r not in local
+            },
+        }
 
     def command(self) -> str:
         argv, skip = [], False
@@ -536,6 +597,14 @@ class Bench:
         total = sum(t for st in result["stage_seconds"].values() for t in st.values())
         total += sum(result["eval_seconds"].values())
         lines.append(f"- total: {total / 3600:.1f} h")
+        if result.get("carried_over"):
+            lines += [
+                "",
+                "Measured in an earlier session with the same command and settings (its run "
+                "directory was not kept; the numbers and wall times are that run's): "
+                + ", ".join(result["carried_over"])
+                + ".",
+            ]
         lines += ["", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", ""]
         lines.append(
             "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + "."
