@@ -391,7 +391,11 @@ class Bench:
         if earlier:
             result["evaluations"] = {**earlier["evaluations"], **result["evaluations"]}
             result["eval_seconds"] = {**earlier["eval_seconds"], **result["eval_seconds"]}
-            result["stage_seconds"] = {**earlier["stage_seconds"], **result["stage_seconds"]}
+            # Per stage: a stage finished here replaces the earlier time, the others stay.
+            stages = {r: dict(t) for r, t in earlier["stage_seconds"].items()}
+            for run, times in result["stage_seconds"].items():
+                stages.setdefault(run, {}).update(times)
+            result["stage_seconds"] = stages
         results = Path(self.args.results)
         atomic_write_json(results / "replication.json", result)
         atomic_write_text(results / "replication.md", self.markdown(result))
@@ -443,14 +447,11 @@ class Bench:
             kept = {c: r for c, r in row["results"].items() if (row["family"], c) in columns}
             if kept:
                 drafters[key] = {**row, "results": kept}
-        local = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
         return {
             "evaluations": carried,
             "drafters": drafters,
             "eval_seconds": {r: t for r, t in old.get("eval_seconds", {}).items() if r in carried},
-            "stage_seconds": {
-                r: t for r, t in old.get("stage_seconds", {}).items() if r not in local
-            },
+            "stage_seconds": old.get("stage_seconds", {}),
         }
 
     def command(self) -> str:
@@ -589,7 +590,9 @@ class Bench:
             "",
             "## Acceptance per draft position (K = 8)",
             "",
-            "Fraction of verification steps whose draft token at position i was accepted.",
+            "Fraction of verification steps whose draft token at position i was accepted. "
+            "With UAG (the Gemma target) a draft is re-tokenized into the target's tokens, so "
+            "K drafter tokens can make more than K target tokens: those lists are longer than K.",
         ]
         k8_columns = [c for c in columns if c.endswith("-k8")]
         if not k8_columns:
