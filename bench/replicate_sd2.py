@@ -327,12 +327,10 @@ class Bench:
             if path.is_file():
                 evals[run] = (family, backend, k, read_json(path))
         earlier = self.earlier_results(evals)
-        if not evals and not earlier:
+        if not evals and not earlier["evaluations"]:
             _log("report: no evaluation is complete yet")
             return
-        rows: dict[str, dict[str, Any]] = {}
-        for key, row in (earlier or {}).get("drafters", {}).items():
-            rows[key] = row
+        rows: dict[str, dict[str, Any]] = dict(earlier["drafters"])
         for family, backend, k, report in evals.values():
             for d in report["drafters"]:
                 row = rows.setdefault(
@@ -365,37 +363,31 @@ class Bench:
             # The command that builds and evaluates (rerunning it resumes); `--steps report`
             # only rewrites these files from the evaluations on disk.
             "command": self.command(),
-            "settings": {
-                k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")
-            },
+            "settings": self.settings(),
             "evaluations": {
-                run: {
-                    "family": f,
-                    "backend": b,
-                    "num_draft_tokens": k,
-                    "num_prompts": r["num_prompts"],
-                    "prompts": r["prompts"],
-                    "target_macs": r["target_macs"],
-                }
-                for run, (f, b, k, r) in evals.items()
+                **earlier["evaluations"],
+                **{
+                    run: {
+                        "family": f,
+                        "backend": b,
+                        "num_draft_tokens": k,
+                        "num_prompts": r["num_prompts"],
+                        "prompts": r["prompts"],
+                        "target_macs": r["target_macs"],
+                    }
+                    for run, (f, b, k, r) in evals.items()
+                },
             },
-            "stage_seconds": self.stage_seconds(),
+            "stage_seconds": self.stage_seconds(earlier["stage_seconds"]),
             "eval_seconds": {
-                run: seconds for run, seconds in self.eval_seconds().items() if run in evals
+                **earlier["eval_seconds"],
+                **{run: seconds for run, seconds in self.eval_seconds().items() if run in evals},
             },
-            "carried_over": sorted((earlier or {}).get("evaluations", {})),
+            "carried_over": sorted(earlier["evaluations"]),
             "drafters": rows,
             "versions": package_versions(),
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
         }
-        if earlier:
-            result["evaluations"] = {**earlier["evaluations"], **result["evaluations"]}
-            result["eval_seconds"] = {**earlier["eval_seconds"], **result["eval_seconds"]}
-            # Per stage: a stage finished here replaces the earlier time, the others stay.
-            stages = {r: dict(t) for r, t in earlier["stage_seconds"].items()}
-            for run, times in result["stage_seconds"].items():
-                stages.setdefault(run, {}).update(times)
-            result["stage_seconds"] = stages
         results = Path(self.args.results)
         atomic_write_json(results / "replication.json", result)
         atomic_write_text(results / "replication.md", self.markdown(result))
@@ -413,19 +405,30 @@ class Bench:
         "gemma_distill_backend",  # the Gemma data only: not a same-family setting
     )
 
-    def earlier_results(self, evals: dict[str, Any]) -> dict[str, Any] | None:
+    def settings(self) -> dict[str, Any]:
+        """The bench's options that shape a result (not where its files go)."""
+        return {k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")}
+
+    def earlier_results(self, evals: dict[str, Any]) -> dict[str, Any]:
         """The evaluations of the published report whose run directories are not on this
         machine, to keep in the table beside this run's.
 
         A session's machine can lose `--root` (a fresh checkout), and rebuilding every drafter
         to re-evaluate what is already measured would cost hours on a CPU: the earlier numbers
         are carried, with their wall times, and listed as such in the report. Only when the
-        data, training and evaluation settings are the same as this run's."""
+        data, training and evaluation settings are the same as this run's (else, or with
+        nothing to carry, every part is empty)."""
+        none: dict[str, Any] = {
+            "evaluations": {},
+            "drafters": {},
+            "eval_seconds": {},
+            "stage_seconds": {},
+        }
         path = Path(self.args.results) / "replication.json"
         if not path.is_file():
-            return None
+            return none
         old = read_json(path)
-        ours = {k: v for k, v in vars(self.args).items() if k not in ("root", "steps", "results")}
+        ours = self.settings()
         differ = sorted(
             k
             for k in set(ours) | set(old.get("settings", {}))
@@ -435,10 +438,10 @@ class Bench:
             _log(
                 f"report: {path.name} was made with other settings ({', '.join(differ)}); not kept"
             )
-            return None
+            return none
         carried = {run: e for run, e in old["evaluations"].items() if run not in evals}
         if not carried:
-            return None
+            return none
         columns = {
             (e["family"], f"{e['backend']}-k{e['num_draft_tokens']}") for e in carried.values()
         }
@@ -518,11 +521,12 @@ class Bench:
         path = self.root / "eval-seconds.json"
         return read_json(path) if path.is_file() else {}
 
-    def stage_seconds(self) -> dict[str, dict[str, float]]:
-        """Wall time of every pipeline stage, from the completion records."""
+    def stage_seconds(self, earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Wall time of every pipeline stage, from the completion records; a stage with no
+        record here keeps its `earlier` (published) time."""
         from sd2_hf.pipeline import read_record
 
-        out: dict[str, dict[str, float]] = {}
+        out = {run: dict(times) for run, times in earlier.items()}
         for run_dir in sorted(self.root.iterdir()):
             for stage in ("distill", "prune", "train"):
                 record = read_record(run_dir / stage) if (run_dir / stage).is_dir() else None
