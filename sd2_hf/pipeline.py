@@ -538,8 +538,12 @@ def _stage(
         shutil.rmtree(directory)
     (directory / COMPLETE_FILE).unlink(missing_ok=True)
     start_time, began = _now(), time.perf_counter()
+    earlier_seconds = _interrupted_seconds(directory, running) if resume else 0.0
     if plan.name in RESUMABLE:
-        atomic_write_json(directory / RUNNING_FILE, {"fingerprint": current, "since": start_time})
+        atomic_write_json(
+            directory / RUNNING_FILE,
+            {"fingerprint": current, "since": start_time, "earlier_seconds": earlier_seconds},
+        )
     try:
         summary = RUNNERS[plan.name](plan)
     except (ValueError, FileNotFoundError) as err:
@@ -558,6 +562,9 @@ def _stage(
         "end_time": _now(),
         "seconds": round(seconds, 2),
         "resumed": resume,
+        # With the attempts this one resumed (each counted up to its last written file).
+        "earlier_attempts_seconds": round(earlier_seconds, 2),
+        "total_seconds": round(seconds + earlier_seconds, 2),
         "result": summary,
     }
     atomic_write_json(directory / COMPLETE_FILE, record)
@@ -565,6 +572,23 @@ def _stage(
     records[plan.name] = record
     gc.collect()
     return StageOutcome(plan.name, "resumed" if resume else "ran", reason, seconds, record)
+
+
+def _interrupted_seconds(directory: Path, running: dict[str, Any]) -> float:
+    """Wall time of the interrupted attempts of a stage being resumed: those before the last, as
+    its running record carries them, plus the last one from its start to the newest file it
+    wrote. A killed process records no end, so the last attempt's time is a lower bound; an
+    unreadable start counts nothing."""
+    earlier = float(running.get("earlier_seconds") or 0.0)
+    try:
+        since = datetime.fromisoformat(running["since"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return earlier
+    newest = max(
+        (f.stat().st_mtime for f in directory.rglob("*") if f.is_file() and f.name != RUNNING_FILE),
+        default=since,
+    )
+    return earlier + max(0.0, newest - since)
 
 
 def _sd2_version() -> str:

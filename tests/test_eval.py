@@ -474,3 +474,58 @@ def test_interrupted_eval_resumes_without_remeasuring(
     run_eval(changed)
     assert measured == ["ngram", "random", "noisy"]
     assert len(references) == 3
+
+
+def test_eval_split_over_workers_reuses_every_row(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
+):
+    """`report=False` measures without writing a report: the reference, then disjoint drafter
+    subsets, land in one journal; the last full run measures nothing and reports what an
+    uninterrupted run reports."""
+    import sd2_hf.evaluation.runner as runner
+
+    drafters = [f"random={tiny_drafter_dir}", f"noisy={noisy_drafter_dir}"]
+    out = tmp_path / "eval"
+    measured, references = [], []
+    real_measure, real_build = runner.measure, runner.build_prompts
+
+    def measure(backend, plan, *args, **kwargs):
+        measured.append(plan.name)
+        return real_measure(backend, plan, *args, **kwargs)
+
+    def build_prompts(*args, **kwargs):
+        references.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(runner, "build_prompts", build_prompts)
+    first = run_eval(_config(tiny_model_dir, mtbench_file, out, baselines=["none"]), report=False)
+    assert [r["name"] for r in first["drafters"]] == ["none"]
+    worker_a = run_eval(
+        _config(tiny_model_dir, mtbench_file, out, drafters=drafters[:1], baselines=["ngram"]),
+        report=False,
+    )
+    worker_b = run_eval(
+        _config(tiny_model_dir, mtbench_file, out, drafters=drafters[1:], baselines=["none"]),
+        report=False,
+    )
+    assert [r["name"] for r in worker_a["drafters"]] == ["ngram", "random"]
+    assert [r["name"] for r in worker_b["drafters"]] == ["none", "noisy"]
+    assert not (out / "eval.json").exists()
+    assert len(list((out / "partial" / "rows").iterdir())) == 3
+    assert measured == ["ngram", "random", "noisy"] and len(references) == 1
+
+    report = run_eval(_config(tiny_model_dir, mtbench_file, out, drafters=drafters))
+    assert measured == ["ngram", "random", "noisy"]  # every row reused
+    assert len(references) == 1
+    assert (out / "eval.json").is_file() and not (out / "partial").exists()
+    monkeypatch.undo()
+    fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
+    for name in ("none", "ngram", "random", "noisy"):
+        a, b = _row(report, name), _row(fresh, name)
+        assert (a["mal"], a["accepted_tokens"], a["draft_steps"], a["new_tokens"]) == (
+            b["mal"],
+            b["accepted_tokens"],
+            b["draft_steps"],
+            b["new_tokens"],
+        )

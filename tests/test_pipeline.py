@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -183,12 +184,18 @@ def test_run_every_stage_then_skip_then_redo_train(
     # killed after the step-2 checkpoint: the step-3 one and the completion record are gone).
     (root / "train" / COMPLETE_FILE).unlink()
     shutil.rmtree(root / "train" / "checkpoints" / "checkpoint-3")
-    running = {"fingerprint": third["train"]["fingerprint"], "since": "earlier"}
+    # The killed attempt started an hour before its last file and resumed one of 50 s.
+    newest = max(f.stat().st_mtime for f in (root / "train").rglob("*") if f.is_file())
+    since = datetime.fromtimestamp(newest - 3600, timezone.utc).isoformat()
+    running = {"fingerprint": third["train"]["fingerprint"], "since": since, "earlier_seconds": 50}
     (root / "train" / RUNNING_FILE).write_text(json.dumps(running))
     assert sd2_main(["run", str(recipe), "train.max_steps=3", "--only", "train"]) == 0
     assert statuses(capsys.readouterr().out) == {"train": "resumed"}
     report = json.loads((root / "train" / "train_report.json").read_text())
     assert report["resumed_from"].endswith("checkpoint-2") and report["global_step"] == 3
+    fourth = records(root)["train"]
+    assert 3650 - 1 <= fourth["earlier_attempts_seconds"] <= 3650 + 1
+    assert fourth["total_seconds"] == pytest.approx(fourth["seconds"] + 3650, abs=1.1)
 
     # 5. An interrupted distillation (no completion record) resumes from its journal.
     (root / "distill" / COMPLETE_FILE).unlink()
@@ -198,6 +205,8 @@ def test_run_every_stage_then_skip_then_redo_train(
     assert statuses(capsys.readouterr().out) == {"distill": "resumed"}
     manifest = json.loads((root / "distill" / "manifest.json").read_text())
     assert manifest["this_run"]["rows_resumed"] == 8  # written and filtered rows alike
+    # An unreadable start of the killed attempt counts nothing.
+    assert records(root)["distill"]["earlier_attempts_seconds"] == 0
     assert manifest["this_run"]["rows_processed"] == 0
 
     # 6. The resumed distill is a new output: a dry run shows every consumer would be redone.

@@ -332,7 +332,7 @@ class _EvalJournal:
             )
             shutil.rmtree(self.dir)
         if not self.dir.exists():
-            (self.dir / "rows").mkdir(parents=True)
+            (self.dir / "rows").mkdir(parents=True, exist_ok=True)
             atomic_write_json(key_file, self.key)
 
     def load_reference(self) -> tuple[list[Prompt], list[Generation] | None, PromptCounts] | None:
@@ -405,9 +405,16 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def run_eval(config: EvalConfig) -> dict[str, Any]:
+def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
     """Evaluate the drafters and baselines of `config`; writes eval.json, eval.md and plots to
-    `config.output` and returns the report (the content of eval.json)."""
+    `config.output` and returns the report (the content of eval.json).
+
+    `report=False` only measures: the target's reference run and the rows of `config`'s drafters
+    are kept under `<output>/partial/` and nothing else is written; the return value is
+    `{"drafters": rows}`. This splits one evaluation over processes, e.g. one vLLM server per
+    CPU core: one call measures the reference (`baselines=["none"]`, no drafters), workers then
+    measure disjoint drafter subsets into the same output with `report=False`, and a last
+    `run_eval` with every drafter reuses all their rows and writes the report."""
     from transformers import AutoTokenizer
 
     from sd2_hf.evaluation.macs import count_macs
@@ -455,8 +462,11 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         speed = row["tokens_per_second"]
         row["speedup"] = speed / base_speed if base_speed and speed else None
 
+    if not report:
+        return {"drafters": rows}
+
     categories = sorted({p.category for p in prompts})
-    report = {
+    result = {
         "target": config.target,
         "target_path": target_path,
         "backend": config.backend,
@@ -482,8 +492,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "config": config.model_dump(),
         "versions": _versions(backend),
     }
-    write_report(report, output)
+    write_report(result, output)
     journal.finish()
-    print(to_markdown(report).split("\n## MAL per category")[0])
+    print(to_markdown(result).split("\n## MAL per category")[0])
     print(f"written to {output}/ (eval.json, eval.md, plots)")
-    return report
+    return result
