@@ -298,31 +298,39 @@ class Bench:
     def _parallel_eval(
         self, run: str, family: str, backend: str, k: int, names: list[str], out: Path, workers: int
     ) -> None:
-        """Measure the rows of one vLLM evaluation in `workers` processes at once, each with its
-        vLLM server bound to its own CPU core: vLLM's CPU backend computes on one core and keeps
-        the other for its front end, so on a 2-core machine one evaluation leaves a core idle.
-        The target's reference run comes first, alone; the workers' rows land in the
-        evaluation's journal (`run_eval(report=False)`) and the caller's last `run_eval` reuses
-        them. The rows' tokens/s are then measured beside another worker."""
-        if not (out / "eval.json").is_file():
-            self._run_eval(run, family, backend, k, [], out, baselines=["none"], report=False)
-        items = ["ngram", *names]
-        groups = [items[i::workers] for i in range(workers) if items[i::workers]]
-        _log(f"{run}: {len(groups)} workers: " + " | ".join(",".join(g) for g in groups))
+        """Measure the rows of one vLLM evaluation in up to `workers` processes at once, each
+        with its vLLM server bound to its own CPU core: vLLM's CPU backend computes on one core
+        and keeps the other for its front end, so on a 2-core machine one evaluation leaves a
+        core idle. The target's reference run comes first, alone; then one process per drafter
+        (the next one starts on the core the last one freed), each writing its row to the
+        evaluation's journal (`run_eval(report=False)`; a row already there is reused at once),
+        and the caller's last `run_eval` reuses them all. The rows' tokens/s are then measured
+        beside another worker."""
+        self._run_eval(run, family, backend, k, [], out, baselines=["none"], report=False)
+        pending = ["ngram", *names]
+        _log(f"{run}: {len(pending)} rows on up to {workers} cores at once")
         cpus = os.cpu_count() or 1
-        procs = []
+        running: dict[int, subprocess.Popen] = {}
+        failed = []
         try:
-            for i, group in enumerate(groups):
-                env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(i % cpus)}
-                worker = f"{run}:{','.join(group)}"
-                cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-worker", worker]
-                procs.append(subprocess.Popen(cmd, env=env))
-            failed = [p.args[-1] for p in procs if p.wait() != 0]
+            while pending or running:
+                for core in range(workers):
+                    if core not in running and pending:
+                        item = pending.pop(0)
+                        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(core % cpus)}
+                        worker = f"{run}:{item}"
+                        cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-worker", worker]
+                        running[core] = subprocess.Popen(cmd, env=env)
+                time.sleep(2)
+                for core, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[core]
+                        if proc.returncode != 0:
+                            failed.append(proc.args[-1])
         finally:
-            for p in procs:  # interrupted: stop the other workers (they stop their servers)
-                if p.poll() is None:
-                    p.terminate()
-                    p.wait()
+            for proc in running.values():  # interrupted: stop the workers (and their servers)
+                proc.terminate()
+                proc.wait()
         if failed:
             raise RuntimeError(f"{run}: evaluation workers failed: {failed}")
 
@@ -433,7 +441,7 @@ class Bench:
                     for run, (f, b, k, r) in evals.items()
                 },
             },
-            "stage_seconds": self.stage_seconds(earlier["stage_seconds"]),
+            **self.stage_seconds(earlier),
             "eval_seconds": {
                 **earlier["eval_seconds"],
                 **{run: seconds for run, seconds in self.eval_seconds().items() if run in evals},
@@ -480,6 +488,7 @@ class Bench:
             "drafters": {},
             "eval_seconds": {},
             "stage_seconds": {},
+            "rebuilt_stage_seconds": {},
         }
         path = Path(self.args.results) / "replication.json"
         if not path.is_file():
@@ -512,6 +521,7 @@ class Bench:
             "drafters": drafters,
             "eval_seconds": {r: t for r, t in old.get("eval_seconds", {}).items() if r in carried},
             "stage_seconds": old.get("stage_seconds", {}),
+            "rebuilt_stage_seconds": old.get("rebuilt_stage_seconds", {}),
         }
 
     def command(self) -> str:
@@ -578,20 +588,30 @@ class Bench:
         path = self.root / "eval-seconds.json"
         return read_json(path) if path.is_file() else {}
 
-    def stage_seconds(self, earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        """Wall time of every pipeline stage, from the completion records; a stage with no
-        record here keeps its `earlier` (published) time."""
+    def stage_seconds(self, earlier: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+        """Wall time of every pipeline stage, from the completion records (with the interrupted
+        attempts they resumed). A stage with no record here keeps its `earlier` (published)
+        time. A stage of a family whose earlier evaluations the report carries was rebuilt: its
+        time goes to `rebuilt_stage_seconds`, and the first build's stays, since both were spent
+        on the published numbers."""
         from sd2_hf.pipeline import read_record
 
-        out = {run: dict(times) for run, times in earlier.items()}
+        first = {run: dict(times) for run, times in earlier["stage_seconds"].items()}
+        rebuilt = {run: dict(times) for run, times in earlier["rebuilt_stage_seconds"].items()}
+        carried = {e["family"] for e in earlier["evaluations"].values()}
         for run_dir in sorted(self.root.iterdir()):
             for stage in ("distill", "prune", "train"):
                 record = read_record(run_dir / stage) if (run_dir / stage).is_dir() else None
-                if record and "seconds" in record:
-                    # With the interrupted attempts it resumed (records since this field).
-                    seconds = record.get("total_seconds", record["seconds"])
-                    out.setdefault(run_dir.name, {})[stage] = round(seconds, 1)
-        return out
+                if not record or "seconds" not in record:
+                    continue
+                seconds = round(record.get("total_seconds", record["seconds"]), 1)
+                run = run_dir.name
+                family = (
+                    run.split("-", 1)[1] if run.startswith("data-") else DRAFTERS.get(run, ("",))[0]
+                )
+                is_rebuild = family in carried and stage in first.get(run, {})
+                (rebuilt if is_rebuild else first).setdefault(run, {})[stage] = seconds
+        return {"stage_seconds": first, "rebuilt_stage_seconds": rebuilt}
 
     def markdown(self, result: dict[str, Any]) -> str:
         from sd2_hf.evaluation.report import fmt
@@ -670,20 +690,42 @@ class Bench:
                         + " / ".join(f"{x:.2f}" for x in acc)
                     )
         lines += ["", "## Wall time per stage (s)", ""]
+        rebuilt = result.get("rebuilt_stage_seconds", {})
         for run, stages in result["stage_seconds"].items():
-            lines.append(f"- {run}: " + ", ".join(f"{s} {t:.0f}" for s, t in stages.items()))
+            line = f"- {run}: " + ", ".join(f"{s} {t:.0f}" for s, t in stages.items())
+            if rebuilt.get(run):
+                line += "; rebuild: " + ", ".join(f"{s} {t:.0f}" for s, t in rebuilt[run].items())
+            lines.append(line)
         for run, seconds in result["eval_seconds"].items():
             lines.append(f"- {run}: {seconds:.0f}")
         total = sum(t for st in result["stage_seconds"].values() for t in st.values())
+        total += sum(t for st in rebuilt.values() for t in st.values())
         total += sum(result["eval_seconds"].values())
         lines.append(f"- total: {total / 3600:.1f} h")
-        if result.get("carried_over"):
+        carried = result.get("carried_over") or []
+        if carried:
             lines += [
                 "",
                 "Measured in an earlier session with the same command and settings (its run "
                 "directory was not kept; the numbers and wall times are that run's): "
-                + ", ".join(result["carried_over"])
+                + ", ".join(carried)
                 + ".",
+            ]
+            here = [r for r in result["eval_seconds"] if r not in carried]
+            rebuilt = sorted({r.split("-")[1] for r in here} & {r.split("-")[1] for r in carried})
+            if rebuilt:
+                lines.append(
+                    f"The {', '.join(rebuilt)} data and drafters behind {', '.join(here)} were "
+                    "rebuilt from the same recipes and settings after the first build's files "
+                    "were lost, so those columns measure other builds of the same drafters "
+                    "(the stage times above are the rebuild's)."
+                )
+        if a.eval_workers > 1 and "vllm" in a.backends:
+            lines += [
+                "",
+                f"vLLM evaluations measured here ran up to {a.eval_workers} drafters at once, one "
+                "vLLM server per CPU core: their tokens/s and speed-ups were measured beside "
+                "another job (MAL is unaffected).",
             ]
         lines += ["", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", ""]
         lines.append(
