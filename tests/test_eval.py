@@ -418,21 +418,17 @@ def test_concurrency_is_for_vllm_only(tiny_model_dir, mtbench_file, tmp_path):
 # --- resume ---------------------------------------------------------------------------------
 
 
-def test_interrupted_eval_resumes_without_remeasuring(
-    tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
-):
-    """A run killed during its second drafter keeps the reference run and the first drafter's
-    row; the rerun measures only the second, and the report equals an uninterrupted run's."""
+def _count_runs(monkeypatch, kill_once: str | None = None) -> tuple[list[str], list[int]]:
+    """Record which drafters `measure` runs and each reference run `build_prompts` makes; with
+    `kill_once`, the first measurement of that drafter is interrupted as by a kill."""
     import sd2_hf.evaluation.runner as runner
 
-    drafters = [f"random={tiny_drafter_dir}", f"noisy={noisy_drafter_dir}"]
-    config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", drafters=drafters)
     measured, references, killed = [], [], []
     real_measure, real_build = runner.measure, runner.build_prompts
 
     def measure(backend, plan, *args, **kwargs):
         measured.append(plan.name)
-        if plan.name == "noisy" and not killed:
+        if plan.name == kill_once and not killed:
             killed.append(plan.name)
             raise KeyboardInterrupt("killed")
         return real_measure(backend, plan, *args, **kwargs)
@@ -443,6 +439,30 @@ def test_interrupted_eval_resumes_without_remeasuring(
 
     monkeypatch.setattr(runner, "measure", measure)
     monkeypatch.setattr(runner, "build_prompts", build_prompts)
+    return measured, references
+
+
+def _assert_same_rows(report, fresh, names) -> None:
+    """The rows of `names` count the same tokens in both reports, all lossless."""
+    for name in names:
+        a, b = _row(report, name), _row(fresh, name)
+        assert (a["mal"], a["accepted_tokens"], a["draft_steps"], a["new_tokens"]) == (
+            b["mal"],
+            b["accepted_tokens"],
+            b["draft_steps"],
+            b["new_tokens"],
+        )
+        assert a["lossless_mismatches"] == b["lossless_mismatches"] == 0
+
+
+def test_interrupted_eval_resumes_without_remeasuring(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
+):
+    """A run killed during its second drafter keeps the reference run and the first drafter's
+    row; the rerun measures only the second, and the report equals an uninterrupted run's."""
+    drafters = [f"random={tiny_drafter_dir}", f"noisy={noisy_drafter_dir}"]
+    config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", drafters=drafters)
+    measured, references = _count_runs(monkeypatch, kill_once="noisy")
     with pytest.raises(KeyboardInterrupt):
         run_eval(config)
     assert (tmp_path / "eval" / "partial" / "reference.json").is_file()
@@ -454,18 +474,9 @@ def test_interrupted_eval_resumes_without_remeasuring(
     assert not (tmp_path / "eval" / "partial").exists()
 
     fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
-    for name in ("none", "random", "noisy"):
-        a, b = _row(report, name), _row(fresh, name)
-        assert (a["mal"], a["accepted_tokens"], a["draft_steps"], a["new_tokens"]) == (
-            b["mal"],
-            b["accepted_tokens"],
-            b["draft_steps"],
-            b["new_tokens"],
-        )
-        assert a["lossless_mismatches"] == b["lossless_mismatches"] == 0
+    _assert_same_rows(report, fresh, ("none", "random", "noisy"))
 
     # Other settings: the partial results are not reused.
-    monkeypatch.setattr(runner, "measure", measure)
     measured.clear()
     (tmp_path / "eval" / "eval.json").unlink()
     changed = _config(
@@ -482,23 +493,9 @@ def test_eval_split_over_workers_reuses_every_row(
     """`report=False` measures without writing a report: the reference, then disjoint drafter
     subsets, land in one journal; the last full run measures nothing and reports what an
     uninterrupted run reports."""
-    import sd2_hf.evaluation.runner as runner
-
     drafters = [f"random={tiny_drafter_dir}", f"noisy={noisy_drafter_dir}"]
     out = tmp_path / "eval"
-    measured, references = [], []
-    real_measure, real_build = runner.measure, runner.build_prompts
-
-    def measure(backend, plan, *args, **kwargs):
-        measured.append(plan.name)
-        return real_measure(backend, plan, *args, **kwargs)
-
-    def build_prompts(*args, **kwargs):
-        references.append(1)
-        return real_build(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "measure", measure)
-    monkeypatch.setattr(runner, "build_prompts", build_prompts)
+    measured, references = _count_runs(monkeypatch)
     first = run_eval(_config(tiny_model_dir, mtbench_file, out, baselines=["none"]), report=False)
     assert [r["name"] for r in first["drafters"]] == ["none"]
     worker_a = run_eval(
@@ -521,11 +518,4 @@ def test_eval_split_over_workers_reuses_every_row(
     assert (out / "eval.json").is_file() and not (out / "partial").exists()
     monkeypatch.undo()
     fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
-    for name in ("none", "ngram", "random", "noisy"):
-        a, b = _row(report, name), _row(fresh, name)
-        assert (a["mal"], a["accepted_tokens"], a["draft_steps"], a["new_tokens"]) == (
-            b["mal"],
-            b["accepted_tokens"],
-            b["draft_steps"],
-            b["new_tokens"],
-        )
+    _assert_same_rows(report, fresh, ("none", "ngram", "random", "noisy"))
