@@ -335,12 +335,10 @@ class Bench:
             raise RuntimeError(f"{run}: evaluation workers failed: {failed}")
 
     def eval_worker(self, spec: str) -> None:
-        """One worker of `_parallel_eval`: `<run>:<name>,<name>...` (ngram is the baseline)."""
-        run, items = spec.split(":", 1)
+        """One worker of `_parallel_eval`: `<run>:<drafter>` (or `ngram`, the baseline)."""
+        run, item = spec.split(":", 1)
         family, backend, k = next((f, b, k) for r, f, b, k in self.eval_runs() if r == run)
-        group = items.split(",")
-        names = [n for n in group if n != "ngram"]
-        baselines = ["ngram"] if "ngram" in group else []
+        names, baselines = ([], ["ngram"]) if item == "ngram" else ([item], [])
         self._run_eval(run, family, backend, k, names, self.root / run, baselines, report=False)
 
     def _run_eval(
@@ -449,7 +447,7 @@ class Bench:
             "carried_over": sorted(earlier["evaluations"]),
             "drafters": rows,
             "versions": package_versions(),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         }
         results = Path(self.args.results)
         atomic_write_json(results / "replication.json", result)
@@ -712,13 +710,13 @@ class Bench:
                 + ".",
             ]
             here = [r for r in result["eval_seconds"] if r not in carried]
-            rebuilt = sorted({r.split("-")[1] for r in here} & {r.split("-")[1] for r in carried})
-            if rebuilt:
+            families = sorted({r.split("-")[1] for r in here} & {r.split("-")[1] for r in carried})
+            if families:
                 lines.append(
-                    f"The {', '.join(rebuilt)} data and drafters behind {', '.join(here)} were "
+                    f"The {', '.join(families)} data and drafters behind {', '.join(here)} were "
                     "rebuilt from the same recipes and settings after the first build's files "
                     "were lost, so those columns measure other builds of the same drafters "
-                    "(the stage times above are the rebuild's)."
+                    '(their stage times are the ones marked "rebuild" above).'
                 )
         if a.eval_workers > 1 and "vllm" in a.backends:
             lines += [
