@@ -289,6 +289,11 @@ class Bench:
                 self.add_eval_seconds(run, time.perf_counter() - started)
             _log(f"{run}: done in {time.perf_counter() - started:.0f} s")
 
+    def eval_workers(self) -> dict[str, int]:
+        """The evaluations measured by parallel workers, and how many ran at once."""
+        path = self.root / "eval-workers.json"
+        return read_json(path) if path.is_file() else {}
+
     def add_eval_seconds(self, run: str, seconds: float) -> None:
         path = self.root / "eval-seconds.json"
         spent = read_json(path) if path.is_file() else {}
@@ -306,6 +311,7 @@ class Bench:
         evaluation's journal (`run_eval(report=False)`; a row already there is reused at once),
         and the caller's last `run_eval` reuses them all. The rows' tokens/s are then measured
         beside another worker."""
+        atomic_write_json(self.root / "eval-workers.json", {**self.eval_workers(), run: workers})
         self._run_eval(run, family, backend, k, [], out, baselines=["none"], report=False)
         pending = ["ngram", *names]
         _log(f"{run}: {len(pending)} rows on up to {workers} cores at once")
@@ -435,6 +441,7 @@ class Bench:
                         "num_prompts": r["num_prompts"],
                         "prompts": r["prompts"],
                         "target_macs": r["target_macs"],
+                        "workers": self.eval_workers().get(run, 1),
                     }
                     for run, (f, b, k, r) in evals.items()
                 },
@@ -709,8 +716,10 @@ class Bench:
                 + ", ".join(carried)
                 + ".",
             ]
+            rebuilt = {r.split("-")[1] for r in carried}
             here = [r for r in result["eval_seconds"] if r not in carried]
-            families = sorted({r.split("-")[1] for r in here} & {r.split("-")[1] for r in carried})
+            here = [r for r in here if r.split("-")[1] in rebuilt]
+            families = sorted({r.split("-")[1] for r in here})
             if families:
                 lines.append(
                     f"The {', '.join(families)} data and drafters behind {', '.join(here)} were "
@@ -718,12 +727,15 @@ class Bench:
                     "were lost, so those columns measure other builds of the same drafters "
                     '(their stage times are the ones marked "rebuild" above).'
                 )
-        if a.eval_workers > 1 and "vllm" in a.backends:
+        parallel = {
+            r: e["workers"] for r, e in result["evaluations"].items() if e.get("workers", 1) > 1
+        }
+        if parallel:
             lines += [
                 "",
-                f"vLLM evaluations measured here ran up to {a.eval_workers} drafters at once, one "
-                "vLLM server per CPU core: their tokens/s and speed-ups were measured beside "
-                "another job (MAL is unaffected).",
+                ", ".join(f"{r} ran up to {n} drafters at once" for r, n in parallel.items())
+                + ", one vLLM server per CPU core: their tokens/s and speed-ups were measured "
+                "beside another job (MAL is unaffected).",
             ]
         lines += ["", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", ""]
         lines.append(
