@@ -487,6 +487,27 @@ def test_interrupted_eval_resumes_without_remeasuring(
     assert len(references) == 3
 
 
+def test_rows_served_in_another_dtype_are_not_reused(
+    tmp_path, monkeypatch, tiny_model_dir, mtbench_file
+):
+    """vLLM's `auto` computes in fp32 or bf16 depending on the CPU (`served_dtype`): partial
+    rows measured in one are discarded, not reported beside rows of the other."""
+    import sd2_hf.evaluation.runner as runner
+    from sd2_hf.serving import server
+
+    config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", backend="vllm")
+    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: dtype)
+    journal = runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
+    assert "served_dtype" not in journal.key
+    earlier = journal.dir / "rows" / "earlier.json"
+    earlier.write_text("{}")
+    runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
+    assert earlier.is_file()  # same settings: kept
+    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
+    journal = runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
+    assert journal.key["served_dtype"] == "float32" and not earlier.exists()
+
+
 def test_eval_split_over_workers_reuses_every_row(
     tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
 ):

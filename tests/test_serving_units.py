@@ -210,6 +210,44 @@ def test_server_command_sets_speculative_and_hybrid_options(
     assert "--disable-hybrid-kv-cache-manager" in hybrid.command()
 
 
+def test_auto_dtype_keeps_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, tiny_model_dir):
+    from sd2_hf.serving import server
+
+    cpuinfo = tmp_path / "cpuinfo"
+    for text, native in [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", False),
+        ("flags\t\t: avx2 avx512f avx512_bf16\n", True),
+        ("flags\t\t: avx2 amx_bf16 amx_tile\n", True),
+        ("Features\t: fp asimd sve bf16\n", True),
+        ("Features\t: fp asimd\n", False),
+    ]:
+        cpuinfo.write_text(text)
+        assert server.cpu_has_native_bf16(cpuinfo) is native, text
+    assert server.cpu_has_native_bf16(tmp_path / "absent") is None
+
+    monkeypatch.setenv("SD2_VLLM_PYTHON", sys.executable)
+    monkeypatch.setattr(server, "_has_gpu", lambda: False)
+    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: False)
+    assert server.checkpoint_dtype(str(tiny_model_dir)) == "float32"
+    plain = VLLMServer(str(tiny_model_dir))
+    cmd = plain.command()
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and plain.requested_dtype == "auto"
+    assert VLLMServer(str(tiny_model_dir), dtype="bfloat16").dtype == "bfloat16"
+    # A checkpoint stored in bf16 is served as vLLM decides.
+    stored_bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, stored_bf16)
+    config = json.loads((stored_bf16 / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (stored_bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert VLLMServer(str(stored_bf16)).dtype == "auto"
+    # With bf16 instructions, or a GPU, vLLM's own `auto` stands.
+    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: True)
+    assert VLLMServer(str(tiny_model_dir)).dtype == "auto"
+    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(server, "_has_gpu", lambda: True)
+    assert VLLMServer(str(tiny_model_dir)).dtype == "auto"
+
+
 def test_draft_length_defaults_to_the_drafters_generation_config(
     monkeypatch, tmp_path, tiny_model_dir, tiny_drafter_dir
 ):

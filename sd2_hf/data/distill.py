@@ -136,7 +136,9 @@ class DistillConfig(BaseModel):
         "transformers", description="transformers: in-process; vllm: OpenAI-compatible server(s)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype (both backends)"
+        "auto",
+        description="model dtype (both backends); with `auto` a vLLM server we start computes "
+        "a float32 target in float32 on a CPU without bf16 instructions, else in vLLM's choice",
     )
     device: str | None = Field(None, description="transformers device (default: cuda if available)")
     batch_size: int = Field(8, gt=0, description="transformers: conversations per generate() call")
@@ -468,7 +470,21 @@ class _Journal:
         self.next_index += 1
 
 
-def _prepare_output(output: Path, config: DistillConfig) -> None:
+def _identity(config: DistillConfig, backend: GenerationBackend | None) -> dict[str, Any]:
+    """The settings that define the rows, plus the dtype a server we start computes in where
+    it is not the configured one (`served_dtype`: `auto` on a CPU without bf16 instructions),
+    so a resume on another kind of machine cannot mix bf16 and fp32 replies."""
+    identity = config.identity()
+    if config.backend == "vllm" and not config.server_urls and backend is None:
+        from sd2_hf.serving.server import resolve_model_path, served_dtype
+
+        served = served_dtype(resolve_model_path(config.target), config.dtype)
+        if served != config.dtype:
+            identity["served_dtype"] = served
+    return identity
+
+
+def _prepare_output(output: Path, config: DistillConfig, identity: dict[str, Any]) -> None:
     """Refuse to mix datasets: committed rows must come from the same identity.
 
     Before the first commit nothing can mix, so a run that failed early (a typo in the
@@ -489,8 +505,12 @@ def _prepare_output(output: Path, config: DistillConfig) -> None:
         )
     elif committed:
         previous = read_json(config_path)
-        current = json.loads(json.dumps(config.identity()))
-        changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+        current = json.loads(json.dumps(identity))
+        changed = {
+            k: (previous.get(k), current.get(k))
+            for k in sorted(current.keys() | previous.keys())
+            if previous.get(k) != current.get(k)
+        }
         if changed:
             details = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(
@@ -498,7 +518,7 @@ def _prepare_output(output: Path, config: DistillConfig) -> None:
                 "Resuming would mix two datasets. Use another output directory, restore the "
                 "settings, or pass --overwrite (overwrite=True) to start over."
             )
-    atomic_write_json(config_path, config.identity())
+    atomic_write_json(config_path, identity)
 
 
 def _dataset_card(config: DistillConfig, counts: dict[str, Any] | None) -> str:
@@ -644,7 +664,7 @@ def _exclusive(output: Path) -> Iterator[None]:
 
 def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path) -> DistillResult:
     wall_start, started_at = time.perf_counter(), _now()
-    _prepare_output(output, config)
+    _prepare_output(output, config, _identity(config, backend))
     loaded = load_conversations(config.source, format=config.format, limit=config.limit)
     ids = Counter(r["id"] for r in loaded.rows)
     duplicates = [i for i, n in ids.items() if n > 1]

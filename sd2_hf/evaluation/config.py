@@ -99,7 +99,10 @@ class EvalConfig(BaseModel):
         "max_position_embeddings of target and drafters.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights dtype for both backends."
+        default="auto",
+        description="Weights dtype for both backends. `auto`: transformers loads the checkpoint's "
+        "dtype; vLLM picks its own (bf16 for float32 checkpoints), except on a CPU without bf16 "
+        "instructions, where float32 stays float32 (the report's `served_dtype`).",
     )
     check_lossless: bool = Field(
         default=True,

@@ -307,6 +307,15 @@ def make_backend(
     return VLLMBackend(config, target_path, limit, eos_ids, output / "logs")
 
 
+def _served_dtype(config: EvalConfig, target_path: str) -> str:
+    """The dtype the backend computes in, as far as `config.dtype` leaves it open."""
+    if config.backend != "vllm":
+        return config.dtype
+    from sd2_hf.serving.server import served_dtype
+
+    return served_dtype(target_path, config.dtype)
+
+
 class _EvalJournal:
     """Finished parts of an interrupted evaluation, under `<output>/partial/`: the prompts with
     the target's reference run, and one row per measured drafter. A rerun with the same settings
@@ -323,6 +332,11 @@ class _EvalJournal:
         self.dir = output / "partial"
         settings = config.model_dump(exclude={"output", "drafters", "baselines"})
         self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
+        served = _served_dtype(config, target_path)
+        if served != config.dtype:
+            # `auto` computes in another dtype on this machine than on one with bf16
+            # instructions: rows of the two must not meet in one report.
+            self.key["served_dtype"] = served
         key_file = self.dir / "key.json"
         if self.dir.exists() and (
             not key_file.is_file() or read_json(key_file) != _jsonable(self.key)
@@ -490,6 +504,7 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         "mal_accounting": MAL_ACCOUNTING[config.backend],
         "drafters": rows,
         "config": config.model_dump(),
+        "served_dtype": _served_dtype(config, target_path),
         "versions": _versions(backend),
     }
     write_report(result, output)

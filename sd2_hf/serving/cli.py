@@ -35,7 +35,9 @@ class ServeConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int | None = Field(None, gt=0, lt=65536, description="port; default: a free one")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="weight and activation dtype"
+        "auto",
+        description="weight and activation dtype; `auto`: vLLM's choice, but a float32 "
+        "checkpoint stays float32 on a CPU without bf16 instructions (vLLM would emulate bf16)",
     )
     max_model_len: int | None = Field(
         None, gt=0, description="context length; default: the model's"
