@@ -291,14 +291,16 @@ class Bench:
 
     def eval_workers(self) -> dict[str, int]:
         """The evaluations measured by parallel workers, and how many ran at once."""
-        path = self.root / "eval-workers.json"
+        return self._eval_record("eval-workers.json")
+
+    def _eval_record(self, name: str) -> dict[str, Any]:
+        path = self.root / name
         return read_json(path) if path.is_file() else {}
 
     def add_eval_seconds(self, run: str, seconds: float) -> None:
-        path = self.root / "eval-seconds.json"
-        spent = read_json(path) if path.is_file() else {}
+        spent = self.eval_seconds()
         spent[run] = round(spent.get(run, 0.0) + seconds, 1)
-        atomic_write_json(path, spent)
+        atomic_write_json(self.root / "eval-seconds.json", spent)
 
     def _parallel_eval(
         self, run: str, family: str, backend: str, k: int, names: list[str], out: Path, workers: int
@@ -426,6 +428,7 @@ class Bench:
                         "new_tokens",
                     )
                 }
+        workers = self.eval_workers()
         result = {
             # The command that builds and evaluates (rerunning it resumes); `--steps report`
             # only rewrites these files from the evaluations on disk.
@@ -441,7 +444,7 @@ class Bench:
                         "num_prompts": r["num_prompts"],
                         "prompts": r["prompts"],
                         "target_macs": r["target_macs"],
-                        "workers": self.eval_workers().get(run, 1),
+                        "workers": workers.get(run, 1),
                     }
                     for run, (f, b, k, r) in evals.items()
                 },
@@ -590,8 +593,7 @@ class Bench:
         return lines
 
     def eval_seconds(self) -> dict[str, float]:
-        path = self.root / "eval-seconds.json"
-        return read_json(path) if path.is_file() else {}
+        return self._eval_record("eval-seconds.json")
 
     def stage_seconds(self, earlier: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
         """Wall time of every pipeline stage, from the completion records (with the interrupted
@@ -717,8 +719,9 @@ class Bench:
                 + ".",
             ]
             rebuilt = {r.split("-")[1] for r in carried}
-            here = [r for r in result["eval_seconds"] if r not in carried]
-            here = [r for r in here if r.split("-")[1] in rebuilt]
+            here = [
+                r for r in result["eval_seconds"] if r not in carried and r.split("-")[1] in rebuilt
+            ]
             families = sorted({r.split("-")[1] for r in here})
             if families:
                 lines.append(

@@ -496,16 +496,20 @@ def test_rows_served_in_another_dtype_are_not_reused(
     from sd2_hf.serving import server
 
     config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", backend="vllm")
+
+    def journal():
+        served = runner._served_dtype(config, str(tiny_model_dir))
+        return runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir), served)
+
     monkeypatch.setattr(server, "served_dtype", lambda model, dtype: dtype)
-    journal = runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
-    assert "served_dtype" not in journal.key
-    earlier = journal.dir / "rows" / "earlier.json"
+    first = journal()
+    assert "served_dtype" not in first.key
+    earlier = first.dir / "rows" / "earlier.json"
     earlier.write_text("{}")
-    runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
+    journal()
     assert earlier.is_file()  # same settings: kept
     monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
-    journal = runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir))
-    assert journal.key["served_dtype"] == "float32" and not earlier.exists()
+    assert journal().key["served_dtype"] == "float32" and not earlier.exists()
 
 
 def test_eval_split_over_workers_reuses_every_row(

@@ -328,11 +328,10 @@ class _EvalJournal:
     CPU) and neither transformers nor vLLM keeps anything of a finished generation run.
     """
 
-    def __init__(self, output: Path, config: EvalConfig, target_path: str):
+    def __init__(self, output: Path, config: EvalConfig, target_path: str, served: str):
         self.dir = output / "partial"
         settings = config.model_dump(exclude={"output", "drafters", "baselines"})
         self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
-        served = _served_dtype(config, target_path)
         if served != config.dtype:
             # `auto` computes in another dtype on this machine than on one with bf16
             # instructions: rows of the two must not meet in one report.
@@ -444,7 +443,8 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
     limit = length_limit(config, [target_path] + [p.path for p in plans if p.kind == "model"])
     backend = make_backend(config, target_path, tokenizer, limit, output)
     room = limit - config.max_new_tokens
-    journal = _EvalJournal(output, config, target_path)
+    served = _served_dtype(config, target_path)
+    journal = _EvalJournal(output, config, target_path, served)
     resumed = journal.load_reference()
     if resumed is None:
         prompts, reference, counts = build_prompts(
@@ -504,7 +504,7 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         "mal_accounting": MAL_ACCOUNTING[config.backend],
         "drafters": rows,
         "config": config.model_dump(),
-        "served_dtype": _served_dtype(config, target_path),
+        "served_dtype": served,
         "versions": _versions(backend),
     }
     write_report(result, output)

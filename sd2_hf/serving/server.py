@@ -8,6 +8,7 @@ compressed-tensors versions, SPEC §3), so vLLM runs as a server process started
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -125,7 +126,9 @@ def default_num_draft_tokens(drafter: str) -> int | None:
     return json.loads(path.read_text()).get("num_assistant_tokens")
 
 
+@functools.cache
 def _has_gpu() -> bool:
+    # Cached: a server's dtype and its command line both ask, and the answer cannot change.
     # Same test as scripts/setup_env.sh uses to pick the CUDA or the CPU vLLM build.
     if shutil.which("nvidia-smi") is None:
         return False
