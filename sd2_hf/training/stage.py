@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2_hf.data.loaders import RowFormat
 from sd2_hf.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,8 @@ class TrainStageConfig(BaseModel):
     output: str = Field(
         description="output directory (final drafter, checkpoints, train_report.json)"
     )
-    dataset_format: Literal["auto", "sharegpt", "alpaca", "prompts", "messages"] = Field(
-        "auto", description="row format of `dataset`"
-    )
+    # The loaders' own Literal, so the CLI offers exactly the values they accept.
+    dataset_format: RowFormat = Field("auto", description="row format of `dataset`")
     limit: int | None = Field(None, gt=0, description="use at most this many conversations")
     teacher: str | None = Field(
         None, description="target model for token-level distillation (needs distill_loss != none)"
