@@ -34,7 +34,6 @@ def test_the_recipe_library_is_there():
     assert {p.name for p in ACCELERATE_CONFIGS} == {
         "ddp.yaml",
         "fsdp2.yaml",
-        "deepspeed-zero3.yaml",
     }
 
 
@@ -124,9 +123,6 @@ def test_accelerate_config_is_valid(path):
         assert fsdp["fsdp_auto_wrap_policy"] in FSDP_AUTO_WRAP_POLICY
         assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
         assert fsdp["fsdp_state_dict_type"] in FSDP2_STATE_DICT_TYPE
-    elif path.stem == "deepspeed-zero3":
-        assert config.distributed_type == DistributedType.DEEPSPEED
-        assert config.deepspeed_config["zero_stage"] == 3
     else:
         assert config.distributed_type == DistributedType.MULTI_GPU
 

@@ -71,3 +71,15 @@ def test_cli_train_and_bad_values(tmp_path, sparse_dir, conversations_file, caps
         )
     with pytest.raises(SystemExit, match="less than 1"):
         sd2_main(["train", str(sparse_dir), "--dataset", "x", "--output", "y", "--jsd-beta", "1.5"])
+
+
+def test_every_dataset_format_the_cli_offers_is_one_the_loaders_read(conversations_file):
+    """`sd2 train --dataset-format` offers exactly the row forms `load_conversations` takes."""
+    from sd2_hf.cli import build_parser
+    from sd2_hf.data.loaders import ROW_FORMATS, load_conversations
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    offered = next(a.choices for a in train._actions if a.dest == "dataset_format")
+    assert sorted(offered) == sorted(ROW_FORMATS)
+    for form in offered:  # raises "unknown format" for a value the loaders do not know
+        load_conversations(str(conversations_file), format=form)

@@ -92,7 +92,8 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 def run_train(config: TrainStageConfig) -> dict[str, Any]:
     """Fine-tune the drafter; resumes from the newest checkpoint in `<output>/checkpoints`.
 
-    Writes the final drafter (safetensors + tokenizer) to `output` and `train_report.json`.
+    Writes the final drafter (safetensors + tokenizer) to `output` and `train_report.json`;
+    under `accelerate launch` every process trains and rank 0 writes (other ranks return `{}`).
     """
     import torch
     from datasets import Dataset
@@ -168,9 +169,21 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
+    # Collective under FSDP (gathers the full state dict); transformers writes on rank 0 only.
     trainer.save_model(str(out))
+    state = trainer.accelerator.state
+    # Every rank's recorded zeros (its local shard under FSDP2), before rank 0 writes anything.
+    masked_per_rank = trainer.accelerator.gather(
+        torch.tensor([trainer.mask_callback.num_masked])
+    ).tolist()
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return {}
     tokenizer.save_pretrained(str(out))
-    sparsity_after = sparsity_report(model, config.mask_targets, config.mask_ignore)
+    # Measured on the checkpoint as written: the in-memory weights may be shards (FSDP2).
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    sparsity_after = sparsity_report(saved, config.mask_targets, config.mask_ignore)
+    del saved
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     report = {
         "model": config.model,
@@ -186,10 +199,14 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         "sparsity_before": sparsity_before["global_sparsity"],
         "sparsity_after": sparsity_after["global_sparsity"],
         "structure": sparsity_after["structure"],
+        "num_processes": state.num_processes,
+        "distributed_type": str(state.distributed_type).removeprefix("DistributedType."),
+        "masked_zeros_per_rank": masked_per_rank,
         "wall_time_s": round(time.time() - start, 2),
         "log_history": trainer.state.log_history,
     }
     atomic_write_json(out / REPORT_FILE, report)
+    trainer.accelerator.wait_for_everyone()
     summary = {
         k: report[k]
         for k in (
