@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,12 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
             resolve_model(config.teacher), dtype=torch.float32
         )
 
+    # Under `accelerate launch` on a machine without GPUs, TrainingArguments set up no process
+    # group of their own unless told to use the CPU with gloo: each process then trains alone,
+    # believing it is rank 0, and all of them write the same output.
+    cpu_processes = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        cpu_processes = {"use_cpu": True, "ddp_backend": "gloo"}
     args = SD2Config(
         output_dir=str(ckpt_dir),
         num_train_epochs=config.num_train_epochs,
@@ -155,7 +162,7 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         distill_temperature=config.distill_temperature,
         mask_targets=config.mask_targets,
         mask_ignore=config.mask_ignore,
-        **config.trainer_args,
+        **{**cpu_processes, **config.trainer_args},
     )
     trainer = SD2Trainer(
         model,

@@ -22,5 +22,7 @@ if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            # As accelerate does for its own choice: later states copy PartialState's type.
+            _state.PartialState._shared_state["distributed_type"] = self.distributed_type
 
     _state.AcceleratorState.__init__ = _init
