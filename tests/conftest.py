@@ -102,3 +102,20 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def sd2_fails(capsys):
+    """Run `sd2 ARGV...` expecting a user error: exit status 2, one `error:` message and no
+    traceback on stderr. Returns the message."""
+    from sd2_hf.cli import main
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        status = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert status == 2, f"sd2 {' '.join(map(str, argv))} exited {status}: {err[-2000:]}"
+        assert "Traceback" not in err and f"error: sd2 {argv[0]}: " in err, err[-2000:]
+        return err
+
+    return run

@@ -100,16 +100,21 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sd2_hf.assets import resolve_model
     from sd2_hf.data.loaders import load_conversations
     from sd2_hf.pruning.masks import sparsity_report
     from sd2_hf.training.config import SD2Config
     from sd2_hf.training.trainer import SD2Trainer
+    from sd2_hf.utils.models import resolve_model_path
 
     out = Path(config.output)
     ckpt_dir = out / CHECKPOINTS_DIR
     start = time.time()
 
+    # Both models are checked before the dataset is read and before anything is written.
+    model_path = resolve_model_path(config.model)
+    teacher_path = None
+    if config.teacher and config.distill_loss != "none":
+        teacher_path = resolve_model_path(config.teacher)
     loaded = load_conversations(config.dataset, format=config.dataset_format, limit=config.limit)
     rows = [
         {"messages": r["messages"]}
@@ -121,17 +126,14 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
             f"{config.dataset} has no conversation with an assistant turn to train on "
             f"({loaded.total} rows read, skipped: {dict(loaded.skipped)})"
         )
-    model_path = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     sparsity_before = sparsity_report(model, config.mask_targets, config.mask_ignore)
     teacher = None
-    if config.teacher and config.distill_loss != "none":
-        teacher = AutoModelForCausalLM.from_pretrained(
-            resolve_model(config.teacher), dtype=torch.float32
-        )
+    if teacher_path:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
 
     # Under `accelerate launch` on a machine without GPUs, TrainingArguments set up no process
     # group of their own unless told to use the CPU with gloo: each process then trains alone,
