@@ -35,26 +35,22 @@ from sd2_hf import SD2Config, SD2Trainer  # noqa: E402
 from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse  # noqa: E402
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-# Shapes of the public configs (Llama-3.2-1B, Llama-3.1-8B); weights are random.
+# (hidden, intermediate, layers, heads, kv heads, tied embeddings) of the public configs
+# (Llama-3.2-1B, Llama-3.1-8B; weights random), and tiny ones for --tiny: the same code paths in
+# seconds (head_dim 64, widths that 2:4 kernels take).
+_SHAPE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "tie_word_embeddings",
+)  # fmt: skip
 SHAPES = {
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-    ),
-    # --tiny: the same code paths in seconds (head_dim 64, 2:4-able widths).
-    "tiny-drafter": dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-    ),
-    "tiny-target": dict(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    ),
-}  # fmt: skip
+    name: dict(zip(_SHAPE_FIELDS, values))
+    for name, values in {
+        "llama-3.2-1b": (2048, 8192, 16, 32, 8, True),
+        "llama-3.1-8b": (4096, 14336, 32, 32, 8, False),
+        "tiny-drafter": (128, 256, 2, 2, 1, True),
+        "tiny-target": (256, 512, 2, 4, 2, False),
+    }.items()
+}
 FULL_VOCAB = 128256
 
 

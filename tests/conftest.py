@@ -73,6 +73,23 @@ def chat_rows():
     return tiny.conversations(16)
 
 
+@pytest.fixture()
+def sparse_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny Llama made 50% sparse by magnitude (what `sd2 prune` writes)."""
+    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
+    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
+
+
+@pytest.fixture()
+def conversations_file(tmp_path):
+    """12 tiny conversations as a JSONL file in the `messages` form."""
+    import json
+
+    path = tmp_path / "distilled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def vllm_python():
     """The .venv-vllm interpreter; tests needing vLLM skip with the reason when it is absent."""

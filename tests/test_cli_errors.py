@@ -26,114 +26,48 @@ def inputs(tmp_path, tiny_tokenizer, monkeypatch):
     return tmp_path
 
 
-# (argv, what the message must say); `runs/missing` is a relative path with one slash, which
+# (command line, what the message must say); `runs/missing` is a relative path with one slash, which
 # looks like a Hub id (org/name) and used to skip the fail-fast check.
 MISSING_MODEL = "runs/missing is not a local directory"
+NO_DATASET = "dataset source 'nope.jsonl' not found"
+EVAL = "eval --prompts questions.jsonl --output out"
 CASES = {
-    "train-model": (
-        ["train", "runs/missing", "--dataset", "data.jsonl", "--output", "out"],
-        MISSING_MODEL,
-    ),
+    "train-model": ("train runs/missing --dataset data.jsonl --output out", MISSING_MODEL),
     "train-teacher": (
-        [
-            "train",
-            "model",
-            "--dataset",
-            "data.jsonl",
-            "--output",
-            "out",
-            "--teacher",
-            "runs/missing",
-            "--distill-loss",
-            "fkl",
-        ],
-        MISSING_MODEL,
-    ),  # fmt: skip
-    "train-dataset": (
-        ["train", "model", "--dataset", "nope.jsonl", "--output", "out"],
-        "dataset source 'nope.jsonl' not found",
-    ),
-    "prune-model": (
-        ["prune", "runs/missing", "--recipe", "sparsegpt-50", "--output", "out"],
+        "train model --dataset data.jsonl --output out --teacher runs/missing --distill-loss fkl",
         MISSING_MODEL,
     ),
-    "prune-dataset": (
-        [
-            "prune",
-            "model",
-            "--recipe",
-            "sparsegpt-50",
-            "--dataset",
-            "nope.jsonl",
-            "--output",
-            "out",
-        ],
-        "dataset source 'nope.jsonl' not found",
-    ),
-    "eval-target": (
-        [
-            "eval",
-            "--target",
-            "runs/missing",
-            "--drafter",
-            "d=model",
-            "--prompts",
-            "questions.jsonl",
-            "--output",
-            "out",
-        ],
-        MISSING_MODEL,
-    ),  # fmt: skip
-    "eval-drafter": (
-        [
-            "eval",
-            "--target",
-            "model",
-            "--drafter",
-            "d=runs/missing",
-            "--prompts",
-            "questions.jsonl",
-            "--output",
-            "out",
-        ],
-        MISSING_MODEL,
-    ),  # fmt: skip
-    "eval-prompts": (
-        [
-            "eval",
-            "--target",
-            "model",
-            "--drafter",
-            "d=model",
-            "--prompts",
-            "nope.jsonl",
-            "--output",
-            "out",
-        ],
-        "nope.jsonl",
-    ),  # fmt: skip
-    "export-model": (["export", "runs/missing", "--output", "out"], MISSING_MODEL),
-    "distill-target": (
-        ["distill", "--target", "runs/missing", "--source", "data.jsonl", "--output", "out"],
-        MISSING_MODEL,
-    ),
-    "distill-source": (
-        ["distill", "--target", "model", "--source", "nope.jsonl", "--output", "out"],
-        "dataset source 'nope.jsonl' not found",
-    ),
-    "macs-model": (["macs", "runs/missing"], "cannot count MACs of 'runs/missing'"),
-    "serve-target": (["serve", "--target", "runs/missing", "--drafter", "model"], MISSING_MODEL),
+    "train-dataset": ("train model --dataset nope.jsonl --output out", NO_DATASET),
     "train-bad-value": (
-        ["train", "model", "--dataset", "data.jsonl", "--output", "out", "--learning-rate", "-1"],
+        "train model --dataset data.jsonl --output out --learning-rate -1",
         "learning_rate",
     ),
+    "prune-model": ("prune runs/missing --recipe sparsegpt-50 --output out", MISSING_MODEL),
+    "prune-dataset": (
+        "prune model --recipe sparsegpt-50 --dataset nope.jsonl --output out",
+        NO_DATASET,
+    ),
+    "eval-target": (f"{EVAL} --target runs/missing --drafter d=model", MISSING_MODEL),
+    "eval-drafter": (f"{EVAL} --target model --drafter d=runs/missing", MISSING_MODEL),
+    "eval-prompts": (
+        "eval --target model --drafter d=model --prompts nope.jsonl --output out",
+        "nope.jsonl",
+    ),
+    "export-model": ("export runs/missing --output out", MISSING_MODEL),
+    "distill-target": (
+        "distill --target runs/missing --source data.jsonl --output out",
+        MISSING_MODEL,
+    ),
+    "distill-source": ("distill --target model --source nope.jsonl --output out", NO_DATASET),
+    "macs-model": ("macs runs/missing", "cannot count MACs of 'runs/missing'"),
+    "serve-target": ("serve --target runs/missing --drafter model", MISSING_MODEL),
 }
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_bad_input_is_one_message_and_exit_2(inputs, sd2_fails, case):
     argv, expected = CASES[case]
-    message = sd2_fails(argv)
+    message = sd2_fails(argv.split())
     assert expected in message
     assert not (inputs / "out").exists(), "a failed command left its output directory"
 

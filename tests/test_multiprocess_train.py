@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
@@ -45,19 +44,6 @@ def cpu_fsdp_env(monkeypatch):
     return {**os.environ, "PYTHONPATH": path}
 
 
-@pytest.fixture()
-def pruned(tmp_path, tiny_tokenizer):
-    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
-    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
-
-
-@pytest.fixture()
-def conversations(tmp_path):
-    path = tmp_path / "conversations.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(16)))
-    return path
-
-
 def _zeros(path: Path) -> dict[str, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(path)
     return {n: m.weight == 0 for n, m in find_target_linears(model).items()}
@@ -82,7 +68,7 @@ def _assert_trained_sparse(pruned: Path, out: Path, report: dict) -> None:
 
 
 def test_sd2_train_under_accelerate_fsdp2_shards_masks_and_resumes(
-    tmp_path, pruned, conversations, cpu_fsdp_env
+    tmp_path, sparse_dir, conversations_file, cpu_fsdp_env
 ):
     out = tmp_path / "trained"
 
@@ -91,7 +77,7 @@ def test_sd2_train_under_accelerate_fsdp2_shards_masks_and_resumes(
             sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(ACCELERATE / "fsdp2.yaml"),
             "--num_processes", "2", "--main_process_port", str(_free_port()),
-            "-m", "sd2_hf.cli", "train", str(pruned), "--dataset", str(conversations),
+            "-m", "sd2_hf.cli", "train", str(sparse_dir), "--dataset", str(conversations_file),
             "--output", str(out), "--max-steps", str(max_steps), "--save-steps", "2",
             "--max-length", "64", "--logging-steps", "1",
         ]  # fmt: skip
@@ -105,30 +91,30 @@ def test_sd2_train_under_accelerate_fsdp2_shards_masks_and_resumes(
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["distributed_type"] == "FSDP" and report["global_step"] == 2
     # Sharded: each rank held the zeros of its own half, together all of them.
-    total_zeros = sum(int(z.sum()) for z in _zeros(pruned).values())
+    total_zeros = sum(int(z.sum()) for z in _zeros(sparse_dir).values())
     assert sum(report["masked_zeros_per_rank"]) == total_zeros
     assert all(0 < z < total_zeros for z in report["masked_zeros_per_rank"])
     assert first.stdout.count("trained 2 steps") == 1  # rank 0 reports, alone
-    _assert_trained_sparse(pruned, out, report)
+    _assert_trained_sparse(sparse_dir, out, report)
 
     launch(4)
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["resumed_from"].endswith("checkpoint-2")
     assert report["global_step"] == 4
     assert report["distributed_type"] == "FSDP"
-    _assert_trained_sparse(pruned, out, report)
+    _assert_trained_sparse(sparse_dir, out, report)
 
 
 def test_recipe_train_stage_launches_processes_with_the_ddp_config(
-    tmp_path, pruned, conversations, cpu_fsdp_env, capsys
+    tmp_path, sparse_dir, conversations_file, cpu_fsdp_env, capsys
 ):
     """`train.accelerate_config` runs the stage in `accelerate launch` processes, here with the
     distillation loss against the target (a second model prepared by accelerate)."""
     recipe = {
         "name": "multiprocess",
         "output": str(tmp_path / "run"),
-        "target": str(pruned),
-        "dataset": str(conversations),
+        "target": str(sparse_dir),
+        "dataset": str(conversations_file),
         "train": {
             "max_steps": 3,
             "max_length": 64,
@@ -148,6 +134,6 @@ def test_recipe_train_stage_launches_processes_with_the_ddp_config(
     assert report["global_step"] == 3 and report["distill_loss"] == "fkl"
     # DDP: every rank holds the whole drafter and all of its zeros.
     assert report["masked_zeros_per_rank"][0] == report["masked_zeros_per_rank"][1]
-    _assert_trained_sparse(pruned, out, report)
+    _assert_trained_sparse(sparse_dir, out, report)
     summary = capsys.readouterr().out
-    assert "train    ran" in summary and "3 steps on 16 conversations" in summary
+    assert "train    ran" in summary and "3 steps on 12 conversations" in summary

@@ -5,26 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning.masks import find_target_linears
 from sd2_hf.training.stage import TrainStageConfig, run_train
-
-
-@pytest.fixture()
-def sparse_dir(tmp_path, tiny_tokenizer):
-    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
-    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
-
-
-@pytest.fixture()
-def conversations_file(tmp_path):
-    path = tmp_path / "distilled.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
-    return path
 
 
 def zeros(path):
