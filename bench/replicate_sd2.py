@@ -388,7 +388,7 @@ class Bench:
     # Report
 
     def report(self) -> None:
-        from sd2_hf.pipeline import package_versions
+        from sd2_hf.utils.provenance import package_versions
 
         evals = {}
         for run, family, backend, k in self.eval_runs():
@@ -456,7 +456,7 @@ class Bench:
             },
             "carried_over": sorted(earlier["evaluations"]),
             "drafters": rows,
-            "versions": package_versions(),
+            "versions": package_versions(python=True, vllm=True),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         }
         results = Path(self.args.results)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sd2_hf.utils.io import atomic_write_json, read_json
+from sd2_hf.utils.provenance import OMIT, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -606,15 +607,7 @@ def fetch(name: str, *, wheelhouse: str | None = None, force: bool = False) -> P
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": sys.version.split()[0]}
-    for package in ("torch", "transformers", "gguf"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
+    return package_versions(("torch", "transformers", "gguf"), python=True, missing=OMIT)
 
 
 def complete_record(name: str) -> dict[str, Any] | None:

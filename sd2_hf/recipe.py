@@ -31,7 +31,7 @@ from pydantic.fields import FieldInfo
 
 from sd2_hf.data.distill import DistillConfig
 from sd2_hf.evaluation.config import EvalConfig, parse_drafter
-from sd2_hf.export.export import ExportConfig
+from sd2_hf.export.config import ExportConfig
 from sd2_hf.pruning.config import PruneConfig
 from sd2_hf.training.stage import TrainStageConfig
 

@@ -338,11 +338,11 @@ def test_changed_settings_refuse_to_mix(tmp_path):
 def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch):
     """Rows distilled where vLLM's `auto` served bf16 must not be continued where it serves
     fp32 (a CPU without bf16 instructions, see `served_dtype`), and the error says so."""
-    from sd2_hf.serving import server
+    from sd2_hf.utils import models
 
     source = write_jsonl(tmp_path / "seed.jsonl", two_turn_rows(2))
     run_distill(config(tmp_path, source, backend="vllm"), backend=ScriptedBackend())
-    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
+    monkeypatch.setattr(models, "served_dtype", lambda model, dtype: "float32")
     with pytest.raises(ValueError, match="served_dtype: None -> 'float32'"):
         run_distill(config(tmp_path, source, backend="vllm"))
     saved = json.loads((tmp_path / "out" / "distill_config.json").read_text())
@@ -351,7 +351,7 @@ def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch):
     (tmp_path / "out" / "distill_config.json").write_text(
         json.dumps({**saved, "served_dtype": "float32"})
     )
-    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: dtype)
+    monkeypatch.setattr(models, "served_dtype", lambda model, dtype: dtype)
     with pytest.raises(ValueError, match="served_dtype: 'float32' -> None"):
         run_distill(config(tmp_path, source, backend="vllm"))
 

@@ -493,7 +493,7 @@ def test_rows_served_in_another_dtype_are_not_reused(
     """vLLM's `auto` computes in fp32 or bf16 depending on the CPU (`served_dtype`): partial
     rows measured in one are discarded, not reported beside rows of the other."""
     import sd2_hf.evaluation.runner as runner
-    from sd2_hf.serving import server
+    from sd2_hf.utils import models
 
     config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", backend="vllm")
 
@@ -501,14 +501,14 @@ def test_rows_served_in_another_dtype_are_not_reused(
         served = runner._served_dtype(config, str(tiny_model_dir))
         return runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir), served)
 
-    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: dtype)
+    monkeypatch.setattr(models, "served_dtype", lambda model, dtype: dtype)
     first = journal()
     assert "served_dtype" not in first.key
     earlier = first.dir / "rows" / "earlier.json"
     earlier.write_text("{}")
     journal()
     assert earlier.is_file()  # same settings: kept
-    monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
+    monkeypatch.setattr(models, "served_dtype", lambda model, dtype: "float32")
     assert journal().key["served_dtype"] == "float32" and not earlier.exists()
 
 

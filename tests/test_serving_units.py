@@ -13,10 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import tiny
 
-from sd2_hf.serving import OpenAIClient, RequestFailed, ServerError, SpecDecodeCounters, VLLMServer
+from sd2_hf.serving import OpenAIClient, RequestFailed, SpecDecodeCounters, VLLMServer
 from sd2_hf.serving.cli import ServeConfig, curl_example
 from sd2_hf.serving.metrics import parse_prometheus_text
-from sd2_hf.serving.server import is_hybrid_attention, vllm_python, vocabularies_differ
+from sd2_hf.utils.environment import VLLMEnvironmentError, vllm_python
+from sd2_hf.utils.models import is_hybrid_attention, vocabularies_differ
 
 # Captured from a vLLM 0.32 server (draft_model, K=3), trimmed, with a second engine added
 # (data-parallel servers export one series per engine) and a label value with escapes.
@@ -162,7 +163,7 @@ def test_missing_model_dir_fails_fast_with_a_clear_message(tmp_path, tiny_model_
 
 def test_missing_vllm_environment_says_how_to_create_it(monkeypatch, tmp_path):
     monkeypatch.setenv("SD2_VLLM_PYTHON", str(tmp_path / "python"))
-    with pytest.raises(ServerError, match="run `make setup`"):
+    with pytest.raises(VLLMEnvironmentError, match="run `make setup`"):
         vllm_python()
 
 
@@ -211,7 +212,7 @@ def test_server_command_sets_speculative_and_hybrid_options(
 
 
 def test_auto_dtype_keeps_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, tiny_model_dir):
-    from sd2_hf.serving import server
+    from sd2_hf.utils import environment, models
 
     cpuinfo = tmp_path / "cpuinfo"
     for text, native in [
@@ -222,13 +223,13 @@ def test_auto_dtype_keeps_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, t
         ("Features\t: fp asimd\n", False),
     ]:
         cpuinfo.write_text(text)
-        assert server.cpu_has_native_bf16(cpuinfo) is native, text
-    assert server.cpu_has_native_bf16(tmp_path / "absent") is None
+        assert environment.cpu_has_native_bf16(cpuinfo) is native, text
+    assert environment.cpu_has_native_bf16(tmp_path / "absent") is None
 
     monkeypatch.setenv("SD2_VLLM_PYTHON", sys.executable)
-    monkeypatch.setattr(server, "_has_gpu", lambda: False)
-    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: False)
-    assert server.checkpoint_dtype(str(tiny_model_dir)) == "float32"
+    monkeypatch.setattr(environment, "has_gpu", lambda: False)
+    monkeypatch.setattr(environment, "cpu_has_native_bf16", lambda: False)
+    assert models.checkpoint_dtype(str(tiny_model_dir)) == "float32"
     plain = VLLMServer(str(tiny_model_dir))
     cmd = plain.command()
     assert cmd[cmd.index("--dtype") + 1] == "float32" and plain.requested_dtype == "auto"
@@ -241,10 +242,10 @@ def test_auto_dtype_keeps_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, t
     (stored_bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     assert VLLMServer(str(stored_bf16)).dtype == "auto"
     # With bf16 instructions, or a GPU, vLLM's own `auto` stands.
-    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(environment, "cpu_has_native_bf16", lambda: True)
     assert VLLMServer(str(tiny_model_dir)).dtype == "auto"
-    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(server, "_has_gpu", lambda: True)
+    monkeypatch.setattr(environment, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(environment, "has_gpu", lambda: True)
     assert VLLMServer(str(tiny_model_dir)).dtype == "auto"
 
 

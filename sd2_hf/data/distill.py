@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sd2_hf.data.backends import Generation, GenerationBackend, ResultCallback, Sampling
 from sd2_hf.data.loaders import LoadResult, RowFormat, load_conversations
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+from sd2_hf.utils.provenance import git_revision, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -476,8 +477,7 @@ def _identity(config: DistillConfig, backend: GenerationBackend | None) -> dict[
     so a resume on another kind of machine cannot mix bf16 and fp32 replies."""
     identity = config.identity()
     if config.backend == "vllm" and not config.server_urls and backend is None:
-        from sd2_hf.serving.server import served_dtype
-        from sd2_hf.utils.models import resolve_model_path
+        from sd2_hf.utils.models import resolve_model_path, served_dtype
 
         served = served_dtype(resolve_model_path(config.target), config.dtype)
         if served != config.dtype:
@@ -699,10 +699,7 @@ def _run(
     if resumed:
         logger.info("resuming %s: %d rows done, %d to go", output, resumed, len(pending))
 
-    # Provenance helpers shared with the pipeline (vLLM's version is read from its own env).
-    from sd2_hf.pipeline import git_revision, package_versions
-
-    versions: dict[str, Any] = package_versions()
+    versions: dict[str, Any] = package_versions(python=True, vllm=True)
     failures: list[_Row] = []
     generated, gen_time = 0, 0.0
     target_path = config.target

@@ -311,7 +311,7 @@ def _served_dtype(config: EvalConfig, target_path: str) -> str:
     """The dtype the backend computes in, as far as `config.dtype` leaves it open."""
     if config.backend != "vllm":
         return config.dtype
-    from sd2_hf.serving.server import served_dtype
+    from sd2_hf.utils.models import served_dtype
 
     return served_dtype(target_path, config.dtype)
 

@@ -7,7 +7,7 @@ llm-compressor load only when an export or push runs.
 from __future__ import annotations
 
 _LAZY = {
-    "ExportConfig": "sd2_hf.export.export",
+    "ExportConfig": "sd2_hf.export.config",
     "ExportResult": "sd2_hf.export.export",
     "run_export": "sd2_hf.export.export",
     "available_formats": "sd2_hf.export.export",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sd2_hf.export.export import ExportConfig
+from sd2_hf.export.config import ExportConfig
 from sd2_hf.export.push import PushConfig
 from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sd2_hf.export.export import ExportError
+from sd2_hf.export.config import ExportError
 from sd2_hf.utils.io import read_json
 
 REQUIRED_RUN_KEYS = ("target", "backend", "num_draft_tokens", "max_new_tokens", "num_prompts")

@@ -66,7 +66,7 @@ def run_push(config: PushConfig) -> PushResult:
     from huggingface_hub import HfApi, get_token
 
     from sd2_hf.export.card import render_model_card
-    from sd2_hf.export.export import METADATA_FILE
+    from sd2_hf.export.config import METADATA_FILE
 
     folder = Path(config.path).expanduser()
     if not folder.is_dir() or not (folder / "config.json").is_file():

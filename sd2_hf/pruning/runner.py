@@ -17,11 +17,13 @@ import os
 import shutil
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
 from sd2_hf.utils.io import atomic_write_json
+from sd2_hf.utils.provenance import package_versions
+
+PRUNING_PACKAGES = ("sd2-hf", "torch", "transformers", "llmcompressor", "compressed-tensors")
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +218,4 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape a pruned checkpoint (provenance)."""
-    found = {}
-    for name in ("sd2-hf", "torch", "transformers", "llmcompressor", "compressed-tensors"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return package_versions(PRUNING_PACKAGES, missing="not installed")

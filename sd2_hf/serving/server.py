@@ -8,13 +8,11 @@ compressed-tensors versions, SPEC §3), so vLLM runs as a server process started
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,11 +28,18 @@ import httpx
 
 from sd2_hf import assets
 from sd2_hf.serving.metrics import SpecDecodeCounters
-from sd2_hf.utils.models import resolve_model_path
+from sd2_hf.utils import environment
+from sd2_hf.utils.environment import vllm_python
+from sd2_hf.utils.models import (
+    default_num_draft_tokens,
+    is_hybrid_attention,
+    resolve_model_path,
+    served_dtype,
+    vocabularies_differ,
+)
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 40
 # `ValueError: ...` at the start of a line or after vLLM's `(EngineCore pid=1) ERROR ... ]` prefix.
 _EXCEPTION_LINE = re.compile(r"(?:^|\] )([A-Za-z_.]*(?:Error|Exception): .*)$")
@@ -44,122 +49,10 @@ class ServerError(RuntimeError):
     """The vLLM server could not be started or died; the message holds the end of its log."""
 
 
-def vllm_python() -> Path:
-    """The interpreter of the vLLM environment: `$SD2_VLLM_PYTHON`, else the project's `.venv-vllm`."""
-    configured = os.environ.get("SD2_VLLM_PYTHON")
-    python = Path(configured) if configured else PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        where = "SD2_VLLM_PYTHON" if configured else "the project's .venv-vllm"
-        raise ServerError(
-            f"no vLLM interpreter at {python} ({where}): run `make setup` (or "
-            "`bash scripts/setup_env.sh vllm`) to create the vLLM environment, or set "
-            "SD2_VLLM_PYTHON to a Python that has vllm installed"
-        )
-    return python
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _config_dict(name_or_path: str) -> dict[str, Any]:
-    from transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(name_or_path)
-    return config
-
-
-def is_hybrid_attention(name_or_path: str) -> bool:
-    """True for models mixing sliding-window and full-attention layers (Gemma-2/3 style)."""
-    config = _config_dict(name_or_path)
-    text = config.get("text_config") or config
-    layer_types = text.get("layer_types") or []
-    if len(set(layer_types)) > 1:
-        return True
-    # Older Gemma-3 configs have no `layer_types`, only the interleaving period.
-    return bool(text.get("sliding_window_pattern") and text.get("sliding_window"))
-
-
-def vocabularies_differ(target: str, drafter: str) -> bool:
-    """Whether vLLM needs `use_heterogeneous_vocab`: different token→id maps or model vocab sizes.
-
-    Sizes alone are not enough: two tokenizers of the same size can map ids to different
-    strings, and the drafter's tokens would then be verified as the wrong tokens.
-    """
-    from transformers import AutoTokenizer
-
-    target_tok = AutoTokenizer.from_pretrained(target)
-    drafter_tok = AutoTokenizer.from_pretrained(drafter)
-    if target_tok.get_vocab() != drafter_tok.get_vocab():
-        return True
-    return _config_dict(target).get("vocab_size") != _config_dict(drafter).get("vocab_size")
-
-
-def default_num_draft_tokens(drafter: str) -> int | None:
-    """The draft length an exported drafter carries (`num_assistant_tokens` in generation_config.json)."""
-    path = Path(drafter) / "generation_config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("num_assistant_tokens")
-
-
-@functools.cache
-def _has_gpu() -> bool:
-    # Cached: a server's dtype and its command line both ask, and the answer cannot change.
-    # Same test as scripts/setup_env.sh uses to pick the CUDA or the CPU vLLM build.
-    if shutil.which("nvidia-smi") is None:
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
-
-
-# CPU feature flags of bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
-_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-
-
-def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU has bfloat16 instructions; None where /proc/cpuinfo cannot be read."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return bool(flags & _BF16_FLAGS)
-
-
-def checkpoint_dtype(name_or_path: str) -> str | None:
-    """The dtype a checkpoint is stored in (`dtype`, or the older `torch_dtype`, of its config)."""
-    try:
-        config = _config_dict(name_or_path)
-    except OSError:  # a Hub id that is not cached (offline): vLLM decides
-        return None
-    for section in (config, config.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(section.get(key), str):
-                return section[key]
-    return None
-
-
-def served_dtype(model: str, dtype: str = "auto") -> str:
-    """The `--dtype` the server is started with: `dtype`, except `auto` on a CPU without
-    bfloat16 instructions, which keeps a float32 checkpoint in float32.
-
-    vLLM's `auto` downcasts float32 checkpoints to the platform's first dtype, and its CPU
-    platform lists bfloat16 first on every x86 and Arm CPU, with or without bf16 instructions.
-    Without them bf16 is emulated: a float32 SmolLM2-135M served ≈4× fewer tokens/s in bf16
-    than in float32 on one core of an AVX2 CPU, and 35 of 47 greedy replies differed from
-    float32's (bench/results, README). Keeping float32 there is also what transformers'
-    `dtype="auto"` does, so both backends then compute in the same dtype. With a GPU, or a CPU
-    with bf16 instructions, vLLM's choice stands.
-    """
-    if dtype != "auto" or _has_gpu() or cpu_has_native_bf16() is not False:
-        return dtype
-    return "float32" if checkpoint_dtype(model) == "float32" else dtype
 
 
 # A strong set: a server whose object was dropped without stop() must still be stopped at exit.
@@ -278,7 +171,7 @@ class VLLMServer:
         # (VLLM_CPU_KVCACHE_SPACE on CPU), else the longest that fits, instead of refusing
         # to start (Gemma-3's 32k context needs 1.3 GiB at the default 1 GiB).
         cmd += ["--max-model-len", str(self.max_model_len or "auto")]
-        if not _has_gpu():
+        if not environment.has_gpu():
             # CUDA graphs do not exist on CPU and torch.compile doubles the start time.
             cmd.append("--enforce-eager")
         if self.speculative_config is not None:

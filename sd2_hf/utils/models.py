@@ -1,8 +1,14 @@
-"""Where a model named on the command line or in a recipe is, checked before any work starts."""
+"""Models and checkpoints, inspected before any work starts: where a model named on the command
+line or in a recipe is, its dtype and vocabulary, and how vLLM must serve it. Below every
+stage that uses them (distill, prune, train, export, eval, serve)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from sd2_hf.utils import environment
 
 WHAT_TO_PASS = (
     "pass an existing checkpoint directory (config.json, weights, tokenizer), an `asset:` name "
@@ -55,3 +61,74 @@ def _check_hub_model(repo_id: str) -> str:
             f"serve it ({reason}): {WHAT_TO_PASS}"
         ) from None
     return repo_id
+
+
+def _config_dict(name_or_path: str) -> dict[str, Any]:
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    return config
+
+
+def is_hybrid_attention(name_or_path: str) -> bool:
+    """True for models mixing sliding-window and full-attention layers (Gemma-2/3 style)."""
+    config = _config_dict(name_or_path)
+    text = config.get("text_config") or config
+    layer_types = text.get("layer_types") or []
+    if len(set(layer_types)) > 1:
+        return True
+    # Older Gemma-3 configs have no `layer_types`, only the interleaving period.
+    return bool(text.get("sliding_window_pattern") and text.get("sliding_window"))
+
+
+def vocabularies_differ(target: str, drafter: str) -> bool:
+    """Whether vLLM needs `use_heterogeneous_vocab`: different token→id maps or model vocab sizes.
+
+    Sizes alone are not enough: two tokenizers of the same size can map ids to different
+    strings, and the drafter's tokens would then be verified as the wrong tokens.
+    """
+    from transformers import AutoTokenizer
+
+    target_tok = AutoTokenizer.from_pretrained(target)
+    drafter_tok = AutoTokenizer.from_pretrained(drafter)
+    if target_tok.get_vocab() != drafter_tok.get_vocab():
+        return True
+    return _config_dict(target).get("vocab_size") != _config_dict(drafter).get("vocab_size")
+
+
+def default_num_draft_tokens(drafter: str) -> int | None:
+    """The draft length an exported drafter carries (`num_assistant_tokens` in generation_config.json)."""
+    path = Path(drafter) / "generation_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("num_assistant_tokens")
+
+
+def checkpoint_dtype(name_or_path: str) -> str | None:
+    """The dtype a checkpoint is stored in (`dtype`, or the older `torch_dtype`, of its config)."""
+    try:
+        config = _config_dict(name_or_path)
+    except OSError:  # a Hub id that is not cached (offline): vLLM decides
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section.get(key), str):
+                return section[key]
+    return None
+
+
+def served_dtype(model: str, dtype: str = "auto") -> str:
+    """The `--dtype` the server is started with: `dtype`, except `auto` on a CPU without
+    bfloat16 instructions, which keeps a float32 checkpoint in float32.
+
+    vLLM's `auto` downcasts float32 checkpoints to the platform's first dtype, and its CPU
+    platform lists bfloat16 first on every x86 and Arm CPU, with or without bf16 instructions.
+    Without them bf16 is emulated: a float32 SmolLM2-135M served ≈4× fewer tokens/s in bf16
+    than in float32 on one core of an AVX2 CPU, and 35 of 47 greedy replies differed from
+    float32's (bench/results, README). Keeping float32 there is also what transformers'
+    `dtype="auto"` does, so both backends then compute in the same dtype. With a GPU, or a CPU
+    with bf16 instructions, vLLM's choice stands.
+    """
+    if dtype != "auto" or environment.has_gpu() or environment.cpu_has_native_bf16() is not False:
+        return dtype
+    return "float32" if checkpoint_dtype(model) == "float32" else dtype
