@@ -23,21 +23,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from sd2_hf.data.distill import DistillConfig
-from sd2_hf.evaluation.config import EvalConfig, parse_drafter
-from sd2_hf.export.config import ExportConfig
-from sd2_hf.pruning.config import PruneConfig
-from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.evaluation.config import parse_drafter
+from sd2_hf.stages import STAGE_NAMES, PlanContext
+from sd2_hf.stages import STAGES as STAGE_DESCRIPTIONS
 
-STAGES = ("distill", "prune", "train", "export", "eval")
-# The pipeline owns every stage's output directory and decides when to start one afresh.
-PIPELINE_OWNED = ("output", "overwrite")
+STAGES = STAGE_NAMES
 # File suffixes that mark a value as a path even before the file exists.
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _PATH_SUFFIXES = (".json", ".jsonl", ".yaml", ".yml", ".parquet", ".arrow", ".gguf")
@@ -45,120 +41,6 @@ _PATH_SUFFIXES = (".json", ".jsonl", ".yaml", ".yml", ".parquet", ".arrow", ".gg
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the key, its section and what is allowed."""
-
-
-def _optional(annotation: Any) -> Any:
-    return annotation | None
-
-
-def _section(
-    config: type[BaseModel],
-    filled: dict[str, str],
-    *,
-    descriptions: dict[str, str] | None = None,
-    extra: dict[str, tuple[Any, FieldInfo]] | None = None,
-) -> type[BaseModel]:
-    """The recipe section of a stage: the stage config's own fields (same types, bounds and
-    descriptions), minus those the pipeline owns, with the `filled` ones made optional.
-
-    The stage config's validators run when the pipeline builds the config (`Recipe.plan`), so
-    a bad combination is reported with the values the stage will really get.
-    """
-    fields: dict[str, Any] = {}
-    for name, info in config.model_fields.items():
-        if name in PIPELINE_OWNED:
-            continue
-        if name in filled:
-            fields[name] = (
-                _optional(info.annotation),
-                Field(None, description=f"{info.description} (default: {filled[name]})"),
-            )
-        elif descriptions and name in descriptions:
-            copied = FieldInfo.merge_field_infos(info, description=descriptions[name])
-            fields[name] = (info.annotation, copied)
-        else:
-            fields[name] = (info.annotation, info)
-    fields.update(extra or {})
-    return create_model(
-        config.__name__.replace("Config", "") + "Section",
-        __config__=ConfigDict(extra="forbid"),
-        __doc__=f"Recipe section for {config.__name__}: {config.__doc__}",
-        **fields,
-    )
-
-
-DistillSection = _section(
-    DistillConfig,
-    {"target": "the recipe's target model", "source": "the recipe's top-level `dataset`"},
-)
-PruneSection = _section(
-    PruneConfig,
-    {
-        "model": "the recipe's drafter model",
-        "dataset": "the distilled dataset, else the recipe's top-level `dataset`",
-    },
-)
-TrainSection = _section(
-    TrainStageConfig,
-    {
-        "model": "the pruned checkpoint, else the recipe's drafter model",
-        "dataset": "the distilled dataset, else the recipe's top-level `dataset`",
-        "teacher": "the recipe's target model when distill_loss is set",
-    },
-    extra={
-        "accelerate_config": (
-            str | None,
-            Field(
-                None,
-                description="run the stage under `accelerate launch --config_file` this file "
-                "(multi-GPU: recipes/accelerate/*.yaml); None: in the pipeline's process",
-            ),
-        ),
-        "accelerate_args": (
-            list[str],
-            Field(
-                default_factory=list,
-                description="further `accelerate launch` arguments, e.g. ['--num_processes', '8']",
-            ),
-        ),
-    },
-)
-ExportSection = _section(
-    ExportConfig,
-    {
-        "drafter": "the trained drafter, else the pruned one",
-        "target": "the recipe's target model",
-    },
-)
-COMPARISONS = ("pruned", "dense")
-EvalSection = _section(
-    EvalConfig,
-    {"target": "the recipe's target model"},
-    descriptions={
-        "drafters": "further drafters to compare, each `path` or `name=path` (the pipeline "
-        "adds its own: `sd2` and those named in `compare`)",
-    },
-    extra={
-        "compare": (
-            list[Literal["pruned", "dense"]],
-            Field(
-                default_factory=lambda: ["pruned"],
-                description="pipeline drafters evaluated next to the SD² one (`sd2`): `pruned` "
-                "(the pruned drafter before fine-tuning) and `dense` (the drafter model "
-                "before pruning)",
-            ),
-        ),
-    },
-)
-SECTIONS: dict[str, type[BaseModel]] = {
-    "distill": DistillSection,
-    "prune": PruneSection,
-    "train": TrainSection,
-    "export": ExportSection,
-    "eval": EvalSection,
-}
-# Recipe-section fields that are not options of the stage config itself.
-LAUNCH_FIELDS = {"train": ("accelerate_config", "accelerate_args"), "eval": ("compare",)}
 
 
 class ModelSection(BaseModel):
@@ -175,7 +57,7 @@ class ModelSection(BaseModel):
         return {"model": value} if isinstance(value, str) else value
 
 
-class Recipe(BaseModel):
+class _RecipeBase(BaseModel):
     """An SD² pipeline: models, seed data, and one section per stage to run."""
 
     model_config = ConfigDict(extra="forbid")
@@ -204,14 +86,9 @@ class Recipe(BaseModel):
         description="seed conversations (asset:<name>, JSON/JSONL file or datasets dir): "
         "distill.source, and prune/train data when there is no distill section",
     )
-    distill: DistillSection | None = Field(None, description="self-data distillation")
-    prune: PruneSection | None = Field(None, description="one-shot pruning of the drafter")
-    train: TrainSection | None = Field(None, description="sparse fine-tuning (SD2Trainer)")
-    export: ExportSection | None = Field(None, description="drafter export with model card")
-    eval: EvalSection | None = Field(None, description="MAL / MACs evaluation")
 
     @model_validator(mode="after")
-    def _some_stage(self) -> Recipe:
+    def _some_stage(self) -> _RecipeBase:
         if not any(getattr(self, s) is not None for s in STAGES):
             raise ValueError(f"the recipe has no stage: add at least one of {', '.join(STAGES)}")
         return self
@@ -233,104 +110,32 @@ class Recipe(BaseModel):
 
         Raises `RecipeError` when a stage config rejects the values (its own validators).
         """
-        present = set(self.stages())
-        out = {s: str(self.root / s) for s in STAGES}
+        ctx = PlanContext(self, set(self.stages()), {s: str(self.root / s) for s in STAGES})
         plans: list[StagePlan] = []
-
-        def user(stage: str) -> dict[str, Any]:
-            section = getattr(self, stage)
+        for stage in STAGE_DESCRIPTIONS:
+            section = getattr(self, stage.name)
+            if section is None:
+                continue
             given = section.model_dump(exclude_unset=True)
-            return {k: v for k, v in given.items() if k not in LAUNCH_FIELDS.get(stage, ())}
-
-        def launch(stage: str) -> dict[str, Any]:
-            section = getattr(self, stage)
-            return {k: getattr(section, k) for k in LAUNCH_FIELDS.get(stage, ())}
-
-        def data_for(stage: str, given: dict[str, Any], key: str) -> list[str]:
-            """Fill `key` with the distilled data or the top-level dataset; the consumed stages."""
-            if given.get(key) is not None:
-                return []
-            if "distill" in present:
-                given[key] = out["distill"]
-                return ["distill"]
-            if self.dataset is not None:
-                given[key] = self.dataset
-            return []
-
-        if "distill" in present:
-            given = user("distill")
-            if given.get("target") is None:
-                given["target"] = self.target.model
-            if given.get("source") is None:
-                if self.dataset is None:
-                    raise RecipeError(
-                        "distill: no seed conversations: set the top-level `dataset` "
-                        "(e.g. asset:sharegpt) or `distill.source`"
-                    )
-                given["source"] = self.dataset
-            plans.append(_build("distill", DistillConfig, given, out, [], {}))
-
-        if "prune" in present:
-            given = user("prune")
-            if given.get("model") is None:
-                given["model"] = self.drafter_model
-            consumes = data_for("prune", given, "dataset")
-            if given.get("dataset") is None:
-                given.pop("dataset", None)
-            plans.append(_build("prune", PruneConfig, given, out, consumes, {}))
-
-        if "train" in present:
-            given = user("train")
-            consumes = []
-            if given.get("model") is None:
-                if "prune" in present:
-                    given["model"], consumes = out["prune"], ["prune"]
-                else:
-                    given["model"] = self.drafter_model
-            consumes += data_for("train", given, "dataset")
-            if given.get("dataset") is None:
-                raise RecipeError(
-                    "train: no conversations to train on: add a `distill` section, set the "
-                    "top-level `dataset`, or set `train.dataset`"
-                )
-            if given.get("teacher") is None:
-                given.pop("teacher", None)
-                if given.get("distill_loss", "none") != "none":
-                    given["teacher"] = self.target.model
-            plans.append(_build("train", TrainStageConfig, given, out, consumes, launch("train")))
-
-        if "export" in present:
-            given = user("export")
-            consumes = []
-            if given.get("drafter") is None:
-                source = next((s for s in ("train", "prune") if s in present), None)
-                given["drafter"] = out[source] if source else self.drafter_model
-                consumes = [source] if source else []
-            if given.get("target") is None:
-                given["target"] = self.target.model
-            plans.append(_build("export", ExportConfig, given, out, consumes, {}))
-
-        if "eval" in present:
-            given = user("eval")
-            if given.get("target") is None:
-                given["target"] = self.target.model
-            compare = self.eval.compare
-            drafters, consumes = [], []
-            if "train" in present:
-                source = "export" if "export" in present else "train"
-                drafters.append(f"sd2={out[source]}")
-                consumes.append(source)
-            elif "export" in present:
-                drafters.append(f"exported={out['export']}")
-                consumes.append("export")
-            if "pruned" in compare and "prune" in present:
-                drafters.append(f"pruned={out['prune']}")
-                consumes.append("prune")
-            if "dense" in compare:
-                drafters.append(f"dense={self.drafter_model}")
-            given["drafters"] = drafters + given.get("drafters", [])
-            plans.append(_build("eval", EvalConfig, given, out, consumes, launch("eval")))
+            given = {k: v for k, v in given.items() if k not in stage.launch_fields}
+            launch = {k: getattr(section, k) for k in stage.launch_fields}
+            try:
+                consumes = stage.wire(ctx, given)
+            except ValueError as err:
+                raise RecipeError(str(err)) from None
+            plans.append(_build(stage.name, stage.config, given, ctx.out, consumes, launch))
         return plans
+
+
+# Every stage's section is a field of the recipe, in pipeline order.
+Recipe = create_model(
+    "Recipe",
+    __base__=_RecipeBase,
+    **{
+        stage.name: (stage.section | None, Field(None, description=stage.help))
+        for stage in STAGE_DESCRIPTIONS
+    },
+)
 
 
 @dataclass
@@ -446,22 +251,11 @@ _PATH_KEYS: dict[tuple[str, ...], str] = {
     ("drafter",): "path",
     ("target", "model"): "path",
     ("drafter", "model"): "path",
-    ("distill", "target"): "path",
-    ("distill", "source"): "path",
-    ("prune", "model"): "path",
-    ("prune", "dataset"): "path",
-    ("prune", "recipe"): "path",
-    ("train", "model"): "path",
-    ("train", "dataset"): "path",
-    ("train", "teacher"): "path",
-    ("train", "accelerate_config"): "path",
-    ("train", "trainer_args", "chat_template_path"): "path",
-    ("export", "drafter"): "path",
-    ("export", "target"): "path",
-    ("export", "eval_json"): "paths",
-    ("eval", "target"): "path",
-    ("eval", "prompts"): "path",
-    ("eval", "drafters"): "drafters",
+    **{
+        (stage.name, *keys): kind
+        for stage in STAGE_DESCRIPTIONS
+        for keys, kind in stage.paths.items()
+    },
 }
 
 

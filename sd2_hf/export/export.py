@@ -41,6 +41,35 @@ logger = logging.getLogger(__name__)
 QUANTIZATION_SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
 
 
+def _eval_section(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from sd2_hf.export.evals import best_run
+
+    return (
+        {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
+        if runs
+        else None
+    )
+
+
+def write_metadata_and_card(directory: Path, metadata: dict[str, Any]) -> None:
+    """`sd2_drafter.json` and the model card rendered from it."""
+    from sd2_hf.export.card import render_model_card
+
+    atomic_write_json(directory / METADATA_FILE, metadata)
+    atomic_write_text(directory / "README.md", str(render_model_card(metadata)).rstrip("\n") + "\n")
+
+
+def add_eval_to_export(export_dir: Path, eval_json: Path, drafter: str = "sd2") -> None:
+    """Put the MAL measured in `eval_json` (its entry `drafter`) into an export's metadata and
+    model card. The pipeline exports before it evaluates, so its card is written without
+    evaluation first; the weights are not touched."""
+    from sd2_hf.export.evals import load_eval_runs
+
+    metadata = read_json(export_dir / METADATA_FILE)
+    metadata["eval"] = _eval_section(load_eval_runs([str(eval_json)], str(export_dir), drafter))
+    write_metadata_and_card(export_dir, metadata)
+
+
 @dataclass
 class ExportResult:
     output: str
@@ -117,7 +146,6 @@ def run_export(config: ExportConfig) -> ExportResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sd2_hf.evaluation.macs import count_macs
-    from sd2_hf.export.card import render_model_card
     from sd2_hf.export.evals import best_run, load_eval_runs
     from sd2_hf.pruning.masks import find_target_linears, sparsity_report
     from sd2_hf.pruning.runner import versions
@@ -234,9 +262,7 @@ def run_export(config: ExportConfig) -> ExportResult:
                 },
                 "checkpoint_bytes": checkpoint_bytes(staging),
                 "recipe": _recipe(drafter_path),
-                "eval": {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
-                if runs
-                else None,
+                "eval": _eval_section(runs),
                 "card": {
                     "model_name": config.model_name or output.name,
                     "base_model": config.base_model or _hub_id(config.drafter),
@@ -246,10 +272,7 @@ def run_export(config: ExportConfig) -> ExportResult:
                 },
                 "versions": versions(),
             }
-            atomic_write_json(staging / METADATA_FILE, metadata)
-            atomic_write_text(
-                staging / "README.md", str(render_model_card(metadata)).rstrip("\n") + "\n"
-            )
+            write_metadata_and_card(staging, metadata)
             bar.update()
 
             if output.exists():

@@ -1,0 +1,81 @@
+"""`sd2 run RECIPE.yaml [KEY=VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from sd2_hf.pipeline.run import run_pipeline
+from sd2_hf.pipeline.summary import summary
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sd2_hf.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_pipeline(
+        recipe,
+        from_stage=args.from_stage,
+        only=args.only,
+        force=args.force,
+        dry_run=args.dry_run,
+        command=_command_line(args),
+    )
+    if args.dry_run:
+        print(f"sd2 run {recipe.name} (dry run): {recipe.root}")
+        for o in result.outcomes:
+            print(f"  {o.name:<9}{o.status:<14}{o.reason}")
+        return 0
+    print(summary(result))
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The `sd2 run` command as given (`main(argv)` may be called without a real argv)."""
+    line = ["sd2", "run", args.recipe, *args.overrides]
+    for flag, value in (("--from", args.from_stage), ("--only", args.only)):
+        line += [flag, value] if value else []
+    return line + [flag for flag, on in (("--force", args.force),) if on]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from sd2_hf.stages import STAGE_NAMES
+
+    parser = subparsers.add_parser(
+        "run",
+        help="run a pipeline recipe: distill -> prune -> train -> export -> eval",
+        description="Run the stages of a recipe YAML in order, each into <output>/<stage>/. "
+        "Complete stages whose section and inputs are unchanged are skipped; an interrupted "
+        "stage resumes (distill, train) or starts over; a changed stage is redone with every "
+        "stage after it that uses its output.",
+    )
+    parser.add_argument("recipe", help="recipe YAML (e.g. recipes/sd2/smollm2-demo.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="recipe overrides section.key=value (value parsed as YAML, e.g. train.max_steps=3, "
+        "eval.drafters=[a=dir]); section=null drops a stage; paths relative to the current dir. Put them before "
+        "the options",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=STAGE_NAMES,
+        help="run from this stage on (earlier stages must be complete); complete stages are "
+        "still skipped unless --force",
+    )
+    which.add_argument(
+        "--only", choices=STAGE_NAMES, help="run only this stage (its inputs must be complete)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="redo the selected stages even when complete (from scratch, no resume)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe and show which stages would run, without running them",
+    )
+    parser.set_defaults(func=_run)

@@ -1,0 +1,87 @@
+"""The one-screen end of `sd2 run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sd2_hf.pipeline.records import PROVENANCE_FILE, PipelineResult
+from sd2_hf.stages import BY_NAME, STAGES
+from sd2_hf.utils.io import read_json
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _drafter_sparsity(path: str) -> str:
+    """Sparsity of the targeted layers as the stage that wrote `path` recorded it."""
+    directory = Path(path)
+    for stage in reversed(STAGES):
+        if stage.sparsity_record is None:
+            continue
+        name, keys = stage.sparsity_record
+        if (directory / name).is_file():
+            value: Any = read_json(directory / name)
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)):
+                return f"{value:.1%}"
+    return "-"
+
+
+def summary(result: PipelineResult) -> str:
+    """The one-screen end of `sd2 run`: stages, MAL per drafter, MACs, sparsity, where things are."""
+    lines = [
+        "",
+        f"sd2 run {result.recipe}: {result.root}  ({_duration(result.seconds)})",
+        f"  {'stage':<9}{'status':<14}{'time':>8}  details",
+    ]
+    for o in result.outcomes:
+        note = BY_NAME[o.name].note(o.record["result"]) if o.record else o.reason
+        time_text = _duration(o.seconds) if o.status in ("ran", "resumed") else "-"
+        lines.append(f"  {o.name:<9}{o.status:<14}{time_text:>8}  {note}")
+
+    eval_dir = result.root / "eval"
+    eval_outcome = result.outcome("eval")
+    if eval_outcome and eval_outcome.record and (eval_dir / "eval.json").is_file():
+        report = read_json(eval_dir / "eval.json")
+        lines += [
+            "",
+            f"  MAL on {report['num_prompts']} prompts of {report['prompts']['source']} "
+            f"(K={report['num_draft_tokens']}, {report['backend']}, target {report['target']})",
+            f"  {'drafter':<12}{'MAL':>7}{'MACs vs target':>16}{'sparsity':>10}"
+            f"{'improvement':>13}{'lossless':>10}",
+        ]
+        for row in report["drafters"]:
+            mal = f"{row['mal']:.3f}" if row["mal"] is not None else "-"
+            rel = f"{row['relative_macs']:.1%}" if row.get("relative_macs") is not None else "-"
+            sparsity = _drafter_sparsity(row["path"]) if row["kind"] == "model" else "-"
+            gain = row.get("improvement_factor")
+            gain_text = f"{gain:.3f}" if gain is not None else "-"
+            lossless = (
+                ("ok" if row["lossless_mismatches"] == 0 else f"{row['lossless_mismatches']} diff")
+                if row.get("lossless_checked")
+                else "-"
+            )
+            lines.append(
+                f"  {row['name']:<12}{mal:>7}{rel:>16}{sparsity:>10}{gain_text:>13}{lossless:>10}"
+            )
+        mals = {row["name"]: row["mal"] for row in report["drafters"]}
+        if mals.get("sd2") and mals.get("pruned"):
+            verdict = "above" if mals["sd2"] > mals["pruned"] else "NOT above"
+            lines.append(
+                f"  SD² drafter MAL {mals['sd2']:.3f} is {verdict} the un-fine-tuned pruned "
+                f"drafter's {mals['pruned']:.3f} (x{mals['sd2'] / mals['pruned']:.3f})"
+            )
+        lines.append(
+            f"  report    {eval_dir / 'eval.md'}\n"
+            f"  plots     {eval_dir}/mal_per_category.png, acceptance_per_position.png, "
+            "mal_vs_macs.png"
+        )
+    export_outcome = result.outcome("export")
+    if export_outcome and export_outcome.record:
+        lines.append(f"  drafter   {result.root / 'export'}  (model card: README.md)")
+    lines.append(f"  provenance {result.root / PROVENANCE_FILE}")
+    return "\n".join(lines)
