@@ -11,11 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fake_http
 import pytest
 from datasets import load_dataset
+from fake_http import JSONHandler
 from test_distill import assert_accounting_closes, read_rows, two_turn_rows, write_jsonl
 
 from sd2_hf.data.distill import DistillConfig, run_distill
@@ -23,16 +24,16 @@ from sd2_hf.data.distill import DistillConfig, run_distill
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-class FakeVLLM(BaseHTTPRequestHandler):
+class FakeVLLM(JSONHandler):
     """Answers /v1/completions with token ids derived from the prompt (or with HTTP 500)."""
 
     def do_GET(self):  # noqa: N802 (http.server API)
         if self.path == "/v1/models":
-            self._reply(200, {"data": [{"id": "fake", "max_model_len": 512}]})
+            self.reply(200, {"data": [{"id": "fake", "max_model_len": 512}]})
         elif self.path == "/version":
-            self._reply(200, {"version": "fake-0"})
+            self.reply(200, {"version": "fake-0"})
         else:
-            self._reply(404, {"error": "no"})
+            self.reply(404, {"error": "no"})
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -45,23 +46,12 @@ class FakeVLLM(BaseHTTPRequestHandler):
         with shared["lock"]:
             shared["in_flight"] -= 1
         if server.status != 200:
-            self._reply(server.status, {"error": {"message": "engine exploded"}})
+            self.reply(server.status, {"error": {"message": "engine exploded"}})
             return
         # A deterministic "reply": the last few prompt tokens, then the first stop token.
         ids = body["prompt"][-4:] + [body["stop_token_ids"][0]]
         choice = {"text": "", "token_ids": ids, "finish_reason": "stop"}
-        self._reply(200, {"choices": [choice], "usage": {"completion_tokens": len(ids)}})
-
-    def _reply(self, status: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, {"choices": [choice], "usage": {"completion_tokens": len(ids)}})
 
 
 @pytest.fixture()
@@ -74,17 +64,13 @@ def fake_servers():
     shared = {"lock": threading.Lock(), "in_flight": 0, "max_in_flight": 0}
 
     def start(status: int = 200, delay: float = 0.02):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
-        server.status, server.requests, server.shared = status, [], shared
-        server.delay, server.daemon_threads = delay, True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = fake_http.start(FakeVLLM, status=status, requests=[], shared=shared, delay=delay)
         started.append(server)
-        return server, f"http://127.0.0.1:{server.server_address[1]}"
+        return server, fake_http.url(server)
 
     yield start
     for server in started:
-        server.shutdown()
-        server.server_close()
+        fake_http.stop(server)
 
 
 @pytest.fixture()

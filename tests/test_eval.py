@@ -30,14 +30,8 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread hand-offs; on a busy 2-core machine one thread is
-    # several times faster. Restored afterwards for the rest of the suite.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models are dominated by thread hand-offs: one thread is faster on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

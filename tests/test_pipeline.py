@@ -25,13 +25,8 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread hand-offs; one thread is faster on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models are dominated by thread hand-offs: one thread is faster on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_recipe(directory: Path, target: Path, **changes) -> Path:

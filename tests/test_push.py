@@ -13,31 +13,20 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fake_http
 import pytest
+from fake_http import JSONHandler
 
 from sd2_hf.export.export import ExportConfig, run_export
 
 TOKEN = "hf_sd2TestTokenThatMustNeverBePrinted0123"
 
 
-class FakeHub(BaseHTTPRequestHandler):
+class FakeHub(JSONHandler):
     requests: list[dict] = []
     files: dict[str, dict[str, bytes]] = {}
-
-    def log_message(self, *args):  # keep the test output quiet
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):  # noqa: N802 (http.server API)
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -53,18 +42,18 @@ class FakeHub(BaseHTTPRequestHandler):
         endpoint = f"http://{self.headers['Host']}"
         if parts[:3] == ["api", "repos", "create"]:
             payload = json.loads(body)
-            return self._reply(
+            return self.reply(
                 200, {"url": f"{endpoint}/{payload['organization']}/{payload['name']}"}
             )
         if parts[:2] == ["api", "validate-yaml"]:
-            return self._reply(200, {})
+            return self.reply(200, {})
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
             if action == "branch":
-                return self._reply(200, {})
+                return self.reply(200, {})
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._reply(
+                return self.reply(
                     200,
                     {
                         "files": [
@@ -80,7 +69,7 @@ class FakeHub(BaseHTTPRequestHandler):
                     if item["key"] == "file":
                         value = item["value"]
                         received[value["path"]] = base64.b64decode(value["content"])
-                return self._reply(
+                return self.reply(
                     200,
                     {
                         "commitUrl": f"{endpoint}/{repo}/commit/{'0' * 40}",
@@ -88,26 +77,20 @@ class FakeHub(BaseHTTPRequestHandler):
                         "pullRequestUrl": None,
                     },
                 )
-        return self._reply(404, {"error": f"unexpected {self.path}"})
+        return self.reply(404, {"error": f"unexpected {self.path}"})
 
     def do_GET(self):  # noqa: N802
         self.requests.append(
             {"method": "GET", "path": self.path, "auth": self.headers.get("Authorization")}
         )
-        self._reply(404, {"error": f"unexpected GET {self.path}"})
+        self.reply(404, {"error": f"unexpected GET {self.path}"})
 
 
 @pytest.fixture()
 def fake_hub():
     FakeHub.requests, FakeHub.files = [], {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with fake_http.serving(FakeHub) as server:
+        yield fake_http.url(server)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import json
 import math
 import shutil
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import fake_http
 import pytest
 import tiny
+from fake_http import JSONHandler
 
 from sd2_hf.serving import OpenAIClient, RequestFailed, SpecDecodeCounters, VLLMServer
 from sd2_hf.serving.cli import ServeConfig, curl_example
@@ -83,37 +83,22 @@ def test_counter_deltas_and_empty_readings():
         earlier - later
 
 
-class _ScriptedHandler(BaseHTTPRequestHandler):
+class _ScriptedHandler(JSONHandler):
     """Answers POSTs with the next (status, body) of the server's script; records requests."""
 
     def do_POST(self):  # noqa: N802 (http.server API)
         length = int(self.headers["Content-Length"])
         self.server.requests.append((self.path, json.loads(self.rfile.read(length))))
-        status, body = self.server.script.pop(0)
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(*self.server.script.pop(0))
 
 
 @pytest.fixture()
 def scripted_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
-    server.script, server.requests = [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with fake_http.serving(_ScriptedHandler, script=[], requests=[]) as server:
+        yield server
 
 
-def _url(server) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}"
+_url = fake_http.url
 
 
 def test_client_retries_5xx_with_backoff_then_succeeds(scripted_server):
