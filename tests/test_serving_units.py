@@ -14,7 +14,8 @@ import tiny
 from fake_http import JSONHandler
 
 from sd2_hf.serving import OpenAIClient, RequestFailed, SpecDecodeCounters, VLLMServer
-from sd2_hf.serving.cli import ServeConfig, curl_example
+from sd2_hf.serving.cli import curl_example
+from sd2_hf.serving.config import ServeConfig
 from sd2_hf.serving.metrics import parse_prometheus_text
 from sd2_hf.utils.environment import VLLMEnvironmentError, vllm_python
 from sd2_hf.utils.models import is_hybrid_attention, vocabularies_differ
