@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
-from sd2_hf.data.distill import DistillConfig
+from sd2_hf.data.config import DistillConfig
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.export.config import ExportConfig
 from sd2_hf.pruning.config import PruneConfig

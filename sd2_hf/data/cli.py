@@ -9,7 +9,8 @@ from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sd2_hf.data.distill import DistillConfig, run_distill
+    from sd2_hf.data.config import DistillConfig
+    from sd2_hf.data.distill import run_distill
 
     config = model_from_args(DistillConfig, args)
     # One INFO line per HTTP request would bury the progress bar.
@@ -21,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sd2_hf.data.distill import DistillConfig
+    from sd2_hf.data.config import DistillConfig
 
     parser = subparsers.add_parser(
         "distill",
