@@ -395,7 +395,10 @@ def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch, tiny_model
     from sd2_hf.serving import server
 
     source = write_jsonl(tmp_path / "seed.jsonl", two_turn_rows(2))
-    run_distill(config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)), backend=ScriptedBackend())
+    run_distill(
+        config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)),
+        backend=ScriptedBackend(),
+    )
     monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
     with pytest.raises(ValueError, match="served_dtype: None -> 'float32'"):
         run_distill(config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)))
