@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-Distilled Sparse Drafters (SD²) for speculative decoding.",
     )
     parser.add_argument("--version", action="version", version=f"sd2-hf {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose_help = (
+        "debug logging, and the libraries' own chatter (llm-compressor's per-layer lines)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    # The same flag after the command (`sd2 run recipe.yaml -v`); SUPPRESS keeps the global
+    # default when it is not given there.
+    for command in subparsers.choices.values():
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
     return parser
 
 

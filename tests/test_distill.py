@@ -205,6 +205,60 @@ def test_sampling_is_reproducible_per_seed(tmp_path, tiny_model_dir, seed_file):
     assert first != other
 
 
+def test_sampled_rows_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, seed_file):
+    """Each row samples with its own seed: batch neighbours and batch_size (which a resume may
+    change) do not change its reply."""
+
+    def sampled(batch_size: int) -> list[dict]:
+        cfg = DistillConfig(
+            target=str(tiny_model_dir),
+            source=str(seed_file),
+            output=str(tmp_path / f"batch-{batch_size}"),
+            max_new_tokens=8,
+            filter_truncated=False,
+            temperature=1.0,
+            batch_size=batch_size,
+        )
+        run_distill(cfg)
+        return sorted(read_rows(tmp_path / f"batch-{batch_size}"), key=lambda r: r["id"])
+
+    one, four = sampled(1), sampled(4)
+    assert len(one) == 20  # 16 one-turn and 4 two-turn conversations
+    assert one == four
+    # Sampled, not greedy: the same prompts answered greedily differ.
+    greedy = TransformersBackend(str(tiny_model_dir), batch_size=4)
+    first_turns = [r["messages"][:1] for r in one if len(r["messages"]) == 2]
+    replies = greedy.generate(first_turns, Sampling(max_new_tokens=8))
+    assert [g.text for g in replies] != [r["messages"][1]["content"] for r in one[: len(replies)]]
+
+
+def test_per_row_sampler_draws_from_the_warped_distribution():
+    """The per-row draw samples softmax(logits / T) restricted to the top-p nucleus, like
+    transformers' own sampler, and each row's draws follow its own seed only."""
+    import torch
+
+    from sd2_hf.data.sampling import per_row_sampling_processors
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # T = 2 flattens p to p**0.5 / sum = (0.38, 0.29, 0.21, 0.12); top_p = 0.85 keeps the
+    # first three (mass 0.88) and drops the last.
+    warped = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    warped = warped / warped.sum()
+    nucleus = torch.cat([warped[:3] / warped[:3].sum(), torch.zeros(1)])
+    processors = per_row_sampling_processors([7], temperature=2.0, top_p=0.85)
+    draws = torch.tensor([int(processors(None, logits.clone()).argmax()) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[3] == 0  # outside the nucleus: never drawn
+    assert torch.allclose(freq, nucleus, atol=0.03), (freq, nucleus)
+
+    # Row 1 of a batch draws what it draws alone with the same seed, whatever row 0 is.
+    batch = torch.randn(2, 50)
+    alone = per_row_sampling_processors([3], temperature=1.0, top_p=1.0)
+    paired = per_row_sampling_processors([11, 3], temperature=1.0, top_p=1.0)
+    for _ in range(20):
+        assert paired(None, batch.clone())[1].argmax() == alone(None, batch[1:].clone()).argmax()
+
+
 def test_token_limit_filter_is_counted(tmp_path, tiny_model_dir, seed_file):
     cfg = DistillConfig(
         target=str(tiny_model_dir),

@@ -11,10 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import fake_http
+import psutil
 import pytest
+import tiny
 from datasets import load_dataset
 from fake_http import JSONHandler
 from test_distill import assert_accounting_closes, read_rows, two_turn_rows, write_jsonl
@@ -221,3 +224,95 @@ def test_vllm_server_distills_and_agrees_with_transformers(
             f"\n[distill] greedy rows identical between vLLM and transformers: {agree}/{len(by_id_hf)}"
         )
     assert agree >= len(by_id_hf) // 2
+
+
+def _processes_with_marker(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment holds `marker`: the run's own and every process of
+    the vLLM server it started (the environment is inherited by the server's launcher, API
+    server and engine-core processes, whose command lines vLLM rewrites)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and proc.environ().get("SD2_TEST_RUN_MARKER") == marker
+            ):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _journal_outcomes(output: Path) -> dict[str, str]:
+    latest = {}
+    for commit in sorted((output / "journal").glob("commit-*.json")):
+        latest.update(json.loads(commit.read_text())["rows"])
+    return {row_id: entry["status"] for row_id, entry in latest.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_sigkill_mid_run_leaves_no_vllm_process_and_the_rerun_completes(
+    tmp_path, tiny_model_dir, vllm_python
+):
+    """`kill -9` on the process group of `sd2 distill --backend vllm` (no atexit, no signal
+    handler runs) takes the vLLM server it started down with it; the rerun starts a fresh
+    server, resumes the committed rows and accounts for every input row exactly once."""
+    rows = [{"id": f"row-{i}", **r} for i, r in enumerate(tiny.conversations(48))]
+    rows += two_turn_rows(4)
+    # Prompts over --max-prompt-tokens (about 380 tokens against 30-45): filtered as too_long.
+    long = [{"role": "user", "content": "tell me a long story please " * 20}]
+    rows += [{"id": f"long-{i}", "messages": long} for i in range(4)]
+    seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+    ids = {r["id"] for r in rows}
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "sd2_hf.cli", "distill", "--target", str(tiny_model_dir),
+        "--source", str(seed), "--output", str(out), "--backend", "vllm", "--dtype", "float32",
+        "--max-new-tokens", "32", "--no-filter-truncated", "--max-prompt-tokens", "200",
+        "--shard-size", "2", "--concurrency", "2",
+    ]  # fmt: skip
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "SD2_VLLM_PYTHON": str(vllm_python), "SD2_TEST_RUN_MARKER": marker}
+    log = tmp_path / "killed-run.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            command, env=env, stdout=stderr, stderr=stderr, start_new_session=True
+        )
+    try:
+        first_commit = out / "journal" / "commit-00000.json"
+        deadline = time.monotonic() + 600
+        while not first_commit.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()}"
+        server = [p for p in _processes_with_marker(marker) if p.pid != proc.pid]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # vLLM's API server and its engine core at least: the scan sees the server.
+        assert len(server) >= 2, server
+        commits = len(list((out / "journal").glob("commit-*.json")))
+        assert 1 <= commits < 28  # 56 rows in shards of 2: killed mid-run
+        assert not (out / "manifest.json").exists()
+
+        # Liveness bound, not a timing claim: vLLM gets 10 s after SIGTERM before SIGKILL.
+        deadline = time.monotonic() + 120
+        while _processes_with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with_marker(marker) == []
+    finally:
+        for leftover in _processes_with_marker(marker):
+            leftover.kill()
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _processes_with_marker(marker) == []  # the rerun stopped its own server
+    manifest = assert_accounting_closes(out, len(ids))
+    counts = manifest["counts"]
+    assert (counts["written"], counts["filtered"], counts["failed"]) == (52, 4, 0)
+    assert counts["filtered_by_reason"] == {"too_long": 4}
+    assert manifest["this_run"]["rows_resumed"] == 2 * commits
+    outcomes = _journal_outcomes(out)
+    assert outcomes.keys() == ids  # every input row has exactly one latest outcome
+    written = [r["id"] for r in read_rows(out)]
+    assert len(written) == len(set(written))  # no duplicates
+    assert set(written) == {i for i, status in outcomes.items() if status == "written"}

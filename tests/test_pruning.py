@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,6 +142,59 @@ def test_cli_prune(tiny_model_dir, tmp_path, capsys, sd2_fails):
     message = sd2_fails(["prune", tiny_model_dir, "--recipe", "nope", "--output", tmp_path / "x"])
     assert "unknown recipe 'nope'" in message
     assert not (tmp_path / "x").exists()
+
+
+PER_LAYER_LINE = "Sparsifying model.layers.0.self_attn.q_proj"
+
+
+def test_llmcompressor_per_layer_lines_only_when_verbose(
+    tiny_model_dir, chat_rows_file, tmp_path, capfd
+):
+    llmcompressor_logger = importlib.import_module("llmcompressor.logger")
+    before = llmcompressor_logger.LOGGER_CONFIG
+    _prune(tiny_model_dir, tmp_path / "quiet", chat_rows_file)
+    quiet = capfd.readouterr().out
+    assert PER_LAYER_LINE not in quiet and "METRIC" not in quiet
+    # llm-compressor's configuration is restored after the stage.
+    assert llmcompressor_logger.LOGGER_CONFIG == before
+
+    sd2_logger = logging.getLogger("sd2_hf")
+    level = sd2_logger.level
+    sd2_logger.setLevel(logging.DEBUG)  # what `sd2 -v` does, through the root logger
+    try:
+        _prune(tiny_model_dir, tmp_path / "verbose", chat_rows_file)
+    finally:
+        sd2_logger.setLevel(level)
+    verbose = capfd.readouterr().out
+    assert PER_LAYER_LINE in verbose and "METRIC - error" in verbose
+
+
+def test_cli_verbose_flag_after_the_command_shows_llmcompressor_lines(
+    tiny_model_dir, chat_rows_file, tmp_path
+):
+    # A subprocess: in-process, pytest's log handlers make the CLI's logging set-up a no-op.
+    command = [sys.executable, "-m", "sd2_hf.cli", "prune", str(tiny_model_dir)]
+    command += ["--dataset", chat_rows_file, "--num-samples", "8", "--max-seq-length", "32"]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path / "out"), "-v"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert PER_LAYER_LINE in result.stdout
+    assert "global sparsity" in result.stdout  # the summary still ends the output
+
+
+def test_verbose_flag_before_or_after_the_command():
+    from sd2_hf.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "run", "r.yaml"]).verbose
+    assert parser.parse_args(["run", "r.yaml", "-v"]).verbose
+    assert parser.parse_args(["prune", "m", "--verbose"]).verbose
+    assert not parser.parse_args(["run", "r.yaml"]).verbose
 
 
 # ---- bad input -------------------------------------------------------------------------

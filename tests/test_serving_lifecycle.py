@@ -8,6 +8,7 @@ core, so stopping must take down the whole process group.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -157,3 +158,51 @@ def test_servers_left_running_are_stopped_at_interpreter_exit(fake_vllm, tiny_mo
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("http://127.0.0.1:")
     assert _running(fake_vllm()) == []
+
+
+STARTER = textwrap.dedent(
+    """\
+    import os, sys, time
+    from sd2_hf.serving import VLLMServer
+
+    server = VLLMServer(sys.argv[1]).start()
+    if os.fork() == 0:  # like a data-loader worker: a forked child that outlives its parent
+        time.sleep(600)
+        os._exit(0)
+    print(server.url, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["ok", "stubborn"])
+def test_servers_die_with_a_starter_killed_by_sigkill(fake_vllm, tiny_model_dir, monkeypatch, mode):
+    """SIGKILL runs no atexit hook and no signal handler: the server's launcher sees its
+    lifeline pipe close and takes down the server's process group (the stubborn server, which
+    ignores SIGTERM, after the grace period). A forked child of the starter that lives on
+    does not hold the lifeline open."""
+    monkeypatch.setenv("FAKE_MODE", mode)
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tiny_model_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ,
+    )
+    forked = None
+    try:
+        assert starter.stdout.readline().startswith("http://127.0.0.1:")
+        pids = fake_vllm()
+        forked = next(c.pid for c in psutil.Process(starter.pid).children())
+        assert _running(pids) == pids
+        starter.kill()
+        starter.wait()
+        assert _running([forked]) == [forked]
+        # Liveness bound, not a timing claim: the grace period is 10 s.
+        deadline = time.monotonic() + 60
+        while _running(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _running(pids) == []
+    finally:
+        starter.kill()
+        for pid in _running([*fake_vllm(), *([forked] if forked else [])]):
+            os.kill(pid, signal.SIGKILL)

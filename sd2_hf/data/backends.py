@@ -184,8 +184,10 @@ class TransformersBackend:
         runnable.sort(key=lambda i: (-len(prompts[i]), i))
         for start in range(0, len(runnable), self.batch_size):
             chunk = runnable[start : start + self.batch_size]
-            seed = seeds[chunk[0]] if seeds is not None else sampling.seed
-            gens = self._generate_batch([prompts[i] for i in chunk], sampling, seed)
+            # One seed per row (not per batch): a sampled row then depends on its own prompt
+            # and seed only, not on its neighbours or the batch size, which a resume may change.
+            row_seeds = [seeds[i] if seeds is not None else sampling.seed for i in chunk]
+            gens = self._generate_batch([prompts[i] for i in chunk], sampling, row_seeds)
             for i, gen in zip(chunk, gens, strict=True):
                 results[i] = gen
                 if on_result:
@@ -193,7 +195,7 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
     def _generate_batch(
-        self, prompts: list[list[int]], sampling: Sampling, seed: int
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[Generation]:
         import torch
 
@@ -207,14 +209,16 @@ class TransformersBackend:
             # must sample from the plain distribution, so neutralise them explicitly.
             "repetition_penalty": 1.0,
         }
-        if sampling.greedy:
-            kwargs["do_sample"] = False
-        else:
-            # top_k=0 disables transformers' default top-k of 50, which vLLM does not apply.
-            kwargs.update(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
+        # Greedy decoding also when sampling: the sampling happens in a logits processor
+        # with one generator per row (generate's own sampler draws the whole batch from one
+        # RNG; see sd2_hf.data.sampling). No top-k: vLLM applies none either.
+        kwargs["do_sample"] = False
+        if not sampling.greedy:
+            from sd2_hf.data.sampling import per_row_sampling_processors
+
+            kwargs["logits_processor"] = per_row_sampling_processors(
+                seeds, sampling.temperature, sampling.top_p, self.device
             )
-        torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(**batch, **kwargs)
         new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()

@@ -30,6 +30,7 @@ from sd2_hf.export.config import (
     ExportError,
 )
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+from sd2_hf.utils.verbosity import llmcompressor_logging
 
 logger = logging.getLogger(__name__)
 
@@ -334,10 +335,11 @@ def _quantize(model, config: ExportConfig, group_size: int | None) -> dict[str, 
     if group_size is not None:
         weights = scheme.weights.model_copy(update={"group_size": group_size})
         scheme = scheme.model_copy(update={"weights": weights})
-    oneshot(
-        model=model,
-        recipe=QuantizationModifier(config_groups={"group_0": scheme}, ignore=config.ignore),
-    )
+    with llmcompressor_logging():  # its per-layer lines only with `sd2 -v`
+        oneshot(
+            model=model,
+            recipe=QuantizationModifier(config_groups={"group_0": scheme}, ignore=config.ignore),
+        )
     return {
         "tool": "llmcompressor.QuantizationModifier",
         "scheme": name,

@@ -22,6 +22,7 @@ from pathlib import Path
 from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
 from sd2_hf.utils.io import atomic_write_json
 from sd2_hf.utils.provenance import package_versions
+from sd2_hf.utils.verbosity import llmcompressor_logging
 
 PRUNING_PACKAGES = ("sd2-hf", "torch", "transformers", "llmcompressor", "compressed-tensors")
 
@@ -32,6 +33,13 @@ MACS_CONTEXT_LENGTH = 512
 
 def run_prune(config: PruneConfig) -> PruneResult:
     """Prune `config.model` as configured and write the results to `config.output`."""
+    if config.method == "oneshot":
+        with llmcompressor_logging():  # its per-layer log lines only with `sd2 -v`
+            return _run_prune(config)
+    return _run_prune(config)
+
+
+def _run_prune(config: PruneConfig) -> PruneResult:
     start = time.perf_counter()
     output = Path(config.output)
     if output.exists() and any(output.iterdir()) and not config.overwrite:

@@ -58,6 +58,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 # A strong set: a server whose object was dropped without stop() must still be stopped at exit.
 _live_servers: set[VLLMServer] = set()
 
+# Every server runs under this launcher, which kills the server's process group when the
+# process that started it dies (the launcher's docstring says how and why).
+LIFELINE = Path(__file__).with_name("lifeline.py")
+# How long a server whose starter died gets to shut down after SIGTERM before SIGKILL.
+LIFELINE_GRACE_SECONDS = 10
+
+
+def _disown_inherited_servers() -> None:
+    """In a child forked without exec (a data-loader worker, `multiprocessing` with fork):
+    the parent's servers are not the child's. Their inherited lifeline write ends would keep
+    them alive after the parent died for as long as the child lives, and the atexit hook would
+    stop them when the child exits. (Children started with exec get neither: os.pipe() makes
+    non-inheritable descriptors.)"""
+    for server in _live_servers:
+        server._close_lifeline()
+    _live_servers.clear()
+
+
+os.register_at_fork(after_in_child=_disown_inherited_servers)
+
 
 @atexit.register
 def _stop_live_servers() -> None:
@@ -76,7 +96,8 @@ class VLLMServer:
         print((server.spec_counters() - before).mal)
     ```
     The server runs in its own process group with its output in a log file; `stop()` (also
-    called at interpreter exit) terminates the whole group.
+    called at interpreter exit) terminates the whole group, and a launcher in the group
+    terminates it when the starting process dies without stopping it (SIGKILL, OOM killer).
     """
 
     def __init__(
@@ -129,6 +150,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else None
         self.speculative_config = self._speculative_config()
         self.process: subprocess.Popen | None = None
+        self._lifeline: int | None = None  # write end of the launcher's lifeline pipe
         self.startup_seconds: float | None = None
 
     def _speculative_config(self) -> dict[str, Any] | None:
@@ -205,16 +227,30 @@ class VLLMServer:
         cmd = self.command()
         logger.info("starting vLLM: %s (log: %s)", shlex.join(cmd), self.log_path)
         started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._environment(),
-                start_new_session=True,
-            )
-        _live_servers.add(self)
+        # The launcher watches the read end and kills the server's process group when the
+        # write end, held by this process only, closes: when this process dies, also by
+        # SIGKILL, where neither atexit nor a signal handler runs (sd2_hf/serving/lifeline.py).
+        lifeline_read, self._lifeline = os.pipe()
+        _live_servers.add(self)  # from here on, forked children close the write end
+        grace = str(LIFELINE_GRACE_SECONDS)
+        launcher = [sys.executable, "-I", str(LIFELINE), str(lifeline_read), grace, "--"]
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    launcher + cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._environment(),
+                    start_new_session=True,
+                    pass_fds=(lifeline_read,),
+                )
+        except BaseException:
+            _live_servers.discard(self)
+            self._close_lifeline()
+            raise
+        finally:
+            os.close(lifeline_read)
         try:
             self._wait_until_ready(started)
         except BaseException:
@@ -293,7 +329,7 @@ class VLLMServer:
         process = self.process
         if process is None:
             return
-        pgid = process.pid  # start_new_session made the server its group's leader
+        pgid = process.pid  # start_new_session made the server's launcher its group's leader
         _signal_group(pgid, signal.SIGTERM)
         try:
             process.wait(timeout)
@@ -305,10 +341,20 @@ class VLLMServer:
             time.sleep(0.2)
         if _group_alive(pgid):
             _signal_group(pgid, signal.SIGKILL)
+            # Delivery is asynchronous: return only once the group's processes are gone.
+            deadline = time.monotonic() + timeout
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         process.wait()
         # Only now: if this stop is interrupted, the atexit hook still finds the server.
         self.process = None
         _live_servers.discard(self)
+        self._close_lifeline()
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def spec_counters(self) -> SpecDecodeCounters:
         """Current cumulative speculative-decoding counters (zeros when there is no drafter)."""

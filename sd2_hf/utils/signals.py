@@ -2,7 +2,8 @@
 
 The vLLM servers the project starts live in their own process group (a terminal's Ctrl-C does
 not reach them); they are stopped by the context managers that started them, which a plain
-SIGTERM (default action: die at once) would skip, leaving the servers orphaned.
+SIGTERM (default action: die at once) would skip. (Where no handler can run, SIGKILL, the
+servers' lifeline pipe stops them: sd2_hf/serving/lifeline.py.)
 """
 
 from __future__ import annotations
