@@ -239,6 +239,13 @@ def run_export(config: ExportConfig) -> ExportResult:
             f"drafter {config.drafter} is not a checkpoint directory, a Hub id (ORG/NAME) or "
             "an `asset:<name>`"
         )
+    if (Path(drafter_path) / "adapter_config.json").is_file():
+        # transformers would load the adapter onto its base with plain (unmasked) LoRA layers.
+        raise ExportError(
+            f"drafter {config.drafter} is a PEFT adapter, not a drafter checkpoint: export the "
+            "merged drafter `sd2 train --peft` writes to its output dir, or merge the adapter "
+            "with sd2_hf.load_sparse_adapter(base, dir).merge_and_unload() and export that"
+        )
     if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
         raise ExportError(
             f"drafter {config.drafter} is already a compressed-tensors (quantized) checkpoint; "

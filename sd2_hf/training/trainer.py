@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from sd2_hf.training.callbacks import SparsityMaskCallback
 from sd2_hf.training.config import SD2Config
 from sd2_hf.training.losses import token_divergence
+from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
@@ -33,6 +35,9 @@ class SD2Trainer(SFTTrainer):
         model: the drafter (a model or a path/Hub id), usually already pruned.
         args: an `SD2Config`.
         teacher_model: optional target model (or path) for token-level distillation.
+        peft_config: optional `peft.LoraConfig`: train a sparsity-preserving LoRA adapter instead
+            of the full weights (SparsePEFT: the delta is masked with the base weight's zero
+            pattern in training and in `merge_and_unload`, so the merged drafter keeps its zeros).
         **kwargs: everything `SFTTrainer` accepts (train_dataset, processing_class, ...).
     """
 
@@ -56,6 +61,7 @@ class SD2Trainer(SFTTrainer):
         model,
         args: SD2Config | None = None,
         teacher_model: PreTrainedModel | str | None = None,
+        peft_config: LoraConfig | None = None,
         **kwargs,
     ):
         if args is None:
@@ -63,7 +69,10 @@ class SD2Trainer(SFTTrainer):
             args = SD2Config(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SD2")
         elif not isinstance(args, SD2Config):
             raise TypeError(f"SD2Trainer needs an SD2Config, got {type(args).__name__}")
-        super().__init__(model, args=args, **kwargs)
+        if peft_config is not None:
+            peft_config = sparse_lora_config(peft_config)
+        super().__init__(model, args=args, peft_config=peft_config, **kwargs)
+        check_sparse_adapters(self.model)
 
         self.mask_callback = SparsityMaskCallback(
             targets=args.mask_targets,
