@@ -23,6 +23,7 @@ bench/results/lora_vs_full.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -227,6 +228,12 @@ def total_parameters(path: Path) -> int:
     return total
 
 
+def _portable(value: Any, work: Path) -> Any:
+    """`value` with this machine's paths written as `<work>/...` and repo-relative."""
+    text = json.dumps(value).replace(str(work), "<work>").replace(str(REPO) + "/", "")
+    return json.loads(text)
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     runs, mal = result["runs"], result["mal"]
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_conversations"
         ],
         "total_parameters": total_parameters(work / "full" / "train"),
-        "runs": runs,
+        "runs": _portable(runs, work),
         "mal": {
             name: {
                 k: mal[name][k]
