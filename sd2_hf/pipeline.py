@@ -61,7 +61,7 @@ VERSIONED_PACKAGES = (
 )
 
 
-class PipelineError(RuntimeError):
+class PipelineError(ValueError):
     """A stage cannot run or failed on its input; the message says what to do."""
 
 
@@ -714,20 +714,17 @@ def summary(result: PipelineResult) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sd2_hf.recipe import RecipeError, load_recipe
+    from sd2_hf.recipe import load_recipe
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        result = run_pipeline(
-            recipe,
-            from_stage=args.from_stage,
-            only=args.only,
-            force=args.force,
-            dry_run=args.dry_run,
-            command=_command_line(args),
-        )
-    except (RecipeError, PipelineError) as err:
-        raise SystemExit(f"error: {err}") from None
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_pipeline(
+        recipe,
+        from_stage=args.from_stage,
+        only=args.only,
+        force=args.force,
+        dry_run=args.dry_run,
+        command=_command_line(args),
+    )
     if args.dry_run:
         print(f"sd2 run {recipe.name} (dry run): {recipe.root}")
         for o in result.outcomes:

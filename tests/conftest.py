@@ -73,6 +73,23 @@ def chat_rows():
     return tiny.conversations(16)
 
 
+@pytest.fixture()
+def sparse_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny Llama made 50% sparse by magnitude (what `sd2 prune` writes)."""
+    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
+    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
+
+
+@pytest.fixture()
+def conversations_file(tmp_path):
+    """12 tiny conversations as a JSONL file in the `messages` form."""
+    import json
+
+    path = tmp_path / "distilled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def vllm_python():
     """The .venv-vllm interpreter; tests needing vLLM skip with the reason when it is absent."""
@@ -102,3 +119,20 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def sd2_fails(capsys):
+    """Run `sd2 ARGV...` expecting a user error: exit status 2, one `error:` message and no
+    traceback on stderr. Returns the message."""
+    from sd2_hf.cli import main
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        status = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert status == 2, f"sd2 {' '.join(map(str, argv))} exited {status}: {err[-2000:]}"
+        assert "Traceback" not in err and f"error: sd2 {argv[0]}: " in err, err[-2000:]
+        return err
+
+    return run

@@ -335,16 +335,16 @@ def test_changed_settings_refuse_to_mix(tmp_path):
     assert again.resumed == 0 and again.written == 2
 
 
-def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch):
+def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch, tiny_model_dir):
     """Rows distilled where vLLM's `auto` served bf16 must not be continued where it serves
     fp32 (a CPU without bf16 instructions, see `served_dtype`), and the error says so."""
     from sd2_hf.serving import server
 
     source = write_jsonl(tmp_path / "seed.jsonl", two_turn_rows(2))
-    run_distill(config(tmp_path, source, backend="vllm"), backend=ScriptedBackend())
+    run_distill(config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)), backend=ScriptedBackend())
     monkeypatch.setattr(server, "served_dtype", lambda model, dtype: "float32")
     with pytest.raises(ValueError, match="served_dtype: None -> 'float32'"):
-        run_distill(config(tmp_path, source, backend="vllm"))
+        run_distill(config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)))
     saved = json.loads((tmp_path / "out" / "distill_config.json").read_text())
     assert "served_dtype" not in saved and len(read_rows(tmp_path / "out")) == 2
     # And the other way round: rows made in fp32 there are not continued where `auto` is bf16.
@@ -353,7 +353,7 @@ def test_a_resume_refuses_another_served_dtype(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(server, "served_dtype", lambda model, dtype: dtype)
     with pytest.raises(ValueError, match="served_dtype: 'float32' -> None"):
-        run_distill(config(tmp_path, source, backend="vllm"))
+        run_distill(config(tmp_path, source, backend="vllm", target=str(tiny_model_dir)))
 
 
 def test_unicode_line_separators_stay_inside_their_row(tmp_path):

@@ -144,23 +144,10 @@ def test_sparse_layers_refuse_what_they_cannot_mask(sparse_model):
         get_sparse_peft_model(sparse_model, lora(target_modules=None, target_parameters=["x"]))
 
 
-@pytest.fixture()
-def pruned_dir(tmp_path, tiny_tokenizer):
-    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
-    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
-
-
-@pytest.fixture()
-def conversations_file(tmp_path):
-    path = tmp_path / "distilled.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
-    return path
-
-
-def test_adapter_run_resumes_like_an_uninterrupted_one(tmp_path, pruned_dir, conversations_file):
+def test_adapter_run_resumes_like_an_uninterrupted_one(tmp_path, sparse_dir, conversations_file):
     def config(name: str, steps: int) -> TrainStageConfig:
         return TrainStageConfig(
-            model=str(pruned_dir),
+            model=str(sparse_dir),
             dataset=str(conversations_file),
             output=str(tmp_path / name),
             max_steps=steps,
@@ -174,7 +161,7 @@ def test_adapter_run_resumes_like_an_uninterrupted_one(tmp_path, pruned_dir, con
         )
 
     first = run_train(config("resumed", 3))
-    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(sparse_dir)
     linears = find_target_linears(pruned).values()
     assert first["trainable_parameters"] == sum(
         4 * (m.in_features + m.out_features) for m in linears
@@ -187,7 +174,7 @@ def test_adapter_run_resumes_like_an_uninterrupted_one(tmp_path, pruned_dir, con
     # where the uninterrupted run ends (a fresh adapter would not)
     a = load_file(tmp_path / "resumed" / "model.safetensors")
     b = load_file(tmp_path / "straight" / "model.safetensors")
-    base = load_file(pruned_dir / "model.safetensors")
+    base = load_file(sparse_dir / "model.safetensors")
     assert any(not torch.equal(a[n], base[n]) for n in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
@@ -221,10 +208,10 @@ def test_recipe_section_and_overrides():
         recipe_from_dict({**data, "train": {"peft": {"lora_args": {"lora_rank": 2}}}})
 
 
-def test_cli_trains_a_merged_sparse_drafter(tmp_path, pruned_dir, conversations_file, capsys):
+def test_cli_trains_a_merged_sparse_drafter(tmp_path, sparse_dir, conversations_file, capsys):
     out = tmp_path / "cli"
     rc = sd2_main(
-        ["train", str(pruned_dir), "--dataset", str(conversations_file), "--output", str(out),
+        ["train", str(sparse_dir), "--dataset", str(conversations_file), "--output", str(out),
          "--max-steps", "2", "--max-length", "64", "--learning-rate", "1e-2", "--peft-r", "2"]
     )  # fmt: skip
     assert rc == 0 and "sparse LoRA: merged" in capsys.readouterr().out
@@ -232,7 +219,7 @@ def test_cli_trains_a_merged_sparse_drafter(tmp_path, pruned_dir, conversations_
     assert report["peft"]["r"] == 2 and report["sparsity_after"] == pytest.approx(0.5, abs=1e-3)
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
     merged = AutoModelForCausalLM.from_pretrained(out)  # a plain checkpoint, no PEFT needed
-    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(sparse_dir)
     assert lost_zeros(zero_pattern(pruned), merged) == 0
 
     # `--peft` alone: the defaults

@@ -5,26 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning.masks import find_target_linears
 from sd2_hf.training.stage import TrainStageConfig, run_train
-
-
-@pytest.fixture()
-def sparse_dir(tmp_path, tiny_tokenizer):
-    model = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer), 0.5)
-    return tiny.save_model(model, tiny_tokenizer, tmp_path / "pruned")
-
-
-@pytest.fixture()
-def conversations_file(tmp_path):
-    path = tmp_path / "distilled.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.conversations(12)))
-    return path
 
 
 def zeros(path):
@@ -57,7 +43,7 @@ def test_run_train_then_resume(tmp_path, sparse_dir, conversations_file):
     assert report2["global_step"] == 8
 
 
-def test_cli_train_and_bad_values(tmp_path, sparse_dir, conversations_file, capsys):
+def test_cli_train_and_bad_values(tmp_path, sparse_dir, conversations_file, capsys, sd2_fails):
     out = tmp_path / "cli"
     rc = sd2_main(
         ["train", str(sparse_dir), "--dataset", str(conversations_file), "--output", str(out),
@@ -65,9 +51,21 @@ def test_cli_train_and_bad_values(tmp_path, sparse_dir, conversations_file, caps
     )  # fmt: skip
     assert rc == 0 and (out / "model.safetensors").exists()
     assert "trained 2 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="needs `teacher`"):
-        sd2_main(
-            ["train", str(sparse_dir), "--dataset", "x", "--output", "y", "--distill-loss", "fkl"]
-        )
-    with pytest.raises(SystemExit, match="less than 1"):
-        sd2_main(["train", str(sparse_dir), "--dataset", "x", "--output", "y", "--jsd-beta", "1.5"])
+    assert "needs `teacher`" in sd2_fails(
+        ["train", sparse_dir, "--dataset", "x", "--output", "y", "--distill-loss", "fkl"]
+    )
+    assert "less than 1" in sd2_fails(
+        ["train", sparse_dir, "--dataset", "x", "--output", "y", "--jsd-beta", "1.5"]
+    )
+
+
+def test_every_dataset_format_the_cli_offers_is_one_the_loaders_read(conversations_file):
+    """`sd2 train --dataset-format` offers exactly the row forms `load_conversations` takes."""
+    from sd2_hf.cli import build_parser
+    from sd2_hf.data.loaders import ROW_FORMATS, load_conversations
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    offered = next(a.choices for a in train._actions if a.dest == "dataset_format")
+    assert sorted(offered) == sorted(ROW_FORMATS)
+    for form in offered:  # raises "unknown format" for a value the loaders do not know
+        load_conversations(str(conversations_file), format=form)

@@ -243,6 +243,43 @@ def test_mask_targets_that_match_nothing(tmp_path, tiny_model, tiny_tokenizer, d
         trainer.train()
 
 
+def _partition_like_zero3(model) -> None:
+    """What DeepSpeed ZeRO-3 does to a parameter outside a gather: its data is an empty
+    tensor and the partition lives in `ds_tensor` (DeepSpeed is not installed here)."""
+    for module in find_target_linears(model).values():
+        weight = module.weight
+        weight.ds_id, weight.ds_tensor = 0, weight.data.flatten().clone()
+        weight.data = torch.empty(0)
+
+
+def test_masks_are_not_recorded_on_zero3_partitions(sparse_model):
+    """Without the check the callback would record no mask and hold nothing, silently."""
+    _partition_like_zero3(sparse_model)
+    with pytest.raises(ValueError, match=r"ZeRO-3 partitioned parameter.*fsdp2\.yaml"):
+        SparsityMaskCallback().record(sparse_model)
+
+
+def test_parameters_without_local_data_are_refused(sparse_model):
+    module = next(iter(find_target_linears(sparse_model).values()))
+    module.weight.data = torch.empty(0)  # stands in for any wrapper that empties `.data`
+    with pytest.raises(ValueError, match="no local data to record a mask on"):
+        SparsityMaskCallback().record(sparse_model)
+
+
+def test_sd2_trainer_refuses_zero3_before_training(
+    tmp_path, sparse_model, tiny_tokenizer, dataset, monkeypatch
+):
+    # transformers' own switch, set when TrainingArguments carry a ZeRO-3 DeepSpeed config.
+    monkeypatch.setattr("sd2_hf.training.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 is not supported"):
+        SD2Trainer(
+            sparse_model,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+
+
 def test_model_card_tags(tmp_path, sparse_model, tiny_tokenizer, dataset):
     trainer = SD2Trainer(
         sparse_model,
@@ -295,6 +332,10 @@ def test_ddp_two_processes_keep_masks(tmp_path):
         assert rep["weights_changed"] is True
     # both ranks hold identical weights (DDP)
     assert reports[0]["weights_digest"] == reports[1]["weights_digest"]
+    # The distillation path's metrics are gathered: each rank trains on other conversations,
+    # yet both log the same accuracy, CE and divergence (those of all tokens of the step).
+    assert len(reports[0]["logged"]) == 3
+    assert reports[0]["logged"] == reports[1]["logged"]
 
 
 @pytest.mark.slow

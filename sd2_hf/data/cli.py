@@ -14,10 +14,7 @@ def _run(args: argparse.Namespace) -> int:
     config = model_from_args(DistillConfig, args)
     # One INFO line per HTTP request would bury the progress bar.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        result = run_distill(config)
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}") from None
+    result = run_distill(config)
     print(result.summary())
     # Non-zero so scripts notice rows still to be retried by rerunning the same command.
     return 0 if result.complete else 1

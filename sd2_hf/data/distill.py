@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2_hf.data.backends import Generation, GenerationBackend, ResultCallback, Sampling
-from sd2_hf.data.loaders import RowFormat, load_conversations
+from sd2_hf.data.loaders import LoadResult, RowFormat, load_conversations
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -476,7 +476,8 @@ def _identity(config: DistillConfig, backend: GenerationBackend | None) -> dict[
     so a resume on another kind of machine cannot mix bf16 and fp32 replies."""
     identity = config.identity()
     if config.backend == "vllm" and not config.server_urls and backend is None:
-        from sd2_hf.serving.server import resolve_model_path, served_dtype
+        from sd2_hf.serving.server import served_dtype
+        from sd2_hf.utils.models import resolve_model_path
 
         served = served_dtype(resolve_model_path(config.target), config.dtype)
         if served != config.dtype:
@@ -640,9 +641,15 @@ def run_distill(config: DistillConfig, backend: GenerationBackend | None = None)
     `backend` replaces the one `config.backend` would open (e.g. a model already in memory).
     """
     output = Path(config.output)
+    # Inputs are read and checked before anything is written: a typo leaves no directory.
+    loaded = load_conversations(config.source, format=config.format, limit=config.limit)
+    if backend is None and not output.exists():
+        from sd2_hf.utils.models import resolve_model_path
+
+        resolve_model_path(config.target)
     output.mkdir(parents=True, exist_ok=True)
     with _exclusive(output):
-        return _run(config, backend, output)
+        return _run(config, backend, output, loaded)
 
 
 @contextmanager
@@ -662,10 +669,11 @@ def _exclusive(output: Path) -> Iterator[None]:
         yield
 
 
-def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path) -> DistillResult:
+def _run(
+    config: DistillConfig, backend: GenerationBackend | None, output: Path, loaded: LoadResult
+) -> DistillResult:
     wall_start, started_at = time.perf_counter(), _now()
     _prepare_output(output, config, _identity(config, backend))
-    loaded = load_conversations(config.source, format=config.format, limit=config.limit)
     ids = Counter(r["id"] for r in loaded.rows)
     duplicates = [i for i, n in ids.items() if n > 1]
     if duplicates:
@@ -701,7 +709,7 @@ def _run(config: DistillConfig, backend: GenerationBackend | None, output: Path)
     if pending:
         if backend is None:
             # Resolves `asset:` names and fails fast on a local path that does not exist.
-            from sd2_hf.serving.server import resolve_model_path
+            from sd2_hf.utils.models import resolve_model_path
 
             target_path = resolve_model_path(config.target)
         opened = _open_backend(config, target_path, output) if backend is None else _as_is(backend)

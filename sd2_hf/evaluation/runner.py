@@ -46,9 +46,9 @@ MAL_ACCOUNTING = {
 
 
 def _resolve(name_or_path: str) -> str:
-    from sd2_hf.assets import resolve_model
+    from sd2_hf.utils.models import resolve_model_path
 
-    return resolve_model(name_or_path)
+    return resolve_model_path(name_or_path)
 
 
 def _same_tokenizer(a, b) -> bool:

@@ -33,22 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sd2_hf.export.export import ExportError, run_export
+    from sd2_hf.export.export import run_export
 
-    config = model_from_args(ExportConfig, args)
-    try:
-        run_export(config)
-    except ExportError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_export(model_from_args(ExportConfig, args))
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
     from sd2_hf.export.push import run_push
 
-    config = model_from_args(PushConfig, args)
-    try:
-        run_push(config)
-    except (ValueError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_push(model_from_args(PushConfig, args))
     return 0

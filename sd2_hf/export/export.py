@@ -216,13 +216,13 @@ def run_export(config: ExportConfig) -> ExportResult:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sd2_hf.assets import resolve_model
     from sd2_hf.evaluation.macs import count_macs
     from sd2_hf.export.card import render_model_card
     from sd2_hf.export.evals import best_run, load_eval_runs
     from sd2_hf.pruning.masks import find_target_linears, sparsity_report
     from sd2_hf.pruning.runner import versions
     from sd2_hf.serving.server import vocabularies_differ
+    from sd2_hf.utils.models import resolve_model_path
 
     formats = available_formats()
     if formats[config.format] is not None:
@@ -233,19 +233,10 @@ def run_export(config: ExportConfig) -> ExportResult:
         )
     output = Path(config.output).expanduser()
     _check_output(output, config.overwrite)
-    drafter_path = resolve_model(config.drafter)
-    if not Path(drafter_path).is_dir() and _hub_id(config.drafter) is None:
-        raise ExportError(
-            f"drafter {config.drafter} is not a checkpoint directory, a Hub id (ORG/NAME) or "
-            "an `asset:<name>`"
-        )
-    if (Path(drafter_path) / "adapter_config.json").is_file():
-        # transformers would load the adapter onto its base with plain (unmasked) LoRA layers.
-        raise ExportError(
-            f"drafter {config.drafter} is a PEFT adapter, not a drafter checkpoint: export the "
-            "merged drafter `sd2 train --peft` writes to its output dir, or merge the adapter "
-            "with sd2_hf.load_sparse_adapter(base, dir).merge_and_unload() and export that"
-        )
+    try:
+        drafter_path = resolve_model_path(config.drafter)
+    except FileNotFoundError as err:
+        raise ExportError(f"drafter: {err}") from None
     if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
         raise ExportError(
             f"drafter {config.drafter} is already a compressed-tensors (quantized) checkpoint; "
@@ -276,7 +267,7 @@ def run_export(config: ExportConfig) -> ExportResult:
             pruned = {name: module.weight == 0 for name, module in linears.items()}
         before = sparsity_report(model, config.targets, config.ignore)
         macs = count_macs(model, config.context_length)
-        target_path = resolve_model(target) if target else None
+        target_path = resolve_model_path(target) if target else None
         target_macs = count_macs(target_path, config.context_length) if target_path else None
         uag = vocabularies_differ(target_path, drafter_path) if target_path else None
         bar.update()

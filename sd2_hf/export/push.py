@@ -74,7 +74,7 @@ def run_push(config: PushConfig) -> PushResult:
             f"{folder} is not a model directory (no config.json): pass the output of `sd2 export`"
         )
     if get_token() is None:
-        raise RuntimeError(
+        raise PermissionError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)"
         )
     metadata_path = folder / METADATA_FILE

@@ -8,7 +8,7 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sd2_hf.pruning.config import PruneConfig, PruneInputError
+from sd2_hf.pruning.config import PruneConfig
 from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
 
 
@@ -48,10 +48,7 @@ def _prune(args: argparse.Namespace) -> int:
     from sd2_hf.pruning.runner import run_prune
 
     config = model_from_args(PruneConfig, args)
-    try:
-        result = run_prune(config)
-    except PruneInputError as err:
-        raise SystemExit(f"error: {err}") from None
+    result = run_prune(config)
     print(result.summary())
     return 0
 
@@ -63,7 +60,7 @@ def _macs(args: argparse.Namespace) -> int:
     try:
         report = count_macs(options.model, options.context_length)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: cannot count MACs of {options.model!r}: {err}") from None
+        raise type(err)(f"cannot count MACs of {options.model!r}: {err}") from None
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()

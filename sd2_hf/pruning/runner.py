@@ -65,9 +65,9 @@ def _load(config: PruneConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sd2_hf.assets import resolve_model
+    from sd2_hf.utils.models import resolve_model_path
 
-    path = resolve_model(config.model)
+    path = resolve_model_path(config.model)
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

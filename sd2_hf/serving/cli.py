@@ -117,15 +117,10 @@ def run_serve(config: ServeConfig) -> SpecDecodeCounters:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    from sd2_hf.serving.server import ServerError
-
     config = model_from_args(ServeConfig, args)
     # httpx logs every request at INFO: the health polls would bury the server's address.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        run_serve(config)
-    except (FileNotFoundError, ValueError, ServerError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_serve(config)
     return 0
 
 

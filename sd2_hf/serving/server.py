@@ -30,6 +30,7 @@ import httpx
 
 from sd2_hf import assets
 from sd2_hf.serving.metrics import SpecDecodeCounters
+from sd2_hf.utils.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,28 +62,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Resolve `asset:` names and check local paths, so a typo fails in a second, not after vLLM starts."""
-    name_or_path = assets.resolve_model(name_or_path)
-    path = Path(name_or_path).expanduser()
-    looks_local = (
-        path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    )
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{name_or_path} has no config.json: pass a Hugging Face checkpoint directory "
-                "(config.json, weights, tokenizer), an `asset:` name or a Hub id (org/name)"
-            )
-        return str(path.resolve())
-    if looks_local:
-        raise FileNotFoundError(
-            f"model directory {name_or_path} does not exist: pass an existing checkpoint "
-            "directory, an `asset:` name or a Hub id (org/name)"
-        )
-    return name_or_path
 
 
 def _config_dict(name_or_path: str) -> dict[str, Any]:

@@ -23,6 +23,34 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+ZERO3_MESSAGE = (
+    "DeepSpeed ZeRO-3 is not supported for sparse fine-tuning: it partitions every parameter "
+    "outside `param.data` (empty between gathers), so the sparsity masks could not be recorded "
+    "nor held, and the zeros would be lost without an error. Use FSDP2 "
+    "(`--config_file recipes/accelerate/fsdp2.yaml`), which shards parameters as DTensors whose "
+    "local shards the masks are held on, or DDP (`recipes/accelerate/ddp.yaml`)."
+)
+
+
+def _check_not_partitioned(model: nn.Module) -> None:
+    """Refuse parameters whose values are not in `.data`: a mask recorded there is empty."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        # DeepSpeed ZeRO-3 marks its partitioned parameters with `ds_*` attributes and leaves
+        # `.data` an empty 1-D tensor between gathers.
+        if hasattr(weight, "ds_tensor") or hasattr(weight, "ds_id"):
+            raise ValueError(f"{name}.weight is a ZeRO-3 partitioned parameter. {ZERO3_MESSAGE}")
+        # (A DTensor's local shard may rightly be empty: fewer rows than ranks.)
+        if isinstance(module, nn.Linear) and module.in_features * module.out_features:
+            if not hasattr(weight, "to_local") and weight.data.numel() == 0:
+                raise ValueError(
+                    f"{name}.weight has no local data to record a mask on (partitioned by a "
+                    f"wrapper this callback does not know). {ZERO3_MESSAGE}"
+                )
+
+
 class SparsityMaskCallback(TrainerCallback):
     """Records the sparsity masks at train begin and keeps pruned weights exactly zero.
 
@@ -66,6 +94,7 @@ class SparsityMaskCallback(TrainerCallback):
     @torch.no_grad()
     def record(self, model: nn.Module) -> None:
         """Record the current zero pattern of the targeted layers as the masks to hold."""
+        _check_not_partitioned(model)
         if hasattr(model, "get_base_model"):  # a PeftModel: names as in the plain model
             model = model.get_base_model()
         modules = find_target_linears(model, self.targets, self.ignore)

@@ -26,6 +26,8 @@ def _train(args: argparse.Namespace) -> int:
     from sd2_hf.training.stage import run_train
 
     report = run_train(model_from_args(TrainStageConfig, args))
+    if not report:  # a non-main process of `accelerate launch`: rank 0 reports
+        return 0
     print(
         f"\ntrained {report['global_step']} steps in {report['wall_time_s']:.0f}s: "
         f"loss {report['first_logged_loss']} -> {report['last_logged_loss']}, "

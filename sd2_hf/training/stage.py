@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2_hf.data.loaders import RowFormat
 from sd2_hf.training.lora_options import SparseLoraOptions
 from sd2_hf.utils.io import atomic_write_json
 
@@ -35,9 +37,8 @@ class TrainStageConfig(BaseModel):
     output: str = Field(
         description="output directory (final drafter, checkpoints, train_report.json)"
     )
-    dataset_format: Literal["auto", "sharegpt", "alpaca", "prompts", "messages"] = Field(
-        "auto", description="row format of `dataset`"
-    )
+    # The loaders' own Literal, so the CLI offers exactly the values they accept.
+    dataset_format: RowFormat = Field("auto", description="row format of `dataset`")
     limit: int | None = Field(None, gt=0, description="use at most this many conversations")
     teacher: str | None = Field(
         None, description="target model for token-level distillation (needs distill_loss != none)"
@@ -99,22 +100,28 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 def run_train(config: TrainStageConfig) -> dict[str, Any]:
     """Fine-tune the drafter; resumes from the newest checkpoint in `<output>/checkpoints`.
 
-    Writes the final drafter (safetensors + tokenizer) to `output` and `train_report.json`.
+    Writes the final drafter (safetensors + tokenizer) to `output` and `train_report.json`;
+    under `accelerate launch` every process trains and rank 0 writes (other ranks return `{}`).
     """
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sd2_hf.assets import resolve_model
     from sd2_hf.data.loaders import load_conversations
     from sd2_hf.pruning.masks import sparsity_report
     from sd2_hf.training.config import SD2Config
     from sd2_hf.training.trainer import SD2Trainer
+    from sd2_hf.utils.models import resolve_model_path
 
     out = Path(config.output)
     ckpt_dir = out / CHECKPOINTS_DIR
     start = time.time()
 
+    # Both models are checked before the dataset is read and before anything is written.
+    model_path = resolve_model_path(config.model)
+    teacher_path = None
+    if config.teacher and config.distill_loss != "none":
+        teacher_path = resolve_model_path(config.teacher)
     loaded = load_conversations(config.dataset, format=config.dataset_format, limit=config.limit)
     rows = [
         {"messages": r["messages"]}
@@ -126,18 +133,21 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
             f"{config.dataset} has no conversation with an assistant turn to train on "
             f"({loaded.total} rows read, skipped: {dict(loaded.skipped)})"
         )
-    model_path = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     sparsity_before = sparsity_report(model, config.mask_targets, config.mask_ignore)
     teacher = None
-    if config.teacher and config.distill_loss != "none":
-        teacher = AutoModelForCausalLM.from_pretrained(
-            resolve_model(config.teacher), dtype=torch.float32
-        )
+    if teacher_path:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
 
+    # Under `accelerate launch` on a machine without GPUs, TrainingArguments set up no process
+    # group of their own unless told to use the CPU with gloo: each process then trains alone,
+    # believing it is rank 0, and all of them write the same output.
+    cpu_processes = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        cpu_processes = {"use_cpu": True, "ddp_backend": "gloo"}
     args = SD2Config(
         output_dir=str(ckpt_dir),
         num_train_epochs=config.num_train_epochs,
@@ -161,7 +171,7 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         distill_temperature=config.distill_temperature,
         mask_targets=config.mask_targets,
         mask_ignore=config.mask_ignore,
-        **config.trainer_args,
+        **{**cpu_processes, **config.trainer_args},
     )
     trainer = SD2Trainer(
         model,
@@ -181,10 +191,22 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         # The adapter for reuse, then the merged drafter as the stage's output, so export, eval
         # and vLLM load it like any other drafter.
         trainer.save_model(str(out / ADAPTER_DIR))
-        trainer.model = model = trainer.model.merge_and_unload()
+        trainer.model = trainer.model.merge_and_unload()
+    # Collective under FSDP (gathers the full state dict); transformers writes on rank 0 only.
     trainer.save_model(str(out))
+    state = trainer.accelerator.state
+    # Every rank's recorded zeros (its local shard under FSDP2), before rank 0 writes anything.
+    masked_per_rank = trainer.accelerator.gather(
+        torch.tensor([trainer.mask_callback.num_masked])
+    ).tolist()
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return {}
     tokenizer.save_pretrained(str(out))
-    sparsity_after = sparsity_report(model, config.mask_targets, config.mask_ignore)
+    # Measured on the checkpoint as written: the in-memory weights may be shards (FSDP2).
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    sparsity_after = sparsity_report(saved, config.mask_targets, config.mask_ignore)
+    del saved
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     report = {
         "model": config.model,
@@ -202,10 +224,14 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         "sparsity_before": sparsity_before["global_sparsity"],
         "sparsity_after": sparsity_after["global_sparsity"],
         "structure": sparsity_after["structure"],
+        "num_processes": state.num_processes,
+        "distributed_type": str(state.distributed_type).removeprefix("DistributedType."),
+        "masked_zeros_per_rank": masked_per_rank,
         "wall_time_s": round(time.time() - start, 2),
         "log_history": trainer.state.log_history,
     }
     atomic_write_json(out / REPORT_FILE, report)
+    trainer.accelerator.wait_for_everyone()
     summary = {
         k: report[k]
         for k in (

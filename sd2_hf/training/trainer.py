@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from transformers import PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
-from sd2_hf.training.callbacks import SparsityMaskCallback
+from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
 from sd2_hf.training.config import SD2Config
 from sd2_hf.training.losses import token_divergence
 from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
@@ -69,6 +70,9 @@ class SD2Trainer(SFTTrainer):
             args = SD2Config(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SD2")
         elif not isinstance(args, SD2Config):
             raise TypeError(f"SD2Trainer needs an SD2Config, got {type(args).__name__}")
+        # Before the model is wrapped: fail at construction, not after the first steps.
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(ZERO3_MESSAGE)
         if peft_config is not None:
             peft_config = sparse_lora_config(peft_config)
         super().__init__(model, args=args, peft_config=peft_config, **kwargs)
@@ -137,15 +141,18 @@ class SD2Trainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
 
-        n_local = mask.sum().clamp(min=1)
-        self._metrics[mode]["ce_loss"].append(
-            self.accelerator.gather_for_metrics(ce / n_local).mean().item()
-        )
-        self._metrics[mode][f"{self.args.distill_loss}_divergence"].append(
-            self.accelerator.gather_for_metrics(div.detach() / n_local).mean().item()
-        )
+        # Sums over processes, then divided by all processes' tokens (as SFTTrainer does for its
+        # metrics): every rank logs the same token-weighted values, not its own batch's.
+        def total(value: torch.Tensor) -> torch.Tensor:
+            return self.accelerator.gather_for_metrics(value.detach()).sum()
+
+        valid = total(mask.sum()).clamp(min=1)
         correct = ((logits.argmax(-1) == shift_labels) & mask).sum()
-        self._metrics[mode]["mean_token_accuracy"].append((correct / n_local).item())
+        self._metrics[mode]["ce_loss"].append((total(ce) / valid).item())
+        self._metrics[mode][f"{self.args.distill_loss}_divergence"].append(
+            (total(div) / valid).item()
+        )
+        self._metrics[mode]["mean_token_accuracy"].append((total(correct) / valid).item())
         if return_outputs:
             return loss, {"logits": logits}
         return loss

@@ -120,7 +120,8 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: A
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise SystemExit(f"error: invalid options for {model.__name__}:\n{err}") from None
+        # A ValueError: `sd2` prints it as one message and exits with status 2.
+        raise ValueError(f"invalid options for {model.__name__}:\n{err}") from None
 
 
 def _field_annotation(model: type[BaseModel], dotted: str) -> Any:

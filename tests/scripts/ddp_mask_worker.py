@@ -1,4 +1,5 @@
-"""Worker for the DDP test: trains a tiny sparse model with SD2Trainer on 2 CPU processes."""
+"""Worker for the DDP test: trains a tiny sparse model with SD2Trainer on 2 CPU processes, with
+the token-level distillation loss (its own metrics path) against a tiny teacher."""
 
 import hashlib
 import json
@@ -30,9 +31,16 @@ args = SD2Config(
     disable_tqdm=True,
     mask_check_interval=3,
     ddp_backend="gloo",
+    distill_loss="fkl",
+    distill_alpha=0.5,
+    logging_steps=4,
 )
 trainer = SD2Trainer(
-    model, args=args, train_dataset=Dataset.from_list(tiny.conversations(32)), processing_class=tok
+    model,
+    args=args,
+    teacher_model=tiny.build_model(tok, seed=1),
+    train_dataset=Dataset.from_list(tiny.conversations(32)),
+    processing_class=tok,
 )
 trainer.train()
 after = {n: (m.weight == 0) for n, m in find_target_linears(model).items()}
@@ -51,6 +59,11 @@ rank = trainer.args.process_index
             "weights_digest": digest.hexdigest(),
             "weight_type": type(model.model.layers[0].mlp.up_proj.weight).__name__,
             "distributed_type": str(trainer.accelerator.distributed_type),
+            "logged": [
+                {k: h[k] for k in ("mean_token_accuracy", "ce_loss", "fkl_divergence")}
+                for h in trainer.state.log_history
+                if "mean_token_accuracy" in h
+            ],
         }
     )
 )
