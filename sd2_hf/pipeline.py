@@ -53,6 +53,7 @@ VERSIONED_PACKAGES = (
     "torch",
     "transformers",
     "trl",
+    "peft",
     "accelerate",
     "llmcompressor",
     "compressed-tensors",

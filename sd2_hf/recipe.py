@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +32,7 @@ from sd2_hf.evaluation.config import EvalConfig, parse_drafter
 from sd2_hf.export.export import ExportConfig
 from sd2_hf.pruning.config import PruneConfig
 from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.utils.schema_cli import submodel
 
 STAGES = ("distill", "prune", "train", "export", "eval")
 # The pipeline owns every stage's output directory and decides when to start one afresh.
@@ -367,21 +366,10 @@ def _build(
 # Error messages
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside `annotation` (`Model`, `Model | None`), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if (found := _submodel(arg)) is not None:
-                return found
-    return None
-
-
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         info = model.model_fields.get(part) if isinstance(part, str) else None
-        if info is None or (model := _submodel(info.annotation)) is None:
+        if info is None or (model := submodel(info.annotation)) is None:
             return None
     return model
 
