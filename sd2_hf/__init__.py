@@ -9,6 +9,8 @@ _LAZY = {
     "SD2Config": "sd2_hf.training.config",
     "SD2Trainer": "sd2_hf.training.trainer",
     "SparsityMaskCallback": "sd2_hf.training.callbacks",
+    "get_sparse_peft_model": "sd2_hf.training.sparse_lora",
+    "load_sparse_adapter": "sd2_hf.training.sparse_lora",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from pydantic.fields import FieldInfo
 from sd2_hf.evaluation.config import parse_drafter
 from sd2_hf.stages import STAGE_NAMES, PlanContext
 from sd2_hf.stages import STAGES as STAGE_DESCRIPTIONS
+from sd2_hf.utils.schema_cli import submodel
 
 STAGES = STAGE_NAMES
 # File suffixes that mark a value as a path even before the file exists.
@@ -172,21 +171,10 @@ def _build(
 # Error messages
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside `annotation` (`Model`, `Model | None`), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if (found := _submodel(arg)) is not None:
-                return found
-    return None
-
-
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         info = model.model_fields.get(part) if isinstance(part, str) else None
-        if info is None or (model := _submodel(info.annotation)) is None:
+        if info is None or (model := submodel(info.annotation)) is None:
             return None
     return model
 

@@ -27,6 +27,13 @@ def _matches(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
     return False
 
 
+def _is_adapter_internal(name: str) -> bool:
+    """PEFT's parts of an adapted layer: the wrapper (named like the original module, exposing the
+    base `weight`) stands for the layer, so its `base_layer` and `lora_*` children are skipped."""
+    parts = name.split(".")
+    return parts[-1] == "base_layer" or any(p.startswith("lora_") for p in parts)
+
+
 def find_target_linears(
     model: nn.Module,
     targets: Sequence[str] = DEFAULT_TARGETS,
@@ -38,9 +45,11 @@ def find_target_linears(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding) or _is_adapter_internal(name):
             continue
-        if _matches(name, module, targets) and not _matches(name, module, ignore):
+        # an adapter wrapper matches by its base layer's class (`Linear`), not its own
+        typed = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if _matches(name, typed, targets) and not _matches(name, typed, ignore):
             found[name] = module
     return found
 

@@ -65,6 +65,11 @@ class SparsityMaskCallback(TrainerCallback):
     - `on_step_end`: every `check_interval` steps and before every save, verifies that no pruned
       weight drifted; `on_save` and `on_train_end` verify too. Drift raises `MaskDriftError`.
 
+    With PEFT adapters (`SD2Trainer(..., peft_config=...)`) the base weights are frozen and what
+    must hold is the adapter's delta: verification also checks that every adapter's delta weight
+    (PEFT's `get_delta_weight`, what `merge_and_unload` adds) is exactly zero at the pruned
+    positions, so the merged drafter keeps its zeros.
+
     Under gradient accumulation the masks act once per optimizer step, after all micro-batches.
     Note: gradient clipping runs before `on_pre_optimizer_step`, so its norm still includes the
     (discarded) gradients of pruned weights.
@@ -80,6 +85,8 @@ class SparsityMaskCallback(TrainerCallback):
         self.ignore = tuple(ignore)
         self.check_interval = check_interval
         self.masks: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        # PEFT LoRA layers on sparse weights: their deltas must stay zero where the mask is.
+        self.adapted: dict[str, tuple[nn.Module, torch.Tensor]] = {}
         self.num_masked = 0
         self.num_targeted = 0
 
@@ -88,6 +95,8 @@ class SparsityMaskCallback(TrainerCallback):
     def record(self, model: nn.Module) -> None:
         """Record the current zero pattern of the targeted layers as the masks to hold."""
         _check_not_partitioned(model)
+        if hasattr(model, "get_base_model"):  # a PeftModel: names as in the plain model
+            model = model.get_base_model()
         modules = find_target_linears(model, self.targets, self.ignore)
         if not modules:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
@@ -95,16 +104,22 @@ class SparsityMaskCallback(TrainerCallback):
                 f"no module matches mask targets {list(self.targets)} (ignore {list(self.ignore)}); "
                 f"linear modules of this model include {names}"
             )
-        self.masks = {}
+        self.masks, self.adapted = {}, {}
         self.num_masked = self.num_targeted = 0
         for name, module in modules.items():
             local = _local(module.weight.data)
             self.num_targeted += local.numel()
-            mask = local != 0
+            # A sparse LoRA layer already holds the mask of its frozen base weight: share it.
+            mask = getattr(module, "sparsity_mask", None)
+            if mask is None or mask.shape != local.shape:
+                mask = local != 0
             zeros = int(local.numel() - mask.sum().item())
             if zeros:
                 self.masks[name] = (module.weight, mask)
                 self.num_masked += zeros
+                # (the full delta is compared with the mask, so not on sharded weights)
+                if hasattr(module, "get_delta_weight") and not hasattr(module.weight, "to_local"):
+                    self.adapted[name] = (module, mask)
         logger.info(
             "SparsityMaskCallback: holding %d zeros in %d of %d targeted layers (local sparsity %.4f)",
             self.num_masked,
@@ -128,7 +143,8 @@ class SparsityMaskCallback(TrainerCallback):
     @torch.no_grad()
     def apply_masks(self) -> None:
         for param, mask in self.masks.values():
-            _local(param.data).mul_(mask)
+            if param.requires_grad:  # frozen weights (PEFT base layers) cannot move
+                _local(param.data).mul_(mask)
 
     @torch.no_grad()
     def verify(self, where: str) -> None:
@@ -138,6 +154,12 @@ class SparsityMaskCallback(TrainerCallback):
             n = int(_local(param.data).masked_select(~mask).count_nonzero().item())
             if n:
                 drifted[name] = n
+        for name, (module, mask) in self.adapted.items():
+            for adapter in module.lora_A:
+                delta = module.get_delta_weight(adapter)
+                n = int(delta.masked_select(~mask).count_nonzero().item())
+                if n:
+                    drifted[f"{name} (adapter {adapter!r} delta)"] = n
         if drifted:
             raise MaskDriftError(
                 f"{sum(drifted.values())} pruned weights are no longer zero ({where}): {drifted}"

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Resumes from the newest checkpoint in OUTPUT/checkpoints. For several processes or GPUs "
         "run it under `accelerate launch -m sd2_hf.cli train ...`.",
     )
-    add_model_arguments(parser, TrainStageConfig, positional=("model",), skip=("trainer_args",))
+    add_model_arguments(
+        parser, TrainStageConfig, positional=("model",), skip=("trainer_args", "peft.lora_args")
+    )
     parser.set_defaults(func=_train)
 
 
@@ -31,5 +33,6 @@ def _train(args: argparse.Namespace) -> int:
         f"loss {report['first_logged_loss']} -> {report['last_logged_loss']}, "
         f"sparsity {report['sparsity_before']:.4f} -> {report['sparsity_after']:.4f} "
         f"({report['structure']}); drafter written to the output dir"
+        + ("\n(sparse LoRA: merged; the adapter is in OUTPUT/adapter)" if report["peft"] else "")
     )
     return 0

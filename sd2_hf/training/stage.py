@@ -13,12 +13,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2_hf.data.loaders import RowFormat
+from sd2_hf.training.lora_options import SparseLoraOptions
 from sd2_hf.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "train_report.json"
+ADAPTER_DIR = "adapter"
 
 
 class TrainStageConfig(BaseModel):
@@ -69,6 +71,11 @@ class TrainStageConfig(BaseModel):
     logging_steps: int = Field(10, gt=0, description="log every N steps")
     mask_targets: list[str] = Field(["Linear"], description="modules whose masks are held fixed")
     mask_ignore: list[str] = Field(["re:.*lm_head"], description="modules never masked")
+    peft: SparseLoraOptions | None = Field(
+        None,
+        description="train a sparse LoRA adapter instead of all weights; the output is still "
+        "the merged drafter (zeros exact), the adapter goes to OUTPUT/adapter",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict, description="further SD2Config/SFTConfig arguments, passed as given"
     )
@@ -172,12 +179,19 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         teacher_model=teacher,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        peft_config=config.peft.to_lora_config() if config.peft else None,
     )
     resume = _last_checkpoint(ckpt_dir)
     if resume:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if config.peft:
+        # The adapter for reuse, then the merged drafter as the stage's output, so export, eval
+        # and vLLM load it like any other drafter.
+        trainer.save_model(str(out / ADAPTER_DIR))
+        trainer.model = trainer.model.merge_and_unload()
     # Collective under FSDP (gathers the full state dict); transformers writes on rank 0 only.
     trainer.save_model(str(out))
     state = trainer.accelerator.state
@@ -205,6 +219,8 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "distill_loss": config.distill_loss,
+        "peft": config.peft.model_dump() if config.peft else None,
+        "trainable_parameters": trainable,
         "sparsity_before": sparsity_before["global_sparsity"],
         "sparsity_after": sparsity_after["global_sparsity"],
         "structure": sparsity_after["structure"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
@@ -11,6 +12,7 @@ from trl import SFTTrainer
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
 from sd2_hf.training.config import SD2Config
 from sd2_hf.training.losses import token_divergence
+from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
@@ -34,6 +36,9 @@ class SD2Trainer(SFTTrainer):
         model: the drafter (a model or a path/Hub id), usually already pruned.
         args: an `SD2Config`.
         teacher_model: optional target model (or path) for token-level distillation.
+        peft_config: optional `peft.LoraConfig`: train a sparsity-preserving LoRA adapter instead
+            of the full weights (SparsePEFT: the delta is masked with the base weight's zero
+            pattern in training and in `merge_and_unload`, so the merged drafter keeps its zeros).
         **kwargs: everything `SFTTrainer` accepts (train_dataset, processing_class, ...).
     """
 
@@ -57,6 +62,7 @@ class SD2Trainer(SFTTrainer):
         model,
         args: SD2Config | None = None,
         teacher_model: PreTrainedModel | str | None = None,
+        peft_config: LoraConfig | None = None,
         **kwargs,
     ):
         if args is None:
@@ -67,7 +73,10 @@ class SD2Trainer(SFTTrainer):
         # Before the model is wrapped: fail at construction, not after the first steps.
         if is_deepspeed_zero3_enabled():
             raise ValueError(ZERO3_MESSAGE)
-        super().__init__(model, args=args, **kwargs)
+        if peft_config is not None:
+            peft_config = sparse_lora_config(peft_config)
+        super().__init__(model, args=args, peft_config=peft_config, **kwargs)
+        check_sparse_adapters(self.model)
 
         self.mask_callback = SparsityMaskCallback(
             targets=args.mask_targets,

@@ -29,6 +29,13 @@ def resolve_model_path(name_or_path: str) -> str:
     name_or_path = assets.resolve_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            # transformers would load it onto its base with plain (unmasked) LoRA layers.
+            raise FileNotFoundError(
+                f"{name_or_path} is a PEFT adapter, not a drafter checkpoint: pass the merged "
+                "drafter `sd2 train --peft` writes to its output dir, or merge the adapter with "
+                "sd2_hf.load_sparse_adapter(base, dir).merge_and_unload() and save that"
+            )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{name_or_path} has no config.json: {WHAT_TO_PASS}")
         return str(path.resolve())

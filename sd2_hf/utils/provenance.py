@@ -15,6 +15,7 @@ PIPELINE_PACKAGES = (
     "torch",
     "transformers",
     "trl",
+    "peft",
     "accelerate",
     "llmcompressor",
     "compressed-tensors",

@@ -3,6 +3,10 @@ share one schema (the single source of truth for every option, as in speculators
 
 Values are passed to pydantic as given on the command line; pydantic does the typing and the
 range checks, so a bad value gets the same message from the CLI as from a recipe.
+
+A field that is itself a pydantic model (e.g. `train.peft`) becomes a flag, `--peft`, that
+turns the section on with its defaults, plus one option per sub-field, `--peft-r`; giving a
+sub-field turns the section on too (recipe overrides spell the same `train.peft.r=8`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ def _is_bool(annotation: Any) -> bool:
     return False
 
 
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `annotation` (`Model`, `Model | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if (found := submodel(arg)) is not None:
+                return found
+    return None
+
+
 def _choices(annotation: Any) -> list | None:
     if typing.get_origin(annotation) is Literal:
         return list(typing.get_args(annotation))
@@ -42,17 +57,37 @@ def add_model_arguments(
     model: type[BaseModel],
     positional: tuple[str, ...] = (),
     skip: tuple[str, ...] = (),
+    prefix: str = "",
 ) -> None:
-    """Add one option per field of `model` (`--field-name`), positional for names in `positional`."""
-    for name, field in model.model_fields.items():
+    """Add one option per field of `model` (`--field-name`), positional for names in `positional`.
+
+    Names in `skip` may be dotted (`peft.lora_args`) to skip a sub-field; the options of a
+    sub-model's fields get the dotted name as `dest`.
+    """
+    for field_name, field in model.model_fields.items():
+        name = prefix + field_name
         if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-").replace(".", "-")
+        if (section := submodel(field.annotation)) is not None:
+            parser.add_argument(
+                flag,
+                action="store_true",
+                default=None,
+                dest=name,
+                help=f"{field.description or ''} (with the defaults of its {flag}-* options)",
+            )
+            add_model_arguments(parser, section, skip=skip, prefix=name + ".")
             continue
         help_text = field.description or ""
         if not field.is_required():
             help_text += f" (default: {field.get_default(call_default_factory=True)!r})"
         kwargs: dict[str, Any] = {"help": help_text, "dest": name}
+        if prefix:
+            kwargs["metavar"] = field_name.upper()
         ann = field.annotation
         if _is_bool(ann):
+            kwargs.pop("metavar", None)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(ann):
             kwargs["nargs"] = "+"
@@ -64,15 +99,33 @@ def add_model_arguments(
             parser.add_argument(name, **kwargs)
         else:
             kwargs["default"] = None
-            parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+            parser.add_argument(flag, **kwargs)
 
 
 def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> BaseModel:
     """Validate the parsed options into `model`; unset options keep the schema's defaults."""
-    values = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    values: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        *sections, name = key.split(".")
+        if value is None or (sections or [name])[0] not in model.model_fields:
+            continue
+        holder = values
+        for section in sections:
+            holder = holder.setdefault(section, {})
+        if value is True and submodel(_field_annotation(model, key)) is not None:
+            holder.setdefault(name, {})  # the section's flag: on, with its defaults
+        else:
+            holder[name] = value
     values.update(extra)
     try:
         return model.model_validate(values)
     except ValidationError as err:
         # A ValueError: `sd2` prints it as one message and exits with status 2.
         raise ValueError(f"invalid options for {model.__name__}:\n{err}") from None
+
+
+def _field_annotation(model: type[BaseModel], dotted: str) -> Any:
+    annotation: Any = model
+    for part in dotted.split("."):
+        annotation = submodel(annotation).model_fields[part].annotation
+    return annotation
