@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # Public API, imported lazily so `import sd2_hf` (and the `sd2` CLI) stays fast.
 _LAZY = {
-    "SD2Config": "sd2_hf.training.config",
+    "SD2Config": "sd2_hf.training.sd2_config",
     "SD2Trainer": "sd2_hf.training.trainer",
     "SparsityMaskCallback": "sd2_hf.training.callbacks",
     "get_sparse_peft_model": "sd2_hf.training.sparse_lora",

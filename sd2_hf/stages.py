@@ -22,7 +22,7 @@ from sd2_hf.data.config import DistillConfig
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.export.config import ExportConfig
 from sd2_hf.pruning.config import PruneConfig
-from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.training.config import TrainStageConfig
 
 if TYPE_CHECKING:
     from sd2_hf.recipe import Recipe, StagePlan

@@ -20,9 +20,10 @@ from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse, sparsity_report
 from sd2_hf.recipe import RecipeError, apply_overrides, recipe_from_dict
 from sd2_hf.training.callbacks import MaskDriftError
+from sd2_hf.training.config import TrainStageConfig
 from sd2_hf.training.lora_options import SparseLoraOptions
 from sd2_hf.training.sparse_lora import SparseLoraLinear, get_sparse_peft_model
-from sd2_hf.training.stage import TrainStageConfig, run_train
+from sd2_hf.training.stage import run_train
 from sd2_hf.utils.schema_cli import model_from_args
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning.masks import find_target_linears
-from sd2_hf.training.stage import TrainStageConfig, run_train
+from sd2_hf.training.config import TrainStageConfig
+from sd2_hf.training.stage import run_train
 
 
 def zeros(path):

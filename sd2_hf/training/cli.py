@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.training.config import TrainStageConfig
 from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
 
 

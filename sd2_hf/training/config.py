@@ -1,96 +1,82 @@
-"""`SD2Config`: TRL's `SFTConfig` plus the options of sparse, self-distilled drafter training."""
+"""`TrainStageConfig`: the options of the training stage (`sd2 train`, recipe section `train`).
+
+The trainer's own configuration, `SD2Config` (a TRL `SFTConfig`), is in `sd2_config.py`; the
+stage passes it the fields below and `trainer_args`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from trl import SFTConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sd2_hf.pruning.masks import DEFAULT_IGNORE, DEFAULT_TARGETS
-from sd2_hf.training.losses import DIVERGENCES
-
-DISTILL_LOSSES = ("none", *DIVERGENCES)
+from sd2_hf.data.loaders import RowFormat
+from sd2_hf.training.lora_options import SparseLoraOptions
 
 
-@dataclass
-class SD2Config(SFTConfig):
-    r"""
-    Configuration for [`SD2Trainer`]: everything of [`~trl.SFTConfig`], plus
+class TrainStageConfig(BaseModel):
+    """Options of the training stage; SD2Config fields not listed here go in `trainer_args`."""
 
-    Parameters:
-        mask_targets (`list[str]`, defaults to `["Linear"]`):
-            Modules whose sparsity masks are held fixed, in llm-compressor target syntax: a class
-            name, an exact module name, or `re:<regex>` on module names.
-        mask_ignore (`list[str]`, defaults to `["re:.*lm_head"]`):
-            Modules never masked. Embeddings are never masked.
-        mask_check_interval (`int`, defaults to `50`):
-            Verify every this many optimizer steps that pruned weights are still exactly zero
-            (always verified at each save and at the end of training). `0` checks only then.
-        distill_loss (`str`, defaults to `"none"`):
-            Token-level distillation against `teacher_model`: `"none"`, `"fkl"` (forward KL),
-            `"rkl"` (reverse KL), `"jsd"` (generalized JSD with `jsd_beta`) or `"tvd"`.
-        distill_alpha (`float`, defaults to `1.0`):
-            Weight of the distillation term: loss = CE + `distill_alpha` × divergence.
-        jsd_beta (`float`, defaults to `0.5`):
-            β of the generalized JSD, in the open interval (0, 1).
-        distill_temperature (`float`, defaults to `1.0`):
-            Softmax temperature applied to both distributions before the divergence.
+    model_config = ConfigDict(extra="forbid")
 
-    Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
-    distilled conversations, the SD² method).
-    """
-
-    mask_targets: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata={
-            "help": "Modules whose sparsity masks are held fixed (llm-compressor target syntax)."
-        },
+    model: str = Field(
+        description="drafter to fine-tune: checkpoint dir (e.g. `sd2 prune` output), Hub id or `asset:<name>`"
     )
-    mask_ignore: list[str] = field(
-        default_factory=lambda: list(DEFAULT_IGNORE),
-        metadata={"help": "Modules never masked (embeddings are never masked)."},
+    dataset: str = Field(
+        description="training conversations: a `sd2 distill` output dir, JSON/JSONL file, `datasets` dir or `asset:<name>`"
     )
-    mask_check_interval: int = field(
-        default=50,
-        metadata={
-            "help": "Verify exact zeros every N optimizer steps (and at every save and at the end); 0: only then."
-        },
+    output: str = Field(
+        description="output directory (final drafter, checkpoints, train_report.json)"
     )
-    distill_loss: str = field(
-        default="none",
-        metadata={"help": "Token-level distillation loss.", "choices": list(DISTILL_LOSSES)},
+    # The loaders' own Literal, so the CLI offers exactly the values they accept.
+    dataset_format: RowFormat = Field("auto", description="row format of `dataset`")
+    limit: int | None = Field(None, gt=0, description="use at most this many conversations")
+    teacher: str | None = Field(
+        None, description="target model for token-level distillation (needs distill_loss != none)"
     )
-    distill_alpha: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the distillation term (loss = CE + alpha * divergence)."},
+    distill_loss: Literal["none", "fkl", "rkl", "jsd", "tvd"] = Field(
+        "none", description="token-level distillation loss against `teacher`"
     )
-    jsd_beta: float = field(
-        default=0.5, metadata={"help": "Beta of the generalized JSD, in the open interval (0, 1)."}
+    distill_alpha: float = Field(1.0, ge=0, description="loss = CE + alpha * divergence")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD")
+    distill_temperature: float = Field(
+        1.0, gt=0, description="softmax temperature of the divergence"
     )
-    distill_temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature for the distillation divergence (> 0)."}
+    num_train_epochs: float = Field(
+        1.0, gt=0, description="epochs over the dataset (ignored when max_steps > 0)"
     )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={"help": "Compute the cross-entropy only on assistant tokens (the SD² method)."},
+    max_steps: int = Field(-1, description="optimizer steps; -1: use num_train_epochs")
+    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
+    warmup_steps: float = Field(
+        0.05, ge=0, description="warm-up steps; a value below 1 is a fraction of all steps"
+    )
+    per_device_train_batch_size: int = Field(4, gt=0, description="micro-batch size per device")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="micro-batches per optimizer step"
+    )
+    max_length: int = Field(1024, gt=0, description="tokens per conversation (truncated)")
+    bf16: bool = Field(False, description="bf16 mixed precision")
+    seed: int = Field(0, description="random seed")
+    save_steps: int = Field(200, gt=0, description="checkpoint every N steps (resume point)")
+    logging_steps: int = Field(10, gt=0, description="log every N steps")
+    mask_targets: list[str] = Field(["Linear"], description="modules whose masks are held fixed")
+    mask_ignore: list[str] = Field(["re:.*lm_head"], description="modules never masked")
+    peft: SparseLoraOptions | None = Field(
+        None,
+        description="train a sparse LoRA adapter instead of all weights; the output is still "
+        "the merged drafter (zeros exact), the adapter goes to OUTPUT/adapter",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict, description="further SD2Config/SFTConfig arguments, passed as given"
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.distill_loss not in DISTILL_LOSSES:
+    @model_validator(mode="after")
+    def _check(self) -> TrainStageConfig:
+        if self.distill_loss != "none" and not self.teacher:
             raise ValueError(
-                f"distill_loss={self.distill_loss!r} is not supported; allowed: {', '.join(DISTILL_LOSSES)}"
+                f"distill_loss={self.distill_loss!r} needs `teacher` (the target model)"
             )
-        if self.distill_alpha < 0:
-            raise ValueError(f"distill_alpha must be >= 0, got {self.distill_alpha}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(
-                f"jsd_beta must be in the open interval (0, 1), got {self.jsd_beta}; "
-                "for the limits use distill_loss='fkl' (beta -> 0) or 'rkl' (beta -> 1)"
-            )
-        if self.distill_temperature <= 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if self.mask_check_interval < 0:
-            raise ValueError(f"mask_check_interval must be >= 0, got {self.mask_check_interval}")
-        if not self.mask_targets:
-            raise ValueError("mask_targets must name at least one module pattern, e.g. ['Linear']")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
+        return self

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sd2_hf.training.stage import TrainStageConfig
+from sd2_hf.training.config import TrainStageConfig
 from sd2_hf.utils.io import atomic_write_json
 
 

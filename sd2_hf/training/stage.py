@@ -8,12 +8,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from sd2_hf.data.loaders import RowFormat
-from sd2_hf.training.lora_options import SparseLoraOptions
+from sd2_hf.training.config import TrainStageConfig
 from sd2_hf.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -21,74 +18,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "train_report.json"
 ADAPTER_DIR = "adapter"
-
-
-class TrainStageConfig(BaseModel):
-    """Options of the training stage; SD2Config fields not listed here go in `trainer_args`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(
-        description="drafter to fine-tune: checkpoint dir (e.g. `sd2 prune` output), Hub id or `asset:<name>`"
-    )
-    dataset: str = Field(
-        description="training conversations: a `sd2 distill` output dir, JSON/JSONL file, `datasets` dir or `asset:<name>`"
-    )
-    output: str = Field(
-        description="output directory (final drafter, checkpoints, train_report.json)"
-    )
-    # The loaders' own Literal, so the CLI offers exactly the values they accept.
-    dataset_format: RowFormat = Field("auto", description="row format of `dataset`")
-    limit: int | None = Field(None, gt=0, description="use at most this many conversations")
-    teacher: str | None = Field(
-        None, description="target model for token-level distillation (needs distill_loss != none)"
-    )
-    distill_loss: Literal["none", "fkl", "rkl", "jsd", "tvd"] = Field(
-        "none", description="token-level distillation loss against `teacher`"
-    )
-    distill_alpha: float = Field(1.0, ge=0, description="loss = CE + alpha * divergence")
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD")
-    distill_temperature: float = Field(
-        1.0, gt=0, description="softmax temperature of the divergence"
-    )
-    num_train_epochs: float = Field(
-        1.0, gt=0, description="epochs over the dataset (ignored when max_steps > 0)"
-    )
-    max_steps: int = Field(-1, description="optimizer steps; -1: use num_train_epochs")
-    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
-    warmup_steps: float = Field(
-        0.05, ge=0, description="warm-up steps; a value below 1 is a fraction of all steps"
-    )
-    per_device_train_batch_size: int = Field(4, gt=0, description="micro-batch size per device")
-    gradient_accumulation_steps: int = Field(
-        1, gt=0, description="micro-batches per optimizer step"
-    )
-    max_length: int = Field(1024, gt=0, description="tokens per conversation (truncated)")
-    bf16: bool = Field(False, description="bf16 mixed precision")
-    seed: int = Field(0, description="random seed")
-    save_steps: int = Field(200, gt=0, description="checkpoint every N steps (resume point)")
-    logging_steps: int = Field(10, gt=0, description="log every N steps")
-    mask_targets: list[str] = Field(["Linear"], description="modules whose masks are held fixed")
-    mask_ignore: list[str] = Field(["re:.*lm_head"], description="modules never masked")
-    peft: SparseLoraOptions | None = Field(
-        None,
-        description="train a sparse LoRA adapter instead of all weights; the output is still "
-        "the merged drafter (zeros exact), the adapter goes to OUTPUT/adapter",
-    )
-    trainer_args: dict[str, Any] = Field(
-        default_factory=dict, description="further SD2Config/SFTConfig arguments, passed as given"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainStageConfig:
-        if self.distill_loss != "none" and not self.teacher:
-            raise ValueError(
-                f"distill_loss={self.distill_loss!r} needs `teacher` (the target model)"
-            )
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        return self
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -109,7 +38,7 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
 
     from sd2_hf.data.loaders import load_conversations
     from sd2_hf.pruning.masks import sparsity_report
-    from sd2_hf.training.config import SD2Config
+    from sd2_hf.training.sd2_config import SD2Config
     from sd2_hf.training.trainer import SD2Trainer
     from sd2_hf.utils.models import resolve_model_path
 

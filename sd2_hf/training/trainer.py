@@ -10,8 +10,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
-from sd2_hf.training.config import SD2Config
 from sd2_hf.training.losses import token_divergence
+from sd2_hf.training.sd2_config import SD2Config
 from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
 
 

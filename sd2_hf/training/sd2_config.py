@@ -1,0 +1,96 @@
+"""`SD2Config`: TRL's `SFTConfig` plus the options of sparse, self-distilled drafter training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from sd2_hf.pruning.masks import DEFAULT_IGNORE, DEFAULT_TARGETS
+from sd2_hf.training.losses import DIVERGENCES
+
+DISTILL_LOSSES = ("none", *DIVERGENCES)
+
+
+@dataclass
+class SD2Config(SFTConfig):
+    r"""
+    Configuration for [`SD2Trainer`]: everything of [`~trl.SFTConfig`], plus
+
+    Parameters:
+        mask_targets (`list[str]`, defaults to `["Linear"]`):
+            Modules whose sparsity masks are held fixed, in llm-compressor target syntax: a class
+            name, an exact module name, or `re:<regex>` on module names.
+        mask_ignore (`list[str]`, defaults to `["re:.*lm_head"]`):
+            Modules never masked. Embeddings are never masked.
+        mask_check_interval (`int`, defaults to `50`):
+            Verify every this many optimizer steps that pruned weights are still exactly zero
+            (always verified at each save and at the end of training). `0` checks only then.
+        distill_loss (`str`, defaults to `"none"`):
+            Token-level distillation against `teacher_model`: `"none"`, `"fkl"` (forward KL),
+            `"rkl"` (reverse KL), `"jsd"` (generalized JSD with `jsd_beta`) or `"tvd"`.
+        distill_alpha (`float`, defaults to `1.0`):
+            Weight of the distillation term: loss = CE + `distill_alpha` × divergence.
+        jsd_beta (`float`, defaults to `0.5`):
+            β of the generalized JSD, in the open interval (0, 1).
+        distill_temperature (`float`, defaults to `1.0`):
+            Softmax temperature applied to both distributions before the divergence.
+
+    Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
+    distilled conversations, the SD² method).
+    """
+
+    mask_targets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={
+            "help": "Modules whose sparsity masks are held fixed (llm-compressor target syntax)."
+        },
+    )
+    mask_ignore: list[str] = field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        metadata={"help": "Modules never masked (embeddings are never masked)."},
+    )
+    mask_check_interval: int = field(
+        default=50,
+        metadata={
+            "help": "Verify exact zeros every N optimizer steps (and at every save and at the end); 0: only then."
+        },
+    )
+    distill_loss: str = field(
+        default="none",
+        metadata={"help": "Token-level distillation loss.", "choices": list(DISTILL_LOSSES)},
+    )
+    distill_alpha: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the distillation term (loss = CE + alpha * divergence)."},
+    )
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "Beta of the generalized JSD, in the open interval (0, 1)."}
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature for the distillation divergence (> 0)."}
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the cross-entropy only on assistant tokens (the SD² method)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(
+                f"distill_loss={self.distill_loss!r} is not supported; allowed: {', '.join(DISTILL_LOSSES)}"
+            )
+        if self.distill_alpha < 0:
+            raise ValueError(f"distill_alpha must be >= 0, got {self.distill_alpha}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(
+                f"jsd_beta must be in the open interval (0, 1), got {self.jsd_beta}; "
+                "for the limits use distill_loss='fkl' (beta -> 0) or 'rkl' (beta -> 1)"
+            )
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.mask_check_interval < 0:
+            raise ValueError(f"mask_check_interval must be >= 0, got {self.mask_check_interval}")
+        if not self.mask_targets:
+            raise ValueError("mask_targets must name at least one module pattern, e.g. ['Linear']")
