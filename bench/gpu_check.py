@@ -67,19 +67,17 @@ def train_check(drafter: LlamaForCausalLM, tokenizer, steps: int, bf16: bool, ou
     """SD2Trainer steps on the 2:4 drafter; zeros compared before/after, exactly."""
     before = {n: (m.weight == 0).cpu() for n, m in find_target_linears(drafter).items()}
     args = SD2Config(
-        output_dir=str(out / "train"),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-4,
-        weight_decay=0.1,
-        bf16=bf16,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        max_length=128,
-        disable_tqdm=True,
-        mask_check_interval=1,
-        use_cpu=not torch.cuda.is_available(),
+        **tiny.trainer_kwargs(
+            out / "train",
+            max_steps=steps,
+            learning_rate=1e-4,
+            weight_decay=0.1,
+            bf16=bf16,
+            logging_steps=1,
+            max_length=128,
+            mask_check_interval=1,
+            use_cpu=not torch.cuda.is_available(),
+        )
     )
     trainer = SD2Trainer(
         drafter.train(),

@@ -44,20 +44,9 @@ def lora(**changes) -> LoraConfig:
 
 def trainer_args(tmp_path, **changes) -> SD2Config:
     kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        max_length=96,
-        disable_tqdm=True,
-        mask_check_interval=3,
-        seed=0,
+        max_steps=12, learning_rate=2e-2, lr_scheduler_type="constant", mask_check_interval=3
     )
-    return SD2Config(**{**kwargs, **changes})
+    return SD2Config(**tiny.trainer_kwargs(tmp_path / "out", **{**kwargs, **changes}))
 
 
 @pytest.fixture(scope="module")

@@ -33,24 +33,15 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 def base_kwargs(tmp_path, **overrides) -> dict:
     kwargs = dict(
-        output_dir=str(tmp_path / "out"),
         max_steps=20,
-        per_device_train_batch_size=4,
         learning_rate=1e-2,
         weight_decay=0.1,
         lr_scheduler_type="constant",
         logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        max_length=96,
         dataloader_num_workers=0,
-        disable_tqdm=True,
         mask_check_interval=5,
-        seed=0,
     )
-    kwargs.update(overrides)
-    return kwargs
+    return tiny.trainer_kwargs(tmp_path / "out", **{**kwargs, **overrides})
 
 
 def make_args(tmp_path, **overrides) -> SD2Config:

@@ -141,6 +141,23 @@ def magnitude_sparsify(model, sparsity: float = 0.5, structure: str = "unstructu
     return model
 
 
+def trainer_kwargs(output_dir, **overrides) -> dict:
+    """`SD2Config` arguments for a few quick steps on the tiny models (tests, `accelerate launch`
+    workers, benches): no saving, no reporting, no progress bars, CPU; `overrides` win."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        max_length=96,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 def conversations(n: int = 16, seed: int = 0) -> list[dict]:
     """Small chat dataset rows in the `messages` form."""
     rng = random.Random(seed)

@@ -19,21 +19,18 @@ model = tiny.magnitude_sparsify(tiny.build_model(tok, seed=0), 0.5)
 before = {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
 w0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
 args = SD2Config(
-    output_dir=str(out / "run"),
-    max_steps=12,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=2,
-    learning_rate=1e-2,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    max_length=96,
-    disable_tqdm=True,
-    mask_check_interval=3,
-    ddp_backend="gloo",
-    distill_loss="fkl",
-    distill_alpha=0.5,
-    logging_steps=4,
+    **tiny.trainer_kwargs(
+        out / "run",
+        max_steps=12,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        mask_check_interval=3,
+        ddp_backend="gloo",
+        distill_loss="fkl",
+        distill_alpha=0.5,
+        logging_steps=4,
+    )
 )
 trainer = SD2Trainer(
     model,
