@@ -95,8 +95,9 @@ def is_input_error(err: BaseException) -> bool:
     """Errors about the user's input or environment, as opposed to defects of the program."""
     if isinstance(err, (ValueError, OSError)):
         return True
-    server = sys.modules.get("sd2_hf.serving.server")  # loaded wherever a server was started
-    return server is not None and isinstance(err, server.ServerError)
+    from sd2_hf.serving.server import ServerError  # on the error path only: keeps start-up light
+
+    return isinstance(err, ServerError)
 
 
 if __name__ == "__main__":

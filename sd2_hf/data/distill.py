@@ -17,6 +17,7 @@ Output directory:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -315,15 +316,17 @@ class _Journal:
         self.next_index += 1
 
 
-def _identity(config: DistillConfig, backend: GenerationBackend | None) -> dict[str, Any]:
+def _identity(
+    config: DistillConfig, backend: GenerationBackend | None, target: Callable[[], str]
+) -> dict[str, Any]:
     """The settings that define the rows, plus the dtype a server we start computes in where
     it is not the configured one (`served_dtype`: `auto` on a CPU without bf16 instructions),
     so a resume on another kind of machine cannot mix bf16 and fp32 replies."""
     identity = config.identity()
     if config.backend == "vllm" and not config.server_urls and backend is None:
-        from sd2_hf.utils.models import resolve_model_path, served_dtype
+        from sd2_hf.utils.models import served_dtype
 
-        served = served_dtype(resolve_model_path(config.target), config.dtype)
+        served = served_dtype(target(), config.dtype)
         if served != config.dtype:
             identity["served_dtype"] = served
     return identity
@@ -484,16 +487,19 @@ def run_distill(config: DistillConfig, backend: GenerationBackend | None = None)
 
     `backend` replaces the one `config.backend` would open (e.g. a model already in memory).
     """
+    from sd2_hf.utils.models import resolve_model_path
+
     output = Path(config.output)
+    # The target resolved at most once per run (a Hub id costs a request), only where needed:
+    # a complete resume does not need it.
+    target = functools.cache(lambda: resolve_model_path(config.target))
     # Inputs are read and checked before anything is written: a typo leaves no directory.
     loaded = load_conversations(config.source, format=config.format, limit=config.limit)
     if backend is None and not output.exists():
-        from sd2_hf.utils.models import resolve_model_path
-
-        resolve_model_path(config.target)
+        target()
     output.mkdir(parents=True, exist_ok=True)
     with _exclusive(output):
-        return _run(config, backend, output, loaded)
+        return _run(config, backend, output, loaded, target)
 
 
 @contextmanager
@@ -514,10 +520,14 @@ def _exclusive(output: Path) -> Iterator[None]:
 
 
 def _run(
-    config: DistillConfig, backend: GenerationBackend | None, output: Path, loaded: LoadResult
+    config: DistillConfig,
+    backend: GenerationBackend | None,
+    output: Path,
+    loaded: LoadResult,
+    target: Callable[[], str],
 ) -> DistillResult:
     wall_start, started_at = time.perf_counter(), _now()
-    _prepare_output(output, config, _identity(config, backend))
+    _prepare_output(output, config, _identity(config, backend, target))
     ids = Counter(r["id"] for r in loaded.rows)
     duplicates = [i for i, n in ids.items() if n > 1]
     if duplicates:
@@ -549,10 +559,7 @@ def _run(
     target_path = config.target
     if pending:
         if backend is None:
-            # Resolves `asset:` names and fails fast on a local path that does not exist.
-            from sd2_hf.utils.models import resolve_model_path
-
-            target_path = resolve_model_path(config.target)
+            target_path = target()
         opened = _open_backend(config, target_path, output) if backend is None else _as_is(backend)
         with opened as active:
             progress = _Progress(total=len(pending))

@@ -60,7 +60,7 @@ def _macs(args: argparse.Namespace) -> int:
     try:
         report = count_macs(options.model, options.context_length)
     except (ValueError, OSError) as err:
-        raise type(err)(f"cannot count MACs of {options.model!r}: {err}") from None
+        raise ValueError(f"cannot count MACs of {options.model!r}: {err}") from None
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()

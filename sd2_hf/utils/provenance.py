@@ -21,7 +21,8 @@ PIPELINE_PACKAGES = (
     "compressed-tensors",
     "datasets",
 )
-_OMIT = object()
+# `missing=OMIT`: leave packages that are not installed out of the result.
+OMIT = object()
 
 
 def package_versions(
@@ -44,9 +45,6 @@ def package_versions(
     if vllm:
         found["vllm"] = vllm_version()
     return found
-
-
-OMIT = _OMIT
 
 
 def vllm_version() -> str | None:
