@@ -42,6 +42,25 @@ class TrainStageConfig(BaseModel):
     distill_temperature: float = Field(
         1.0, gt=0, description="softmax temperature of the divergence"
     )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="on-policy distillation: share of batches replaced by the drafter's own "
+        "continuations of their prompts, scored by `teacher` (needs distill_loss)",
+    )
+    on_policy_max_new_tokens: int = Field(
+        64, gt=0, description="tokens the drafter generates per on-policy sequence"
+    )
+    on_policy_temperature: float = Field(
+        1.0, ge=0, description="sampling temperature of on-policy continuations (0: greedy)"
+    )
+    on_policy_refresh_steps: int = Field(
+        1,
+        ge=0,
+        description="weights that generate on-policy continuations: 1 current, N a copy "
+        "refreshed every N steps, 0 the weights before training",
+    )
     num_train_epochs: float = Field(
         1.0, gt=0, description="epochs over the dataset (ignored when max_steps > 0)"
     )
@@ -76,6 +95,11 @@ class TrainStageConfig(BaseModel):
         if self.distill_loss != "none" and not self.teacher:
             raise ValueError(
                 f"distill_loss={self.distill_loss!r} needs `teacher` (the target model)"
+            )
+        if self.on_policy_fraction > 0 and self.distill_loss == "none":
+            raise ValueError(
+                "on_policy_fraction > 0 scores the drafter's continuations with the teacher: "
+                "set distill_loss (fkl, rkl, jsd or tvd) and teacher"
             )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")

@@ -35,6 +35,23 @@ class SD2Config(SFTConfig):
             β of the generalized JSD, in the open interval (0, 1).
         distill_temperature (`float`, defaults to `1.0`):
             Softmax temperature applied to both distributions before the divergence.
+        on_policy_fraction (`float`, defaults to `0.0`):
+            On-policy distillation (DistillSpec; TRL GKD's `lmbda`): the probability that a
+            training batch is replaced by the drafter's own continuations of its prompts (the
+            tokens before the first assistant token), scored by the teacher; the loss on such a
+            batch is the `distill_loss` divergence alone, on the generated tokens only. The rest
+            of the batches train on the dataset as without it. Needs a teacher and a
+            `distill_loss`. The draw is seeded by (`seed`, step, micro-batch), so a resumed run
+            makes the same choices.
+        on_policy_max_new_tokens (`int`, defaults to `64`):
+            Tokens the drafter generates per on-policy sequence (it stops earlier at EOS).
+        on_policy_temperature (`float`, defaults to `1.0`):
+            Sampling temperature of the drafter's continuations; `0` generates greedily.
+        on_policy_refresh_steps (`int`, defaults to `1`):
+            Which weights generate: `1`, the drafter's current weights at every on-policy batch
+            (GKD); `N > 1`, a copy of the drafter refreshed every N optimizer steps; `0`, a
+            copy of the drafter's weights before training, never refreshed (stale on purpose:
+            the cheap variant whose continuations could be made once before training).
 
     Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
     distilled conversations, the SD² method).
@@ -70,6 +87,27 @@ class SD2Config(SFTConfig):
     distill_temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature for the distillation divergence (> 0)."}
     )
+    on_policy_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that a batch is replaced by the drafter's own continuations, "
+            "scored by the teacher (on-policy distillation; GKD's lmbda)."
+        },
+    )
+    on_policy_max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens the drafter generates per on-policy sequence."}
+    )
+    on_policy_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of on-policy continuations (0: greedy)."},
+    )
+    on_policy_refresh_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Weights that generate on-policy continuations: 1 = current weights, N = a "
+            "copy refreshed every N steps, 0 = the weights before training."
+        },
+    )
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "Compute the cross-entropy only on assistant tokens (the SD² method)."},
@@ -92,5 +130,29 @@ class SD2Config(SFTConfig):
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.mask_check_interval < 0:
             raise ValueError(f"mask_check_interval must be >= 0, got {self.mask_check_interval}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.on_policy_fraction > 0 and self.distill_loss == "none":
+            raise ValueError(
+                "on-policy distillation (on_policy_fraction > 0) scores the drafter's own "
+                "continuations with the teacher's logits: set distill_loss (fkl, rkl, jsd or tvd)"
+            )
+        if self.on_policy_max_new_tokens < 1:
+            raise ValueError(
+                f"on_policy_max_new_tokens must be >= 1, got {self.on_policy_max_new_tokens}"
+            )
+        if self.on_policy_temperature < 0:
+            raise ValueError(
+                f"on_policy_temperature must be >= 0, got {self.on_policy_temperature}"
+            )
+        if self.on_policy_refresh_steps < 0:
+            raise ValueError(
+                f"on_policy_refresh_steps must be >= 0, got {self.on_policy_refresh_steps}"
+            )
+        if self.on_policy_fraction > 0 and self.padding_free:
+            raise ValueError(
+                "on-policy distillation needs padded batches with an attention mask: "
+                "set padding_free=False"
+            )
         if not self.mask_targets:
             raise ValueError("mask_targets must name at least one module pattern, e.g. ['Linear']")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import random
+
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
+from trl.models.utils import unwrap_model_for_generation
 
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
 from sd2_hf.training.losses import token_divergence
@@ -106,6 +110,132 @@ class SD2Trainer(SFTTrainer):
                 f"distill_loss={args.distill_loss!r} needs a teacher_model (the target); "
                 "pass teacher_model=... or set distill_loss='none'"
             )
+        if args.on_policy_fraction > 0 and args.on_policy_refresh_steps != 1:
+            if self.accelerator.num_processes > 1:
+                raise ValueError(
+                    "on_policy_refresh_steps != 1 keeps a copy of the drafter for generation, "
+                    "which is not supported across processes: use on_policy_refresh_steps=1"
+                )
+        # The generating copy for on_policy_refresh_steps != 1, and the step it was taken at;
+        # with 0 it is taken here, from the weights given (also when a run resumes later).
+        self._generator: PreTrainedModel | None = None
+        self._generator_step = -1
+        if args.on_policy_fraction > 0 and args.on_policy_refresh_steps == 0:
+            self._generator = self._copy_for_generation(self.model)
+            self._generator_step = 0
+        self._on_policy_batch = False
+        self._micro_batch = 0
+
+    # ----- on-policy distillation -------------------------------------------------------------
+    # TRL's GKD trainer (trl.experimental.gkd) is the reference design: the same per-batch draw
+    # (`lmbda` there), the same generation under `unwrap_model_for_generation` and the same
+    # label layout (-100 on the prompt and after the first EOS). It is not subclassed: it is
+    # experimental, needs its own ChatML collator with separate prompt tensors, and has no
+    # sparsity masks or stale-generator option; here prompts are read from the SFT batch itself.
+
+    def _draw_on_policy(self) -> bool:
+        """Seeded by (seed, step, micro-batch): a resumed run draws the same batches."""
+        draw = random.Random(f"{self.args.seed}:{self.state.global_step}:{self._micro_batch}")
+        return draw.random() < self.args.on_policy_fraction
+
+    def _generating_model(self, model):
+        """The model whose weights generate: the training model itself (refresh 1) or a copy
+        taken before training (refresh 0) / every `on_policy_refresh_steps` steps."""
+        refresh = self.args.on_policy_refresh_steps
+        if refresh == 1:
+            return None
+        step = self.state.global_step
+        if refresh > 1 and (self._generator is None or step - self._generator_step >= refresh):
+            self._generator = self._copy_for_generation(self.accelerator.unwrap_model(model))
+            self._generator_step = step
+        return self._generator
+
+    @staticmethod
+    def _copy_for_generation(model):
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+    @staticmethod
+    def _prompts(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's tokens before its first label (the first assistant token)."""
+        labels, ids = inputs["labels"], inputs["input_ids"]
+        prompts = []
+        for row_ids, row_labels, row_mask in zip(
+            ids, labels, inputs["attention_mask"], strict=True
+        ):
+            labelled = (row_labels != -100).nonzero()
+            start = int(labelled[0]) if len(labelled) else int(row_mask.sum())
+            prompts.append(row_ids[:start])
+        return prompts
+
+    def _generate_on_policy(self, model, inputs: dict[str, torch.Tensor]) -> dict:
+        """The batch's prompts continued by the drafter; labels on the generated tokens only."""
+        tokenizer = self.processing_class
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id
+        prompts = self._prompts(inputs)
+        width = max(len(p) for p in prompts)
+        device = inputs["input_ids"].device
+        # Left-padded for generation.
+        prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, width - len(p) :] = p
+            prompt_mask[i, width - len(p) :] = 1
+        temperature = self.args.on_policy_temperature
+        generation = {
+            "max_new_tokens": self.args.on_policy_max_new_tokens,
+            "do_sample": temperature > 0,
+            "pad_token_id": pad,
+            "eos_token_id": eos,
+        }
+        if temperature > 0:
+            generation.update(temperature=temperature, top_k=0, top_p=1.0)
+        generator = self._generating_model(model)
+        if generator is None:
+            with unwrap_model_for_generation(
+                model,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped:
+                out = unwrapped.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, **generation
+                )
+        else:
+            with torch.no_grad():
+                out = generator.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, **generation
+                )
+        completions = out[:, width:]
+        # Right-padded for training, like the SFT collator: prompt, completion up to and
+        # including its first EOS, padding; labels on the completion only.
+        rows, labels = [], []
+        for p, c in zip(prompts, completions, strict=True):
+            stop = (c == eos).nonzero() if eos is not None else torch.empty(0)
+            c = c[: int(stop[0]) + 1] if len(stop) else c
+            rows.append(torch.cat([p, c]))
+            labels.append(torch.cat([torch.full_like(p, -100), c]))
+        length = max(len(r) for r in rows)
+        batch_ids = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
+        batch_labels = torch.full_like(batch_ids, -100)
+        batch_mask = torch.zeros_like(batch_ids)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+            batch_ids[i, : len(r)] = r
+            batch_labels[i, : len(r)] = lab
+            batch_mask[i, : len(r)] = 1
+        return {"input_ids": batch_ids, "attention_mask": batch_mask, "labels": batch_labels}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._on_policy_batch = False
+        if self.args.on_policy_fraction > 0 and self.teacher_model is not None:
+            self._on_policy_batch = self._draw_on_policy()
+            self._micro_batch += 1
+            if self._on_policy_batch:
+                inputs = self._generate_on_policy(model, self._prepare_inputs(inputs))
+            self._metrics["train"]["on_policy"].append(float(self._on_policy_batch))
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._on_policy_batch = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_model is None:
@@ -122,7 +252,14 @@ class SD2Trainer(SFTTrainer):
             teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1]
         shift_labels = labels[:, 1:]
         mask = shift_labels != -100
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        on_policy = self._on_policy_batch and self.model.training
+        if on_policy:
+            # Tokens the drafter sampled itself: their count is not the one the Trainer summed
+            # over the accumulation window from the dataset batches, so this batch's loss is its
+            # own per-token mean, weighted like one micro-batch of the window.
+            num_tokens = mask.sum()
+        else:
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=logits.device).clamp(min=1)
 
         ce = F.cross_entropy(
@@ -137,9 +274,16 @@ class SD2Trainer(SFTTrainer):
             temperature=self.args.distill_temperature,
             reduction="sum",
         )
-        loss = (ce + self.args.distill_alpha * div) / num_tokens
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
+        if on_policy:
+            # No cross-entropy on the drafter's own samples: the teacher's distribution is the
+            # only target there (GKD).
+            loss = div / num_tokens
+            if num_items_in_batch is not None:
+                loss = loss / self.current_gradient_accumulation_steps
+        else:
+            loss = (ce + self.args.distill_alpha * div) / num_tokens
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
 
         # Sums over processes, then divided by all processes' tokens (as SFTTrainer does for its
         # metrics): every rank logs the same token-weighted values, not its own batch's.
@@ -148,11 +292,12 @@ class SD2Trainer(SFTTrainer):
 
         valid = total(mask.sum()).clamp(min=1)
         correct = ((logits.argmax(-1) == shift_labels) & mask).sum()
-        self._metrics[mode]["ce_loss"].append((total(ce) / valid).item())
-        self._metrics[mode][f"{self.args.distill_loss}_divergence"].append(
+        prefix = "on_policy_" if on_policy else ""
+        self._metrics[mode][f"{prefix}ce_loss"].append((total(ce) / valid).item())
+        self._metrics[mode][f"{prefix}{self.args.distill_loss}_divergence"].append(
             (total(div) / valid).item()
         )
-        self._metrics[mode]["mean_token_accuracy"].append((total(correct) / valid).item())
+        self._metrics[mode][f"{prefix}mean_token_accuracy"].append((total(correct) / valid).item())
         if return_outputs:
             return loss, {"logits": logits}
         return loss

@@ -1,0 +1,231 @@
+"""On-policy distillation in SD2Trainer: who generates, what is labelled, what the loss is, and
+that the masks stay exact."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from datasets import Dataset
+
+from sd2_hf import SD2Config, SD2Trainer
+from sd2_hf.pruning.masks import find_target_linears
+from sd2_hf.training.losses import token_divergence
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def zero_pattern(model) -> dict[str, torch.Tensor]:
+    return {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
+
+
+def make_trainer(tmp_path, tokenizer, rows=8, **overrides):
+    kwargs = dict(
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        distill_loss="fkl",
+        on_policy_fraction=1.0,
+        on_policy_max_new_tokens=6,
+        mask_check_interval=1,
+    )
+    kwargs.update(overrides)
+    args = SD2Config(**tiny.trainer_kwargs(tmp_path / "out", **kwargs))
+    drafter = tiny.magnitude_sparsify(tiny.build_model(tokenizer, seed=5), 0.5)
+    teacher = tiny.build_model(tokenizer, seed=6)
+    return SD2Trainer(
+        drafter,
+        args=args,
+        teacher_model=teacher,
+        train_dataset=Dataset.from_list(tiny.conversations(rows, seed=1)),
+        processing_class=tokenizer,
+    )
+
+
+class Spy:
+    """Wraps `SD2Trainer._generate_on_policy`: records the batch it returned, the weights of the
+    model that generated it, and the step it was made at."""
+
+    def __init__(self, trainer: SD2Trainer):
+        self.trainer = trainer
+        self.calls: list[dict] = []
+        original = trainer._generate_on_policy
+
+        def wrapped(model, inputs):
+            generator = trainer._generating_model(model)
+            source = generator if generator is not None else trainer.accelerator.unwrap_model(model)
+            out = original(model, inputs)
+            self.calls.append(
+                {
+                    "step": trainer.state.global_step,
+                    "generator_is_model": generator is None,
+                    "weights": {n: p.detach().clone() for n, p in source.named_parameters()},
+                    "inputs": inputs,
+                    "batch": {k: v.clone() for k, v in out.items()},
+                }
+            )
+            return out
+
+        trainer._generate_on_policy = wrapped
+
+
+def current_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_on_policy_batches_come_from_the_current_weights(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer)
+    seen: list[dict] = []
+    original = trainer._generate_on_policy
+
+    def wrapped(model, inputs):
+        # The weights the trainer holds at the moment this batch is generated.
+        seen.append(current_weights(trainer.model))
+        return original(model, inputs)
+
+    trainer._generate_on_policy = wrapped
+    spy = Spy(trainer)
+    trainer.train()
+    assert [c["step"] for c in spy.calls] == [0, 1, 2, 3]
+    for call, held in zip(spy.calls, seen, strict=True):
+        assert call["generator_is_model"]
+        assert same(call["weights"], held)
+    # ... and those weights changed between steps (so the check above is not vacuous).
+    assert not same(spy.calls[0]["weights"], spy.calls[-1]["weights"])
+
+
+def test_refresh_zero_generates_with_the_weights_before_training(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, on_policy_refresh_steps=0)
+    initial = current_weights(trainer.model)
+    spy = Spy(trainer)
+    trainer.train()
+    assert len(spy.calls) == 4
+    for call in spy.calls:
+        assert not call["generator_is_model"]
+        assert same(call["weights"], initial)
+    assert not same(current_weights(trainer.model), initial)
+
+
+def test_refresh_every_two_steps(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, on_policy_refresh_steps=2, max_steps=5)
+    snapshots = {}
+    original = trainer.training_step
+
+    def step(model, inputs, num_items_in_batch=None):
+        snapshots[trainer.state.global_step] = current_weights(trainer.model)
+        return original(model, inputs, num_items_in_batch)
+
+    trainer.training_step = step
+    spy = Spy(trainer)
+    trainer.train()
+    # steps 0,1 from the weights at step 0; 2,3 from step 2; 4 from step 4
+    for call in spy.calls:
+        taken = call["step"] - call["step"] % 2
+        assert same(call["weights"], snapshots[taken]), call["step"]
+
+
+def test_labels_only_on_generated_tokens(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=2)
+    spy = Spy(trainer)
+    trainer.train()
+    eos = tiny_tokenizer.eos_token_id
+    for call in spy.calls:
+        inputs, batch = call["inputs"], call["batch"]
+        for row in range(batch["input_ids"].shape[0]):
+            start = int((inputs["labels"][row] != -100).nonzero()[0])
+            ids, labels, mask = (batch[k][row] for k in ("input_ids", "labels", "attention_mask"))
+            # the prompt is the dataset row's tokens before its first assistant label
+            assert torch.equal(ids[:start], inputs["input_ids"][row, :start])
+            assert (labels[:start] == -100).all()
+            length = int(mask.sum())
+            generated = ids[start:length]
+            assert 1 <= len(generated) <= 6
+            assert torch.equal(labels[start:length], generated)
+            assert (labels[length:] == -100).all() and (mask[length:] == 0).all()
+            # the completion stops at its first EOS (kept, labelled) or at the token limit
+            eos_at = (generated == eos).nonzero()
+            if len(eos_at):
+                assert int(eos_at[0]) == len(generated) - 1
+
+
+def test_on_policy_loss_is_the_divergence_on_generated_tokens(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1)
+    spy = Spy(trainer)
+    losses = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(model, inputs, return_outputs, num_items_in_batch)
+        losses.append((loss.detach().clone(), {k: v.clone() for k, v in inputs.items()}))
+        return loss
+
+    trainer.compute_loss = compute_loss
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    (loss, inputs), call = losses[0], spy.calls[0]
+    assert torch.equal(inputs["input_ids"], call["batch"]["input_ids"])
+    # Recompute with the weights before the step: divergence alone, mean over generated tokens.
+    drafter = tiny.build_model(tiny_tokenizer, seed=5)
+    drafter.load_state_dict(before)
+    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        logits = drafter(**model_inputs).logits[:, :-1]
+        teacher_logits = trainer.teacher_model(**model_inputs).logits[:, :-1]
+    mask = inputs["labels"][:, 1:] != -100
+    expected = token_divergence(logits, teacher_logits, "fkl", mask=mask, reduction="mean")
+    assert torch.allclose(loss, expected, rtol=1e-4, atol=1e-6)
+    logged = [h for h in trainer.state.log_history if "on_policy_fkl_divergence" in h]
+    assert logged and logged[0]["on_policy"] == 1.0
+
+
+def test_masks_exact_after_on_policy_steps(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=6, on_policy_fraction=0.5)
+    before = zero_pattern(trainer.model)
+    start = current_weights(trainer.model)
+    trainer.train()
+    after = zero_pattern(trainer.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not same(start, current_weights(trainer.model))
+    drawn = [h["on_policy"] for h in trainer.state.log_history if "on_policy" in h]
+    assert drawn and 0.0 < sum(drawn) / len(drawn) < 1.0  # both kinds of batches ran
+
+
+def test_draws_are_seeded_per_step(tmp_path, tiny_tokenizer):
+    """A rerun (or a resumed run) makes the same on-policy choices at the same steps."""
+    draws = []
+    for run in range(2):
+        trainer = make_trainer(
+            tmp_path / str(run), tiny_tokenizer, max_steps=8, on_policy_fraction=0.5
+        )
+        picks = []
+        original = trainer._draw_on_policy
+
+        def draw(original=original, picks=picks):
+            picks.append(original())
+            return picks[-1]
+
+        trainer._draw_on_policy = draw
+        trainer.train()
+        draws.append(picks)
+    assert draws[0] == draws[1] and 0 < sum(draws[0]) < 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"on_policy_fraction": 1.5}, r"on_policy_fraction must be in \[0, 1\]"),
+        ({"on_policy_fraction": 0.5, "distill_loss": "none"}, "set distill_loss"),
+        ({"on_policy_max_new_tokens": 0}, "on_policy_max_new_tokens must be >= 1"),
+        ({"on_policy_temperature": -1.0}, "on_policy_temperature must be >= 0"),
+        ({"on_policy_refresh_steps": -1}, "on_policy_refresh_steps must be >= 0"),
+        ({"on_policy_fraction": 0.5, "distill_loss": "fkl", "padding_free": True}, "padding_free"),
+    ],
+)
+def test_on_policy_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SD2Config(**tiny.trainer_kwargs(tmp_path, **overrides))
