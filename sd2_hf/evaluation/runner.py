@@ -200,17 +200,27 @@ def measure(
     prompts: list[Prompt],
     reference: list[Generation] | None,
     config: EvalConfig,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """Run one drafter over every prompt; counts per category, timing, lossless check."""
+    """Run one drafter over every prompt; counts per category, timing, lossless check.
+
+    `temperature` (transformers): a sampled run at this temperature instead of the
+    configuration's; it is never compared with the greedy reference."""
     per_category = defaultdict(list)
+    per_prompt: list[list[int]] = []
     new_tokens = 0
     seconds = 0.0
     target_steps: int | None = 0
     mismatches = 0
-    with backend.session(plan) as generate:
+    greedy = config.greedy if temperature is None else False
+    session = backend.session(plan) if temperature is None else backend.session(plan, temperature)
+    desc = plan.name if temperature is None else f"{plan.name} T={temperature:g}"
+    with session as generate:
         generate(prompts[0].input_ids)  # warm-up, not timed nor counted
-        for i, prompt, result in _generations(generate, prompts, plan.name, config):
+        for i, prompt, result in _generations(generate, prompts, desc, config):
             per_category[prompt.category].append(result.counters)
+            c = result.counters
+            per_prompt.append([c.num_drafts, c.num_accepted_tokens] if c else [0, 0])
             new_tokens += len(result.token_ids)
             seconds += result.seconds
             target_steps = (
@@ -218,7 +228,7 @@ def measure(
                 if result.target_steps is None or target_steps is None
                 else target_steps + result.target_steps
             )
-            if reference is not None and config.greedy and config.check_lossless:
+            if reference is not None and greedy and config.check_lossless:
                 mismatches += result.token_ids != reference[i].token_ids
     k = config.num_draft_tokens
     total = add_counters((c for group in per_category.values() for c in group), positions=k)
@@ -240,9 +250,35 @@ def measure(
         "new_tokens": new_tokens,
         "seconds": seconds,
         "tokens_per_second": new_tokens / seconds if seconds else None,
-        "lossless_checked": reference is not None and config.greedy and config.check_lossless,
+        "lossless_checked": reference is not None and greedy and config.check_lossless,
         "lossless_mismatches": mismatches,
+        # [draft steps, accepted tokens] per prompt, in prompt order (paired comparisons).
+        "per_prompt": per_prompt,
     }
+
+
+SAMPLED_FIELDS = (
+    "mal",
+    "mal_per_category",
+    "acceptance_per_position",
+    "draft_steps",
+    "accepted_tokens",
+    "new_tokens",
+    "seconds",
+    "tokens_per_second",
+    "per_prompt",
+)
+
+
+def measure_sampled(
+    backend: Backend, plan: DrafterPlan, prompts: list[Prompt], config: EvalConfig
+) -> dict[str, dict[str, Any]]:
+    """The drafter under speculative sampling at each of `config.sampled_temperatures`."""
+    sampled = {}
+    for temperature in config.sampled_temperatures:
+        row = measure(backend, plan, prompts, None, config, temperature=temperature)
+        sampled[f"{temperature:g}"] = {k: row[k] for k in SAMPLED_FIELDS}
+    return sampled
 
 
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
@@ -267,6 +303,7 @@ def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[st
         "tokens_per_second": new_tokens / seconds if seconds else None,
         "lossless_checked": False,
         "lossless_mismatches": 0,
+        "per_prompt": [],
     }
 
 
@@ -466,11 +503,20 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         row = journal.load_row(plan)
         if row is None:
             row = measure(backend, plan, prompts, reference, config)
+            if config.sampled_temperatures:
+                row["sampled"] = measure_sampled(backend, plan, prompts, config)
             journal.save_row(plan, row)
         rows.append(row)
         # The ngram drafter does no multiply-accumulates: relative cost 0.
         drafter_macs = count_macs(plan.path, config.macs_context_length).total if plan.path else 0
         _add_costs(rows[-1], target_macs, drafter_macs, config.num_draft_tokens)
+        for sampled in rows[-1].get("sampled", {}).values():
+            c = rows[-1]["relative_macs"]
+            sampled["improvement_factor"] = (
+                None
+                if sampled["mal"] is None or c is None
+                else sampled["mal"] / (config.num_draft_tokens * c + 1)
+            )
     base_speed = rows[0]["tokens_per_second"] if rows and rows[0]["kind"] == "none" else None
     for row in rows:
         speed = row["tokens_per_second"]
@@ -487,6 +533,7 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         "num_draft_tokens": config.num_draft_tokens,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
+        "sampled_temperatures": config.sampled_temperatures,
         "num_prompts": len(prompts),
         "categories": categories,
         "prompts": {

@@ -116,18 +116,25 @@ class TransformersBackend:
 
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
-    def _generate_kwargs(self) -> dict:
+    def _generate_kwargs(self, temperature: float) -> dict:
         kwargs = {"max_new_tokens": self.config.max_new_tokens}
-        if self.config.greedy:
+        if temperature == 0:
             kwargs["do_sample"] = False
         else:
-            kwargs.update(do_sample=True, temperature=self.config.temperature, top_k=0, top_p=1.0)
+            # The whole distribution (no top-k/top-p truncation): speculative sampling then
+            # keeps the target's distribution at this temperature.
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         return kwargs
 
     @contextmanager
-    def session(self, drafter: DrafterPlan | None) -> Iterator[Generate]:
+    def session(
+        self, drafter: DrafterPlan | None, temperature: float | None = None
+    ) -> Iterator[Generate]:
+        """`temperature`: this session's, instead of the configuration's (sampled runs)."""
         set_seed(self.config.seed)
-        kwargs = self._generate_kwargs()
+        kwargs = self._generate_kwargs(
+            self.config.temperature if temperature is None else temperature
+        )
         assistant = None
         if drafter is not None and drafter.kind == "ngram":
             kwargs["prompt_lookup_num_tokens"] = self.config.num_draft_tokens

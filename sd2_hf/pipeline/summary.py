@@ -68,20 +68,41 @@ def summary(result: PipelineResult) -> str:
             lines.append(
                 f"  {row['name']:<12}{mal:>7}{rel:>16}{sparsity:>10}{gain_text:>13}{lossless:>10}"
             )
-        mals = {row["name"]: row["mal"] for row in report["drafters"]}
-        if mals.get("sd2") and mals.get("pruned"):
-            verdict = "above" if mals["sd2"] > mals["pruned"] else "NOT above"
-            lines.append(
-                f"  SD² drafter MAL {mals['sd2']:.3f} is {verdict} the un-fine-tuned pruned "
-                f"drafter's {mals['pruned']:.3f} (x{mals['sd2'] / mals['pruned']:.3f})"
-            )
-        lines.append(
-            f"  report    {eval_dir / 'eval.md'}\n"
-            f"  plots     {eval_dir}/mal_per_category.png, acceptance_per_position.png, "
-            "mal_vs_macs.png"
-        )
+        by_name = {row["name"]: row for row in report["drafters"]}
+        sd2, pruned = by_name.get("sd2"), by_name.get("pruned")
+        if sd2 and pruned and sd2["mal"] and pruned["mal"]:
+            lines += _comparison(sd2, pruned, "greedy", report["num_prompts"])
+            for t in report.get("sampled_temperatures") or []:
+                a = sd2.get("sampled", {}).get(f"{t:g}")
+                b = pruned.get("sampled", {}).get(f"{t:g}")
+                if a and b and a["mal"] and b["mal"]:
+                    lines += _comparison(a, b, f"T={t:g}", report["num_prompts"])
+        plots = "mal_per_category.png, acceptance_per_position.png, mal_vs_macs.png"
+        if report.get("sampled_temperatures"):
+            plots += ", mal_by_temperature.png"
+        lines.append(f"  report    {eval_dir / 'eval.md'}\n  plots     {eval_dir}/{plots}")
     export_outcome = result.outcome("export")
     if export_outcome and export_outcome.record:
         lines.append(f"  drafter   {result.root / 'export'}  (model card: README.md)")
     lines.append(f"  provenance {result.root / PROVENANCE_FILE}")
     return "\n".join(lines)
+
+
+def _comparison(sd2: dict, pruned: dict, how: str, num_prompts: int) -> list[str]:
+    """The SD² drafter against the pruned one before fine-tuning, with a paired-bootstrap 95%
+    interval over the prompts when both rows have per-prompt counts."""
+    from sd2_hf.evaluation.report import mal_ratio_interval
+
+    ratio = sd2["mal"] / pruned["mal"]
+    verdict = "above" if sd2["mal"] > pruned["mal"] else "NOT above"
+    interval = mal_ratio_interval(sd2.get("per_prompt") or [], pruned.get("per_prompt") or [])
+    line = (
+        f"  SD² drafter MAL {sd2['mal']:.3f} is {verdict} the un-fine-tuned pruned drafter's "
+        f"{pruned['mal']:.3f} ({how}, x{ratio:.3f}"
+    )
+    if interval is not None:
+        line += (
+            f", 95% CI x{interval[1]:.3f}-x{interval[2]:.3f}, paired bootstrap over "
+            f"{num_prompts} prompts"
+        )
+    return [line + ")"]
