@@ -58,9 +58,10 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value[:1] in "0123456789-.[{tf" else value
-        if value in ("true", "false"):
-            options[key] = value == "true"
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     return name, options
 
 

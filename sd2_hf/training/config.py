@@ -42,6 +42,12 @@ class TrainStageConfig(BaseModel):
     distill_temperature: float = Field(
         1.0, gt=0, description="softmax temperature of the divergence"
     )
+    hidden_distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of layer-wise hidden-state distillation to `teacher` (SquareHead; "
+        "drafters pruned from the target; needs distill_loss)",
+    )
     on_policy_fraction: float = Field(
         0.0,
         ge=0,
@@ -95,6 +101,10 @@ class TrainStageConfig(BaseModel):
         if self.distill_loss != "none" and not self.teacher:
             raise ValueError(
                 f"distill_loss={self.distill_loss!r} needs `teacher` (the target model)"
+            )
+        if self.hidden_distill_weight > 0 and self.distill_loss == "none":
+            raise ValueError(
+                "hidden_distill_weight > 0 distils against the teacher: set distill_loss and teacher"
             )
         if self.on_policy_fraction > 0 and self.distill_loss == "none":
             raise ValueError(

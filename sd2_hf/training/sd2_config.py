@@ -35,6 +35,11 @@ class SD2Config(SFTConfig):
             β of the generalized JSD, in the open interval (0, 1).
         distill_temperature (`float`, defaults to `1.0`):
             Softmax temperature applied to both distributions before the divergence.
+        hidden_distill_weight (`float`, defaults to `0.0`):
+            Weight of a layer-wise distillation term (SquareHead, Kurtic et al. 2023, arXiv
+            2310.06927, made for fine-tuning sparse LLMs with fixed masks): the mean over decoder
+            layers of ‖h_drafter − h_teacher‖² / ‖h_teacher‖² on the batch's real tokens. Needs a
+            teacher with the drafter's depth and width (a drafter pruned from the target).
         on_policy_fraction (`float`, defaults to `0.0`):
             On-policy distillation (DistillSpec; TRL GKD's `lmbda`): the probability that a
             training batch is replaced by the drafter's own continuations of its prompts (the
@@ -87,6 +92,13 @@ class SD2Config(SFTConfig):
     distill_temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature for the distillation divergence (> 0)."}
     )
+    hidden_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of layer-wise hidden-state distillation (SquareHead); needs a teacher "
+            "of the drafter's shape."
+        },
+    )
     on_policy_fraction: float = field(
         default=0.0,
         metadata={
@@ -130,6 +142,15 @@ class SD2Config(SFTConfig):
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.mask_check_interval < 0:
             raise ValueError(f"mask_check_interval must be >= 0, got {self.mask_check_interval}")
+        if self.hidden_distill_weight < 0:
+            raise ValueError(
+                f"hidden_distill_weight must be >= 0, got {self.hidden_distill_weight}"
+            )
+        if self.hidden_distill_weight > 0 and self.distill_loss == "none":
+            raise ValueError(
+                "hidden_distill_weight > 0 distils against the teacher: set distill_loss "
+                "(fkl, rkl, jsd or tvd) and pass teacher_model"
+            )
         if not 0.0 <= self.on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
         if self.on_policy_fraction > 0 and self.distill_loss == "none":

@@ -103,6 +103,21 @@ class SD2Trainer(SFTTrainer):
                     "cross-family drafter use sequence-level distillation: train on the dataset the target "
                     "regenerated (`sd2 distill`) with distill_loss='none'."
                 )
+            if args.hidden_distill_weight > 0:
+                shapes = [
+                    (
+                        m.config.get_text_config().num_hidden_layers,
+                        m.config.get_text_config().hidden_size,
+                    )
+                    for m in (self.accelerator.unwrap_model(self.model), teacher_model)
+                ]
+                if shapes[0] != shapes[1]:
+                    raise ValueError(
+                        "hidden_distill_weight > 0 matches the drafter's hidden states layer by "
+                        f"layer with the teacher's, but the drafter has (layers, width) "
+                        f"{shapes[0]} and the teacher {shapes[1]}; use it for drafters pruned "
+                        "from the target, or set hidden_distill_weight=0"
+                    )
             teacher_model.eval().requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         elif args.distill_loss != "none":
@@ -247,9 +262,14 @@ class SD2Trainer(SFTTrainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
-        logits = model(**model_inputs).logits[:, :-1]
+        hidden = self.args.hidden_distill_weight > 0
+        if hidden:
+            model_inputs["output_hidden_states"] = True
+        outputs = model(**model_inputs)
+        logits = outputs.logits[:, :-1]
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1]
+            teacher_outputs = self.teacher_model(**model_inputs)
+            teacher_logits = teacher_outputs.logits[:, :-1]
         shift_labels = labels[:, 1:]
         mask = shift_labels != -100
         on_policy = self._on_policy_batch and self.model.training
@@ -284,6 +304,18 @@ class SD2Trainer(SFTTrainer):
             loss = (ce + self.args.distill_alpha * div) / num_tokens
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
+        if hidden:
+            square_head = self._square_head(
+                outputs.hidden_states, teacher_outputs.hidden_states, model_inputs
+            )
+            # A per-batch mean: weighted like one micro-batch of the accumulation window.
+            scale = (
+                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            )
+            loss = loss + self.args.hidden_distill_weight * square_head / scale
+            self._metrics[mode]["hidden_distill_loss"].append(
+                self.accelerator.gather_for_metrics(square_head.detach()).mean().item()
+            )
 
         # Sums over processes, then divided by all processes' tokens (as SFTTrainer does for its
         # metrics): every rank logs the same token-weighted values, not its own batch's.
@@ -301,6 +333,20 @@ class SD2Trainer(SFTTrainer):
         if return_outputs:
             return loss, {"logits": logits}
         return loss
+
+    @staticmethod
+    def _square_head(student_states, teacher_states, inputs) -> torch.Tensor:
+        """SquareHead: mean over decoder layers of ‖h_s − h_t‖² / ‖h_t‖², on real tokens.
+        Written here: TRL and transformers have no hidden-state distillation loss."""
+        mask = inputs.get("attention_mask")
+        terms = []
+        for h_s, h_t in zip(student_states[1:], teacher_states[1:], strict=True):
+            err = (h_s.float() - h_t.float()).pow(2).sum(-1)
+            ref = h_t.float().pow(2).sum(-1)
+            if mask is not None:
+                err, ref = err * mask, ref * mask
+            terms.append(err.sum() / ref.sum().clamp(min=1e-6))
+        return torch.stack(terms).mean()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.mask_callback.num_targeted:
