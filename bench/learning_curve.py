@@ -20,6 +20,11 @@ same callback reports DistillSpec's expected MAL from the per-token acceptance r
 α = 1 − TVD(target, drafter) along the target's greedy text, `(1 − α^(K+1)) / (1 − α)` (an
 estimate that assumes independent positions; sampled MAL itself is measured by `sd2 eval`).
 
+With `--measure N`, every method's final drafter and the pruned one are then measured for real
+by `sd2 eval` on N MT-Bench first turns (transformers assisted generation: greedy, checked
+lossless, and speculative sampling at `--temperatures`), next to the teacher-forced estimate
+of the same drafters on the same prompts.
+
 Results: bench/results/learning_curve.{json,md,png} (or `--name`). A finished method is kept
 in the JSON and skipped on a rerun with the same settings.
 """
@@ -87,6 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="outputs/learning_curve")
     parser.add_argument("--name", default="learning_curve")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        help="after training, measure the pruned drafter and every method's final drafter with "
+        "`sd2 eval` (transformers assisted generation, K, greedy and --temperatures) on this many "
+        "MT-Bench first turns; 0: skip",
+    )
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0])
     return parser.parse_args(argv)
 
 
@@ -254,8 +268,56 @@ def run_method(name: str, options: dict, args, target, tokenizer, sets, data_row
         callbacks=[Curve()],
     )
     trainer.train()
+    if args.measure:
+        trainer.save_model(str(Path(args.work) / name / "final"))
+        tokenizer.save_pretrained(str(Path(args.work) / name / "final"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"name": name, "options": options, "curve": curve, "losses": losses}
+
+
+def measured(args, methods: list[dict], target, tokenizer) -> dict:
+    """Real assisted generation: greedy and sampled MAL of the pruned and the final drafters,
+    next to the teacher-forced greedy MAL of the same drafters on the same prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from sd2_hf.evaluation.config import EvalConfig
+    from sd2_hf.evaluation.forced import forced_greedy_mal
+    from sd2_hf.evaluation.runner import run_eval
+
+    drafters = {"pruned": args.drafter}
+    drafters.update({m["name"]: str(Path(args.work) / m["name"] / "final") for m in methods})
+    config = EvalConfig(
+        target=args.target,
+        drafters=[f"{n}={p}" for n, p in drafters.items()],
+        prompts="asset:mtbench",
+        limit=args.measure,
+        num_draft_tokens=args.k,
+        max_new_tokens=args.max_new_tokens,
+        baselines=["none"],
+        sampled_temperatures=args.temperatures,
+        output=str(Path(args.work) / "eval"),
+    )
+    report = run_eval(config)
+    # The same prompts (MT-Bench first turns, spread the same way) for the teacher-forced check.
+    prompts = mtbench_prompts(tokenizer, args.measure)
+    sequences = list(
+        zip(prompts, greedy_outputs(target, prompts, args.max_new_tokens), strict=True)
+    )
+    rows = {}
+    for d in report["drafters"]:
+        if d["name"] == "none":
+            continue
+        model = AutoModelForCausalLM.from_pretrained(drafters[d["name"]]).eval()
+        forced, _ = forced_greedy_mal(model, sequences, args.k, args.max_new_tokens)
+        rows[d["name"]] = {
+            "mal_greedy": d["mal"],
+            "mal_greedy_teacher_forced": forced.mal,
+            "lossless_mismatches": d["lossless_mismatches"],
+            **{f"mal_t{t:g}": d["sampled"][f"{t:g}"]["mal"] for t in args.temperatures},
+            "per_prompt": d["per_prompt"],
+            "per_prompt_sampled": {t: d["sampled"][t]["per_prompt"] for t in d["sampled"]},
+        }
+    return {"num_prompts": report["num_prompts"], "drafters": rows}
 
 
 # ----- report -------------------------------------------------------------------------------
@@ -286,7 +348,49 @@ def to_markdown(result: dict) -> str:
                 f"{p['wall_minutes']:.1f} | {p['select_mal']:.3f} | {p['mtbench_mal']:.3f} | "
                 f"{p['mtbench_expected_mal_t1']:.3f} |"
             )
+    if result.get("measured"):
+        from sd2_hf.evaluation.report import mal_ratio_interval
+
+        m = result["measured"]
+        temps = [k for k in next(iter(m["drafters"].values())) if k.startswith("mal_t")]
+        lines += [
+            "",
+            f"## Measured with `sd2 eval` on {m['num_prompts']} MT-Bench first turns",
+            "",
+            "transformers assisted generation, K = "
+            f"{s['k']}, {s['max_new_tokens']} new tokens; greedy (checked lossless) and speculative "
+            "sampling at " + ", ".join(t.replace("mal_t", "T = ") for t in temps) + ". "
+            "`teacher-forced` is this bench's greedy estimate of the same drafter on the same "
+            "prompts; `vs pruned` is the ratio to the pruned drafter with its 95% paired-bootstrap "
+            "interval over prompts.",
+            "",
+            "| drafter | MAL greedy | teacher-forced | vs pruned (greedy) | "
+            + " | ".join(f"MAL {t.replace('mal_t', 'T=')} | vs pruned" for t in temps)
+            + " | lossless mismatches |",
+            "|---|---|---|---|" + "---|---|" * len(temps) + "---|",
+        ]
+        base = m["drafters"]["pruned"]
+        for name, d in m["drafters"].items():
+            ci = mal_ratio_interval(d["per_prompt"], base["per_prompt"])
+            cells = [
+                name,
+                f"{d['mal_greedy']:.3f}",
+                f"{d['mal_greedy_teacher_forced']:.3f}",
+                _ci(ci),
+            ]
+            for t in temps:
+                key = t.removeprefix("mal_t")
+                ci_t = mal_ratio_interval(
+                    d["per_prompt_sampled"][key], base["per_prompt_sampled"][key]
+                )
+                cells += [f"{d[t]:.3f}", _ci(ci_t)]
+            cells.append(str(d["lossless_mismatches"]))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ci(ci) -> str:
+    return "-" if ci is None else f"x{ci[0]:.3f} ({ci[1]:.3f}-{ci[2]:.3f})"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -372,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for text in args.method or DEFAULT_METHODS:
         name, options = parse_method(text)
-        if name in done and done[name]["options"] == options:
+        final = Path(args.work) / name / "final" / "model.safetensors"
+        if (
+            name in done
+            and done[name]["options"] == options
+            and (not args.measure or final.is_file())
+        ):
             _log(f"{name}: kept from the previous run")
             result["methods"].append(done[name])
         else:
@@ -382,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out_json, result)
         atomic_write_text(RESULTS / f"{args.name}.md", to_markdown(result))
         plot(result, RESULTS / f"{args.name}.png")
+    if args.measure:
+        result["measured"] = measured(args, result["methods"], target, tokenizer)
+        atomic_write_json(out_json, result)
+        atomic_write_text(RESULTS / f"{args.name}.md", to_markdown(result))
     print(to_markdown(result))
     return 0
 
