@@ -229,3 +229,39 @@ def test_draws_are_seeded_per_step(tmp_path, tiny_tokenizer):
 def test_on_policy_config_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         SD2Config(**tiny.trainer_kwargs(tmp_path, **overrides))
+
+
+def test_resumed_run_draws_the_same_batches(tmp_path, tiny_tokenizer):
+    """Interrupted at a checkpoint and resumed, a run replaces the same (step, micro-batch)
+    pairs as the uninterrupted run, with gradient accumulation."""
+
+    def run(out, max_steps, resume=None):
+        trainer = make_trainer(
+            out,
+            tiny_tokenizer,
+            rows=16,
+            max_steps=max_steps,
+            on_policy_fraction=0.5,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        picks = []
+        original = trainer._draw_on_policy
+
+        def draw():
+            picked = original()
+            picks.append((trainer.state.global_step, trainer._micro_batch, picked))
+            return picked
+
+        trainer._draw_on_policy = draw
+        trainer.train(resume_from_checkpoint=resume)
+        return picks
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    resumed = run(tmp_path / "cut", 4, resume=str(tmp_path / "cut" / "out" / "checkpoint-2"))
+    assert [p for p in whole if p[0] >= 2] == resumed
+    assert {p[1] for p in whole} == {0, 1}
+    assert 0 < sum(p[2] for p in whole) < len(whole)

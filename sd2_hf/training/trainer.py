@@ -140,6 +140,7 @@ class SD2Trainer(SFTTrainer):
             self._generator_step = 0
         self._on_policy_batch = False
         self._micro_batch = 0
+        self._micro_step = -1
 
     # ----- on-policy distillation -------------------------------------------------------------
     # TRL's GKD trainer (trl.experimental.gkd) is the reference design: the same per-batch draw
@@ -150,7 +151,12 @@ class SD2Trainer(SFTTrainer):
 
     def _draw_on_policy(self) -> bool:
         """Seeded by (seed, step, micro-batch): a resumed run draws the same batches."""
-        draw = random.Random(f"{self.args.seed}:{self.state.global_step}:{self._micro_batch}")
+        step = self.state.global_step
+        # The micro-batch's index within its optimizer step (not a run-long counter, which a
+        # resumed run would restart from 0).
+        self._micro_batch = self._micro_batch + 1 if self._micro_step == step else 0
+        self._micro_step = step
+        draw = random.Random(f"{self.args.seed}:{step}:{self._micro_batch}")
         return draw.random() < self.args.on_policy_fraction
 
     def _generating_model(self, model):
@@ -243,7 +249,6 @@ class SD2Trainer(SFTTrainer):
         self._on_policy_batch = False
         if self.args.on_policy_fraction > 0 and self.teacher_model is not None:
             self._on_policy_batch = self._draw_on_policy()
-            self._micro_batch += 1
             if self._on_policy_batch:
                 inputs = self._generate_on_policy(model, self._prepare_inputs(inputs))
             self._metrics["train"]["on_policy"].append(float(self._on_policy_batch))
