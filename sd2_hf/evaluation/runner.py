@@ -308,16 +308,15 @@ def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[st
 
 
 def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, k: int) -> None:
-    """MACs, relative MACs c and the improvement factor MAL / (K·c + 1)."""
+    """MACs, relative MACs c and the improvement factor MAL / (K·c + 1), also of each sampled
+    run of the row."""
     if row["kind"] == "none":
         row.update(macs=None, relative_macs=None, improvement_factor=1.0)
         return
     c = drafter_macs / target_macs
-    row.update(
-        macs=drafter_macs,
-        relative_macs=c,
-        improvement_factor=None if row["mal"] is None else row["mal"] / (k * c + 1),
-    )
+    row.update(macs=drafter_macs, relative_macs=c)
+    for run in (row, *row.get("sampled", {}).values()):
+        run["improvement_factor"] = None if run["mal"] is None else run["mal"] / (k * c + 1)
 
 
 def _versions(backend: Backend) -> dict[str, str]:
@@ -510,13 +509,6 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         # The ngram drafter does no multiply-accumulates: relative cost 0.
         drafter_macs = count_macs(plan.path, config.macs_context_length).total if plan.path else 0
         _add_costs(rows[-1], target_macs, drafter_macs, config.num_draft_tokens)
-        for sampled in rows[-1].get("sampled", {}).values():
-            c = rows[-1]["relative_macs"]
-            sampled["improvement_factor"] = (
-                None
-                if sampled["mal"] is None or c is None
-                else sampled["mal"] / (config.num_draft_tokens * c + 1)
-            )
     base_speed = rows[0]["tokens_per_second"] if rows and rows[0]["kind"] == "none" else None
     for row in rows:
         speed = row["tokens_per_second"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
 from sd2_hf.training.losses import token_divergence
@@ -191,42 +193,36 @@ class SD2Trainer(SFTTrainer):
     def _generate_on_policy(self, model, inputs: dict[str, torch.Tensor]) -> dict:
         """The batch's prompts continued by the drafter; labels on the generated tokens only."""
         tokenizer = self.processing_class
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = tokenizer.eos_token_id
         prompts = self._prompts(inputs)
-        width = max(len(p) for p in prompts)
-        device = inputs["input_ids"].device
-        # Left-padded for generation.
-        prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for i, p in enumerate(prompts):
-            prompt_ids[i, width - len(p) :] = p
-            prompt_mask[i, width - len(p) :] = 1
+        # Left-padded for generation (TRL's own `pad`, as its collators use).
+        prompt_ids = pad(prompts, padding_value=pad_id, padding_side="left")
+        prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_side="left")
         temperature = self.args.on_policy_temperature
         generation = {
             "max_new_tokens": self.args.on_policy_max_new_tokens,
             "do_sample": temperature > 0,
-            "pad_token_id": pad,
+            "pad_token_id": pad_id,
             "eos_token_id": eos,
         }
         if temperature > 0:
             generation.update(temperature=temperature, top_k=0, top_p=1.0)
         generator = self._generating_model(model)
-        if generator is None:
-            with unwrap_model_for_generation(
+        unwrapped = (
+            unwrap_model_for_generation(
                 model,
                 self.accelerator,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped:
-                out = unwrapped.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, **generation
-                )
-        else:
-            with torch.no_grad():
-                out = generator.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, **generation
-                )
-        completions = out[:, width:]
+            )
+            if generator is None
+            else nullcontext(generator)
+        )
+        with unwrapped as generating:
+            out = generating.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, **generation
+            )
+        completions = out[:, prompt_ids.shape[1] :]
         # Right-padded for training, like the SFT collator: prompt, completion up to and
         # including its first EOS, padding; labels on the completion only.
         rows, labels = [], []
@@ -235,15 +231,11 @@ class SD2Trainer(SFTTrainer):
             c = c[: int(stop[0]) + 1] if len(stop) else c
             rows.append(torch.cat([p, c]))
             labels.append(torch.cat([torch.full_like(p, -100), c]))
-        length = max(len(r) for r in rows)
-        batch_ids = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
-        batch_labels = torch.full_like(batch_ids, -100)
-        batch_mask = torch.zeros_like(batch_ids)
-        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
-            batch_ids[i, : len(r)] = r
-            batch_labels[i, : len(r)] = lab
-            batch_mask[i, : len(r)] = 1
-        return {"input_ids": batch_ids, "attention_mask": batch_mask, "labels": batch_labels}
+        return {
+            "input_ids": pad(rows, padding_value=pad_id),
+            "attention_mask": pad([torch.ones_like(r) for r in rows]),
+            "labels": pad(labels, padding_value=-100),
+        }
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._on_policy_batch = False
@@ -305,12 +297,15 @@ class SD2Trainer(SFTTrainer):
             temperature=self.args.distill_temperature,
             reduction="sum",
         )
+        # A per-batch mean is weighted like one micro-batch of the accumulation window (the
+        # Trainer divides by the window's length itself only when it gave no token count).
+        micro_batch_weight = (
+            1 / self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        )
         if on_policy:
             # No cross-entropy on the drafter's own samples: the teacher's distribution is the
             # only target there (GKD).
-            loss = div / num_tokens
-            if num_items_in_batch is not None:
-                loss = loss / self.current_gradient_accumulation_steps
+            loss = div / num_tokens * micro_batch_weight
         else:
             loss = (ce + self.args.distill_alpha * div) / num_tokens
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -319,11 +314,7 @@ class SD2Trainer(SFTTrainer):
             square_head = self._square_head(
                 outputs.hidden_states, teacher_outputs.hidden_states, model_inputs
             )
-            # A per-batch mean: weighted like one micro-batch of the accumulation window.
-            scale = (
-                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            )
-            loss = loss + self.args.hidden_distill_weight * square_head / scale
+            loss = loss + self.args.hidden_distill_weight * square_head * micro_batch_weight
             self._metrics[mode]["hidden_distill_loss"].append(
                 self.accelerator.gather_for_metrics(square_head.detach()).mean().item()
             )
