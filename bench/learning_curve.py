@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", default=TARGET)
     parser.add_argument("--method", action="append", help="NAME:key=value,... (SD2Config)")
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=None,
+        help="train on the first N conversations of --data only (default: all)",
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch", type=int, default=4)
@@ -257,6 +263,9 @@ def run_method(name: str, options: dict, args, target, tokenizer, sets, data_row
         seed=args.seed,
         chat_template_path=TEMPLATE,
         use_cpu=True,
+        # Full precision, as `sd2 train` runs on CPU (the demo): TRL's configs default to bf16
+        # autocast, which runs on CPU too and trains a different model than the recipe does.
+        bf16=False,
     )
     config.update(options)
     trainer = SD2Trainer(
@@ -455,11 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     sets = reference_sets(args, target, tokenizer, work)
     rows = [{"messages": r["messages"]} for r in load_conversations(args.data).rows]
+    rows = rows[: args.conversations]
     settings = {
         k: getattr(args, k)
         for k in (
             "drafter",
             "data",
+            "conversations",
             "target",
             "steps",
             "eval_every",
@@ -477,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed",
         )
     }
+    # Trained in full precision (before, TRL's default bf16 autocast): not comparable.
+    settings["precision"] = "fp32"
     out_json = RESULTS / f"{args.name}.json"
     previous = read_json(out_json) if out_json.is_file() else {}
     done = {

@@ -182,6 +182,36 @@ def test_teacher_distillation_overfits(tmp_path, tiny_tokenizer):
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_teacher_object_is_left_as_given(tmp_path, tiny_tokenizer, dataset, bf16):
+    """The teacher is the caller's target, often evaluated after training: the trainer must not
+    leave accelerate's mixed-precision forward wrapper on it (it changed its greedy output), but
+    still runs it in the drafter's precision during training."""
+    teacher = tiny.build_model(tiny_tokenizer, seed=6)
+    ids = torch.randint(
+        3, tiny_tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        reference = teacher(ids).logits
+    head_dtypes = []
+    teacher.lm_head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
+    drafter = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer, seed=5), 0.5)
+    trainer = SD2Trainer(
+        drafter,
+        args=make_args(tmp_path, max_steps=2, distill_loss="fkl", bf16=bf16),
+        teacher_model=teacher,
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    assert head_dtypes and set(head_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+    head_dtypes.clear()
+    with torch.no_grad():
+        after = teacher(ids).logits
+    assert after.dtype == torch.float32 and head_dtypes == [torch.float32]
+    assert torch.equal(after, reference)
+
+
 def test_vocab_mismatch_is_refused(tmp_path, tiny_tokenizer, other_tokenizer, dataset):
     drafter = tiny.build_model(tiny_tokenizer)
     teacher = tiny.build_model(other_tokenizer)

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig
 from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -122,6 +123,12 @@ class SD2Trainer(SFTTrainer):
                     )
             teacher_model.eval().requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            # Under mixed precision `prepare_model` wraps the given object's `forward` in autocast
+            # in place. The teacher is the caller's target, often evaluated after training: left
+            # wrapped, its greedy output changed (bf16 logits on CPU). accelerate's own unwrap
+            # takes the wrapper off again; `compute_loss` runs the teacher under
+            # `accelerator.autocast()` instead, the same precision as the drafter.
+            extract_model_from_parallel(teacher_model, keep_fp32_wrapper=False)
         elif args.distill_loss != "none":
             raise ValueError(
                 f"distill_loss={args.distill_loss!r} needs a teacher_model (the target); "
@@ -270,7 +277,7 @@ class SD2Trainer(SFTTrainer):
         model_inputs["logits_to_keep"] = labels.shape[1] - first + 1
         outputs = model(**model_inputs)
         logits = outputs.logits[:, :-1]
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_outputs = self.teacher_model(**model_inputs)
             teacher_logits = teacher_outputs.logits[:, :-1]
         shift_labels = labels[:, first:]
