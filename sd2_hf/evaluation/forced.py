@@ -97,3 +97,16 @@ def forced_greedy_mal(
         for m in greedy_matches(drafter, sequences, batch_size)
     ]
     return add_counters(per_sequence, positions=k), per_sequence
+
+
+def counters_by_draft_length(
+    matches: Sequence[Sequence[bool]], ks: Sequence[int], max_new_tokens: int | None = None
+) -> dict[int, SpecDecodeCounters]:
+    """Greedy counters at every draft length of `ks` from the same per-prompt `matches`
+    (`greedy_matches`): the drafter's argmaxes do not depend on K, only the steps do."""
+    from sd2_hf.evaluation.backend import add_counters
+
+    return {
+        k: add_counters((replay_greedy_steps(m, k, max_new_tokens) for m in matches), positions=k)
+        for k in sorted(set(ks))
+    }

@@ -158,6 +158,38 @@ def to_markdown(report: dict[str, Any]) -> str:
                 ]
             table.append(cells)
         lines += _table(header, table)
+    swept = [d for d in drafters if d.get("draft_length_sweep")]
+    if swept:
+        ks = sorted({s["num_draft_tokens"] for d in swept for s in d["draft_length_sweep"]})
+        lines += [
+            "",
+            "## Draft length K (greedy)",
+            "",
+            "MAL and improvement factor MAL / (K · relative MACs + 1) at each K, from one "
+            "teacher-forced drafter pass over the target's greedy output with the step rule of "
+            "transformers assisted generation (`sd2_hf.evaluation.forced`). **Bold**: the K "
+            "with the best improvement factor (`best K`, which `sd2 export --eval-json` writes "
+            f"into generation_config.json). `measured` is this report's run at K = {k}.",
+            "",
+        ]
+        table = []
+        for d in swept:
+            by_k = {s["num_draft_tokens"]: s for s in d["draft_length_sweep"]}
+            cells = [d["name"], fmt(d.get("best_num_draft_tokens")), fmt(d["mal"])]
+            for kk in ks:
+                s = by_k.get(kk)
+                cell = (
+                    "-"
+                    if s is None or s["mal"] is None
+                    else f"{fmt(s['mal'])} / {fmt(s.get('improvement_factor'))}"
+                )
+                best = kk == d.get("best_num_draft_tokens")
+                cells.append(f"**{cell}**" if best else cell)
+            table.append(cells)
+        lines += _table(
+            ["drafter", "best K", f"MAL measured (K = {k})", *(f"K={kk} MAL / IF" for kk in ks)],
+            table,
+        )
     skipped = ", ".join(f"{r}: {n}" for r, n in prompts["skipped"].items()) or "none"
     lines += [
         "",

@@ -281,6 +281,35 @@ def measure_sampled(
     return sampled
 
 
+def sweep_draft_lengths(
+    plan: DrafterPlan,
+    prompts: list[Prompt],
+    reference: list[Generation] | None,
+    config: EvalConfig,
+) -> list[dict[str, Any]] | None:
+    """MAL at each K of `config.draft_length_sweep`, from one teacher-forced pass of the drafter
+    over the target's greedy output (`sd2_hf.evaluation.forced`: the counters of transformers
+    assisted generation, without generating). None where it does not apply: sampled runs,
+    no greedy reference, baselines and cross-tokenizer (UAG) drafters."""
+    from sd2_hf.evaluation.forced import counters_by_draft_length, greedy_matches
+    from sd2_hf.evaluation.transformers_backend import load_causal_lm
+
+    if (
+        not config.draft_length_sweep
+        or not config.greedy
+        or reference is None
+        or plan.kind != "model"
+        or plan.uag
+    ):
+        return None
+    drafter = load_causal_lm(plan.path, config.dtype)
+    sequences = [(p.input_ids, r.token_ids) for p, r in zip(prompts, reference, strict=True)]
+    matches = greedy_matches(drafter, sequences)
+    del drafter
+    by_k = counters_by_draft_length(matches, config.draft_length_sweep, config.max_new_tokens)
+    return [{"num_draft_tokens": k, "mal": _mal_or_none(c)} for k, c in by_k.items()]
+
+
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
     """The target alone: MAL 1 by definition (one token per target step, nothing drafted)."""
     new_tokens = sum(len(r.token_ids) for r in reference)
@@ -317,6 +346,13 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
     row.update(macs=drafter_macs, relative_macs=c)
     for run in (row, *row.get("sampled", {}).values()):
         run["improvement_factor"] = None if run["mal"] is None else run["mal"] / (k * c + 1)
+    sweep = [s for s in row.get("draft_length_sweep") or [] if s["mal"] is not None]
+    for s in sweep:
+        s["improvement_factor"] = s["mal"] / (s["num_draft_tokens"] * c + 1)
+    if sweep:
+        row["best_num_draft_tokens"] = max(sweep, key=lambda s: s["improvement_factor"])[
+            "num_draft_tokens"
+        ]
 
 
 def _versions(backend: Backend) -> dict[str, str]:
@@ -504,6 +540,9 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
             row = measure(backend, plan, prompts, reference, config)
             if config.sampled_temperatures:
                 row["sampled"] = measure_sampled(backend, plan, prompts, config)
+            sweep = sweep_draft_lengths(plan, prompts, reference, config)
+            if sweep is not None:
+                row["draft_length_sweep"] = sweep
             journal.save_row(plan, row)
         rows.append(row)
         # The ngram drafter does no multiply-accumulates: relative cost 0.

@@ -109,6 +109,11 @@ def _runs(metadata: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{i + 1}: {rate:.2f}"
                     for i, rate in enumerate(own.get("acceptance_per_position") or [])
                 ),
+                "sweep": " · ".join(
+                    f"K={s['num_draft_tokens']}: {_num(s['mal'], 2)} / "
+                    f"{_num(s.get('improvement_factor'), 2)}"
+                    for s in own.get("draft_length_sweep") or []
+                ),
             }
         )
     return shown

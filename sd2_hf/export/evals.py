@@ -28,6 +28,8 @@ KEPT_DRAFTER_KEYS = (
     "speedup",
     "lossless_checked",
     "lossless_mismatches",
+    "draft_length_sweep",
+    "best_num_draft_tokens",
 )
 
 
@@ -116,3 +118,26 @@ def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else "tokens_per_second"
     )
     return max(runs, key=lambda run: selected_row(run)[key] or 0.0)
+
+
+def best_draft_length(runs: list[dict[str, Any]]) -> tuple[int, str]:
+    """The draft length K to write for this drafter, and where it comes from.
+
+    With improvement factors everywhere: the best of every run's measured K (`"eval"`) and,
+    where an eval reports one, of its greedy draft-length sweep (`"eval sweep"`, SPEC §2's cost
+    model at each K); a measured K wins a tie. Otherwise `best_run`'s choice."""
+    rows = [selected_row(run) for run in runs]
+    if not all(row["improvement_factor"] is not None for row in rows):
+        return best_run(runs)["num_draft_tokens"], "eval"
+    candidates = [
+        (row["improvement_factor"], run["num_draft_tokens"], "eval")
+        for run, row in zip(runs, rows, strict=True)
+    ]
+    for row in rows:
+        candidates += [
+            (s["improvement_factor"], s["num_draft_tokens"], "eval sweep")
+            for s in row.get("draft_length_sweep") or []
+            if s.get("improvement_factor") is not None
+        ]
+    _, k, source = max(candidates, key=lambda c: c[0])
+    return k, source

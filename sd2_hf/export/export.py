@@ -43,13 +43,9 @@ QUANTIZATION_SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
 
 
 def _eval_section(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from sd2_hf.export.evals import best_run
+    from sd2_hf.export.evals import best_draft_length
 
-    return (
-        {"runs": runs, "best_num_draft_tokens": best_run(runs)["num_draft_tokens"]}
-        if runs
-        else None
-    )
+    return {"runs": runs, "best_num_draft_tokens": best_draft_length(runs)[0]} if runs else None
 
 
 def write_metadata_and_card(directory: Path, metadata: dict[str, Any]) -> None:
@@ -147,7 +143,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sd2_hf.evaluation.macs import count_macs
-    from sd2_hf.export.evals import best_run, load_eval_runs
+    from sd2_hf.export.evals import best_draft_length, load_eval_runs
     from sd2_hf.pruning.masks import find_target_linears, sparsity_report
     from sd2_hf.pruning.runner import versions
     from sd2_hf.utils.models import resolve_model_path, vocabularies_differ
@@ -176,7 +172,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     if config.num_draft_tokens is not None:
         k, k_source = config.num_draft_tokens, "config"
     elif runs:
-        k, k_source = best_run(runs)["num_draft_tokens"], "eval"
+        k, k_source = best_draft_length(runs)
     else:
         k, k_source = DEFAULT_NUM_DRAFT_TOKENS, "default"
 
