@@ -77,6 +77,18 @@ def summary(result: PipelineResult) -> str:
                 b = pruned.get("sampled", {}).get(f"{t:g}")
                 if a and b and a["mal"] and b["mal"]:
                     lines += _comparison(a, b, f"T={t:g}", report["num_prompts"])
+        if sd2 and sd2.get("best_num_draft_tokens"):
+            best = next(
+                s
+                for s in sd2["draft_length_sweep"]
+                if s["num_draft_tokens"] == sd2["best_num_draft_tokens"]
+            )
+            lines.append(
+                f"  best K for the SD² drafter: {best['num_draft_tokens']} (improvement factor "
+                f"{best['improvement_factor']:.3f}, greedy sweep in eval.md); "
+                "`sd2 export --eval-json` with this eval.json (`--eval-drafter sd2`) writes it into the "
+                "drafter's generation_config.json"
+            )
         plots = "mal_per_category.png, acceptance_per_position.png, mal_vs_macs.png"
         if report.get("sampled_temperatures"):
             plots += ", mal_by_temperature.png"
