@@ -4,11 +4,8 @@ K with the best improvement factor into generation_config.json."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import tiny
-import torch
 
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.evaluation.runner import run_eval
@@ -18,37 +15,21 @@ from sd2_hf.utils.io import read_json
 K = 3
 MAX_NEW = 16
 SWEEP = [1, 2, 3, 5]
-QUESTIONS = [
-    ("writing", "Hello world, why is the draft model fast?"),
-    ("math", "One two three four five?"),
-    ("writing", "The quick brown dog runs over the lazy cat."),
-    ("math", "How many sparse layers does the target prune?"),
-]
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "question.jsonl"
-    rows = [
-        {"question_id": i + 1, "category": cat, "turns": [q]}
-        for i, (cat, q) in enumerate(QUESTIONS)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return tiny.write_questions(tmp_path_factory.mktemp("prompts") / "question.jsonl")
 
 
 @pytest.fixture(scope="module")
 def noisy_dir(tmp_path_factory, tiny_tokenizer):
     """The target's weights plus noise: it agrees with the target part of the time."""
-    model = tiny.build_model(tiny_tokenizer, seed=0)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".layers." in name and p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std())
-    return tiny.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("noisy"))
+    return tiny.save_model(
+        tiny.noisy_model(tiny_tokenizer), tiny_tokenizer, tmp_path_factory.mktemp("noisy")
+    )
 
 
 def _config(target, prompts, output, **overrides) -> EvalConfig:

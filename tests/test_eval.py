@@ -7,7 +7,6 @@ import math
 
 import pytest
 import tiny
-import torch
 
 from sd2_hf.evaluation.backend import add_counters, counters_from_steps
 from sd2_hf.evaluation.config import EvalConfig, parse_drafter
@@ -22,12 +21,7 @@ from sd2_hf.evaluation.runner import run_eval
 K = 3
 # A multiple of K+1: with the target drafting for itself every step commits K+1 tokens.
 MAX_NEW = 16
-QUESTIONS = [
-    ("writing", "Hello world, why is the draft model fast?"),
-    ("math", "One two three four five?"),
-    ("writing", "The quick brown dog runs over the lazy cat."),
-    ("math", "How many sparse layers does the target prune?"),
-]
+QUESTIONS = tiny.QUESTIONS
 
 
 # Tiny models are dominated by thread hand-offs: one thread is faster on a busy machine.
@@ -36,24 +30,15 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 @pytest.fixture(scope="module")
 def mtbench_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "question.jsonl"
-    rows = [
-        {"question_id": i + 1, "category": cat, "turns": [q, "And then what?"]}
-        for i, (cat, q) in enumerate(QUESTIONS)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return tiny.write_questions(
+        tmp_path_factory.mktemp("prompts") / "question.jsonl", "And then what?"
+    )
 
 
 @pytest.fixture(scope="module")
 def noisy_drafter_dir(tmp_path_factory, tiny_tokenizer):
     """The target's weights plus 5% noise: a drafter that agrees with the target part of the time."""
-    model = tiny.build_model(tiny_tokenizer, seed=0)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".layers." in name and p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std())
+    model = tiny.noisy_model(tiny_tokenizer)
     return tiny.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("noisy-drafter"))
 
 

@@ -17,14 +17,6 @@ from sd2_hf.cli import main as sd2_main
 from sd2_hf.pipeline import COMPLETE_FILE, PROVENANCE_FILE, RUNNING_FILE, PipelineError
 from sd2_hf.recipe import STAGES, load_recipe
 
-QUESTIONS = [
-    ("writing", "Hello world, why is the draft model fast?"),
-    ("math", "One two three four five?"),
-    ("writing", "The quick brown dog runs over the lazy cat."),
-    ("math", "How many sparse layers does the target prune?"),
-]
-
-
 # Tiny models are dominated by thread hand-offs: one thread is faster on a busy machine.
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -35,12 +27,7 @@ def write_recipe(directory: Path, target: Path, **changes) -> Path:
     (directory / "seed.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in tiny.conversations(8))
     )
-    (directory / "question.jsonl").write_text(
-        "".join(
-            json.dumps({"question_id": i + 1, "category": c, "turns": [q]}) + "\n"
-            for i, (c, q) in enumerate(QUESTIONS)
-        )
-    )
+    tiny.write_questions(directory / "question.jsonl")
     recipe = {
         "name": "tiny",
         "description": "every stage on a tiny model",

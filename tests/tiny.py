@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -106,6 +107,38 @@ def save_model(model, tokenizer, path: str | Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# (category, first turn) of the small MT-Bench-style prompt files the evaluation tests use.
+QUESTIONS = [
+    ("writing", "Hello world, why is the draft model fast?"),
+    ("math", "One two three four five?"),
+    ("writing", "The quick brown dog runs over the lazy cat."),
+    ("math", "How many sparse layers does the target prune?"),
+]
+
+
+def write_questions(path: str | Path, *later_turns: str) -> Path:
+    """`QUESTIONS` as a FastChat `question.jsonl`, each followed by `later_turns`."""
+    path = Path(path)
+    rows = [
+        {"question_id": i + 1, "category": cat, "turns": [q, *later_turns]}
+        for i, (cat, q) in enumerate(QUESTIONS)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def noisy_model(tokenizer, scale: float = 0.05, seed: int = 5):
+    """The seed-0 model (the tests' target) with noise of `scale` × std added to its decoder
+    weights: a drafter that agrees with the target part of the time."""
+    model = build_model(tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    return model
 
 
 def decoder_linear_layers(model) -> dict[str, torch.nn.Linear]:

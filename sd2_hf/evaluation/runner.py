@@ -344,11 +344,15 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
         return
     c = drafter_macs / target_macs
     row.update(macs=drafter_macs, relative_macs=c)
+
+    def improvement(mal: float, draft_length: int) -> float:
+        return mal / (draft_length * c + 1)
+
     for run in (row, *row.get("sampled", {}).values()):
-        run["improvement_factor"] = None if run["mal"] is None else run["mal"] / (k * c + 1)
+        run["improvement_factor"] = None if run["mal"] is None else improvement(run["mal"], k)
     sweep = [s for s in row.get("draft_length_sweep") or [] if s["mal"] is not None]
     for s in sweep:
-        s["improvement_factor"] = s["mal"] / (s["num_draft_tokens"] * c + 1)
+        s["improvement_factor"] = improvement(s["mal"], s["num_draft_tokens"])
     if sweep:
         row["best_num_draft_tokens"] = max(sweep, key=lambda s: s["improvement_factor"])[
             "num_draft_tokens"
