@@ -56,6 +56,20 @@ class PruneConfig(BaseModel):
         description="method `layers`: drop the fewest blocks that bring MACs (one decoding "
         "step at context 512) down to at most this fraction of the original",
     )
+    draft_vocab_size: int | None = Field(
+        None,
+        gt=0,
+        description="cheaper head: keep the head rows of the N tokens most frequent in the "
+        "assistant turns of `dataset` (special tokens always kept) and zero the rest (head "
+        "untied; same tokenizer and vocabulary size, so it deploys wherever the drafter does)",
+    )
+    head_sparsity: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="cheaper head: prune the (untied) head to this unstructured sparsity with "
+        "SparseGPT, calibrated on `dataset` like the other layers",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype to load the model in (`auto`: as stored)"
     )
@@ -63,6 +77,12 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method_options(self) -> PruneConfig:
+        head = [k for k in ("draft_vocab_size", "head_sparsity") if getattr(self, k) is not None]
+        if head and self.dataset is None:
+            raise ValueError(
+                f"{head} need `dataset`: the distilled conversations that choose the draft "
+                "vocabulary / calibrate the head"
+            )
         if self.method == "layers":
             if (self.drop is None) == (self.target_macs_fraction is None):
                 raise ValueError(
@@ -103,6 +123,7 @@ class PruneResult:
     calibration_samples: int = 0
     dropped_layers: list[int] = field(default_factory=list)
     macs_fraction: float | None = None
+    head: dict = field(default_factory=dict)  # what draft_vocab_size / head_sparsity did
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,9 +140,23 @@ class PruneResult:
                 f"  dropped blocks    {self.dropped_layers}",
                 f"  MACs kept         {self.macs_fraction:.2%}",
             ]
+        if self.head:
+            lines.append(f"  head              {_head_line(self.head)}")
         lines += [
             f"  decoder layers    {self.num_layers}",
             f"  calibration rows  {self.calibration_samples}",
             f"  time              {self.prune_seconds:.1f} s pruning, {self.seconds:.1f} s total",
         ]
         return "\n".join(lines)
+
+
+def _head_line(head: dict) -> str:
+    parts = []
+    if "draft_vocab_size" in head:
+        parts.append(
+            f"draft vocabulary {head['draft_vocab_size']} of {head['vocab_size']} tokens "
+            f"({head['coverage']:.2%} of the data's assistant tokens)"
+        )
+    if "head_sparsity" in head:
+        parts.append(f"SparseGPT {head['head_sparsity']:.0%}")
+    return ", ".join(parts) + f"; head sparsity {head['zero_fraction']:.2%}"

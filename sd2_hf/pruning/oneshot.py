@@ -39,13 +39,14 @@ def apply_recipe(
                 f"recipe {loaded.path} needs calibration data "
                 f"({', '.join(type(m).__name__ for m in loaded.modifiers)}); pass `dataset`"
             )
-        _run_oneshot(model, tokenizer, loaded, calibration, max_seq_length)
+        run_oneshot(model, tokenizer, loaded.recipe, calibration, max_seq_length)
     seconds = time.perf_counter() - start
     modify_save_pretrained(model)
     return seconds
 
 
-def _run_oneshot(model, tokenizer, loaded, calibration, max_seq_length) -> None:
+def run_oneshot(model, tokenizer, recipe, calibration, max_seq_length) -> None:
+    """llm-compressor's `oneshot` on token ids (a recipe object, file or list of modifiers)."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -57,7 +58,7 @@ def _run_oneshot(model, tokenizer, loaded, calibration, max_seq_length) -> None:
     oneshot(
         model=model,
         tokenizer=tokenizer,
-        recipe=loaded.recipe,
+        recipe=recipe,
         dataset=dataset,
         num_calibration_samples=len(calibration) if calibration else 0,
         max_seq_length=max_seq_length,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
+from sd2_hf.pruning.head import apply_head_options
 from sd2_hf.utils.io import atomic_write_json
 from sd2_hf.utils.provenance import package_versions
 from sd2_hf.utils.verbosity import llmcompressor_logging
@@ -110,8 +111,12 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     from sd2_hf.pruning.recipes import targeted_linears
 
     targeted = targeted_linears(model, loaded)
-    samples = _calibration(config, tokenizer) if loaded.needs_calibration else []
+    wants_samples = loaded.needs_calibration or config.head_sparsity is not None
+    samples = _calibration(config, tokenizer) if wants_samples else []
     seconds = apply_recipe(model, tokenizer, loaded, samples, config.max_seq_length)
+    began = time.perf_counter()
+    head = apply_head_options(config, model, tokenizer, samples)
+    seconds += time.perf_counter() - began
     report = masks.sparsity_report(model, targets=list(targeted), ignore=())
     # Report the recipe's own patterns, which select the same layers in any later stage.
     report["targets"], report["ignore"] = loaded.targets, loaded.ignore
@@ -126,6 +131,7 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
             "recipe": loaded.yaml(),
             "modifiers": [type(m).__name__ for m in loaded.modifiers],
             **report,
+            "head": head,
             "calibration": _calibration_info(config, samples),
             "prune_seconds": seconds,
             "versions": versions(),
@@ -134,6 +140,7 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     return PruneResult(
         output=config.output,
         method="oneshot",
+        head=_short(head),
         prune_seconds=seconds,
         num_layers=model.config.get_text_config().num_hidden_layers,
         global_sparsity=report["global_sparsity"],
@@ -185,6 +192,7 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
         n = min(fits)
     start = best_start(distances[n])
     dropped = drop_layers(model, start, n)
+    head = apply_head_options(config, model, tokenizer, samples)
     seconds = time.perf_counter() - began
     after = count_macs(model, MACS_CONTEXT_LENGTH)
     model.save_pretrained(str(staging))
@@ -208,6 +216,7 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
             "macs_before": before.total,
             "macs_after": after.total,
             "macs_fraction": after.total / before.total,
+            "head": head,
             "calibration": _calibration_info(config, samples),
             "prune_seconds": seconds,
             "versions": versions(),
@@ -216,12 +225,18 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
     return PruneResult(
         output=config.output,
         method="layers",
+        head=_short(head),
         prune_seconds=seconds,
         num_layers=num_layers - n,
         dropped_layers=dropped,
         macs_fraction=after.total / before.total,
         calibration_samples=len(samples),
     )
+
+
+def _short(head: dict) -> dict:
+    """The head report without the kept token ids (those stay in the JSON report)."""
+    return {k: v for k, v in head.items() if k != "kept_token_ids"}
 
 
 def versions() -> dict[str, str]:

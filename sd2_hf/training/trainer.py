@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from contextlib import nullcontext
 
@@ -20,6 +21,8 @@ from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
 from sd2_hf.training.losses import token_divergence
 from sd2_hf.training.sd2_config import SD2Config
 from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
+
+logger = logging.getLogger(__name__)
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
@@ -87,7 +90,7 @@ class SD2Trainer(SFTTrainer):
 
         self.mask_callback = SparsityMaskCallback(
             targets=args.mask_targets,
-            ignore=args.mask_ignore,
+            ignore=_ignore_for_masks(self.model, args.mask_ignore),
             check_interval=args.mask_check_interval,
         )
         self.add_callback(self.mask_callback)
@@ -361,3 +364,21 @@ class SD2Trainer(SFTTrainer):
         if self.mask_callback.num_targeted:
             logs["sparsity"] = round(self.mask_callback.sparsity, 6)
         super().log(logs, start_time)
+
+
+def _ignore_for_masks(model, ignore: list[str]) -> list[str]:
+    """`ignore` without the patterns that match a sparse output head (`sd2 prune` with
+    `draft_vocab_size` or `head_sparsity`): the default ignores `lm_head` because a tied head is
+    the dense embedding table, but an untied sparse head's zeros are part of the drafter."""
+    from sd2_hf.pruning.head import sparse_head_name
+    from sd2_hf.pruning.masks import find_target_linears
+
+    model = extract_model_from_parallel(model)
+    name = sparse_head_name(model)
+    if name is None:
+        return list(ignore)
+    # A pattern "ignores the head" when the head is not found with it as the only ignore.
+    kept = [p for p in ignore if name in find_target_linears(model, ["Linear"], [p])]
+    if len(kept) != len(ignore):
+        logger.info("the output head %s is sparse: its mask is held as well", name)
+    return kept

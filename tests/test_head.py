@@ -1,0 +1,190 @@
+"""Cheaper heads (`sd2 prune --draft-vocab-size / --head-sparsity`): MACs by hand, lossless
+greedy assisted generation, masks held in fine-tuning, and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from datasets import Dataset
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM
+
+from sd2_hf import SD2Config, SD2Trainer
+from sd2_hf.evaluation.macs import count_macs
+from sd2_hf.pruning.config import PruneConfig
+from sd2_hf.pruning.head import (
+    assistant_token_counts,
+    draft_vocabulary,
+    restrict_vocab,
+    sparse_head_name,
+    untie_head,
+)
+from sd2_hf.pruning.runner import run_prune
+from tests.tiny import build_model, save_model, trainer_kwargs
+
+CONTEXT = 512
+
+
+def _prune(model_dir, out, data, **options):
+    config = PruneConfig(
+        model=str(model_dir),
+        output=str(out),
+        dataset=str(data),
+        num_samples=16,
+        max_seq_length=64,
+        **options,
+    )
+    return run_prune(config)
+
+
+def _head_macs(report) -> int:
+    return report.per_module["lm_head"]
+
+
+def test_draft_vocabulary_keeps_special_tokens_then_most_frequent():
+    counts = Counter({5: 10, 7: 10, 9: 3, 2: 1, 100: 50})
+    # 100 is outside the vocabulary: never chosen; ties go to the smaller id.
+    assert draft_vocabulary(counts, 3, vocab_size=20, always=[0]) == [0, 5, 7]
+    assert draft_vocabulary(counts, 5, vocab_size=20, always=[0, 1]) == [0, 1, 5, 7, 9]
+    with pytest.raises(ValueError, match="1..20"):
+        draft_vocabulary(counts, 21, vocab_size=20)
+    with pytest.raises(ValueError, match="special tokens"):
+        draft_vocabulary(counts, 1, vocab_size=20, always=[0, 1])
+
+
+def test_untie_copies_a_tied_head(tiny_tokenizer):
+    model = build_model(tiny_tokenizer)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    assert sparse_head_name(model) is None  # tied: the dense embedding table
+    before = model.model.embed_tokens.weight.detach().clone()
+    restrict_vocab(model, [0, 1, 2])
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.model.embed_tokens.weight, before)  # embeddings untouched
+    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 3
+    assert not model.config.tie_word_embeddings
+    assert sparse_head_name(model) == "lm_head"
+    untie_head(model)  # already untied: no-op
+    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 3
+
+
+def test_draft_vocab_macs_by_hand_and_saved_checkpoint(
+    tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path
+):
+    out = tmp_path / "vocab"
+    result = _prune(tiny_model_dir, out, chat_rows_file, draft_vocab_size=64)
+    hidden = 128
+    vocab = len(tiny_tokenizer)
+    report = json.loads((out / "sparsity_report.json").read_text())["head"]
+    keep = report["kept_token_ids"]
+    assert len(keep) == 64 == result.head["draft_vocab_size"]
+    assert set(tiny_tokenizer.all_special_ids) <= set(keep)
+    counts = assistant_token_counts(chat_rows_file, tiny_tokenizer)
+    # Every kept non-special token is at least as frequent as every dropped one.
+    kept_counts = [counts[t] for t in keep if t not in tiny_tokenizer.all_special_ids]
+    dropped = [c for t, c in counts.items() if t not in keep]
+    assert min(kept_counts) >= max(dropped, default=0)
+    assert 0 < result.head["coverage"] <= 1
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    rows = model.lm_head.weight.abs().sum(-1) != 0
+    assert sorted(torch.nonzero(rows).flatten().tolist()) == keep
+    # Hand count: the head costs hidden × kept rows; everything else is as before.
+    dense = count_macs(tiny_model_dir, CONTEXT)
+    pruned = count_macs(out, CONTEXT)
+    assert _head_macs(dense) == hidden * vocab
+    assert _head_macs(pruned) == hidden * 64
+    assert dense.total - pruned.total == hidden * (vocab - 64) + (
+        dense.linear - _head_macs(dense) - (pruned.linear - _head_macs(pruned))
+    )
+
+
+def test_head_sparsity_macs_by_hand(tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path):
+    out = tmp_path / "head50"
+    result = _prune(tiny_model_dir, out, chat_rows_file, recipe="sparsegpt-50", head_sparsity=0.5)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    head = model.lm_head.weight
+    # SparseGPT (unstructured) prunes half of the head's weights (an update can land on 0).
+    zeros = int((head == 0).sum())
+    assert head.numel() // 2 <= zeros <= head.numel() // 2 + head.numel() // 1000
+    assert result.head["zero_fraction"] == pytest.approx(zeros / head.numel())
+    hidden, vocab = 128, len(tiny_tokenizer)
+    macs = count_macs(out, CONTEXT)
+    assert _head_macs(macs) == hidden * vocab - zeros
+    # The decoder layers are pruned by the recipe as without the option.
+    assert macs.linear - _head_macs(macs) == pytest.approx(
+        (macs.dense_linear - hidden * vocab) * 0.5, rel=0.01
+    )
+
+
+def test_draft_vocab_on_layer_dropped_drafter(tiny_model_dir, chat_rows_file, tmp_path):
+    out = tmp_path / "layers-vocab"
+    result = _prune(
+        tiny_model_dir, out, chat_rows_file, method="layers", drop=1, draft_vocab_size=32
+    )
+    assert result.num_layers == 1 and result.head["draft_vocab_size"] == 32
+    report = json.loads((out / "layer_distances.json").read_text())
+    assert len(report["head"]["kept_token_ids"]) == 32
+    assert count_macs(out, CONTEXT).per_module["lm_head"] == 128 * 32
+
+
+@pytest.mark.parametrize("option", [{"draft_vocab_size": 48}, {"head_sparsity": 0.7}])
+def test_cheaper_head_is_lossless_under_greedy_assisted_generation(
+    option, tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path
+):
+    drafter_dir = tmp_path / "drafter"
+    _prune(tiny_model_dir, drafter_dir, chat_rows_file, recipe="sparsegpt-50", **option)
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    drafter = AutoModelForCausalLM.from_pretrained(drafter_dir).eval()
+    for text in ("hello world the draft", "sparse layers prune the quick dog"):
+        ids = tiny_tokenizer(text, return_tensors="pt")
+        kwargs = dict(**ids, max_new_tokens=24, do_sample=False)
+        with torch.inference_mode():
+            plain = target.generate(**kwargs)
+            assisted = target.generate(**kwargs, assistant_model=drafter)
+        assert torch.equal(plain, assisted)
+
+
+def test_sparse_head_mask_is_held_in_fine_tuning(
+    tiny_tokenizer, chat_rows, chat_rows_file, tmp_path
+):
+    model = build_model(tiny_tokenizer)
+    model_dir = save_model(model, tiny_tokenizer, tmp_path / "dense")
+    out = tmp_path / "vocab"
+    _prune(model_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=40)
+    drafter = AutoModelForCausalLM.from_pretrained(out)
+    zero_rows = drafter.lm_head.weight.abs().sum(-1) == 0
+    trainer = SD2Trainer(
+        drafter,
+        args=SD2Config(**trainer_kwargs(tmp_path / "run", max_steps=3, learning_rate=1e-2)),
+        train_dataset=Dataset.from_list(chat_rows[:8]),
+        processing_class=tiny_tokenizer,
+    )
+    before = drafter.lm_head.weight.detach().clone()
+    trainer.train()
+    assert "lm_head" in trainer.mask_callback.masks
+    head = trainer.model.lm_head.weight
+    assert torch.all(head[zero_rows] == 0)
+    assert not torch.equal(head[~zero_rows], before[~zero_rows])  # the kept rows did train
+
+
+def test_dense_untied_head_stays_unmasked(tiny_tokenizer, chat_rows, tmp_path):
+    trainer = SD2Trainer(
+        build_model(tiny_tokenizer),
+        args=SD2Config(**trainer_kwargs(tmp_path / "run", max_steps=1)),
+        train_dataset=Dataset.from_list(chat_rows[:4]),
+        processing_class=tiny_tokenizer,
+    )
+    trainer.mask_callback.record(trainer.model)
+    assert "lm_head" not in trainer.mask_callback.masks
+
+
+def test_head_options_need_a_dataset(tmp_path):
+    for option in ({"draft_vocab_size": 8}, {"head_sparsity": 0.5}):
+        with pytest.raises(ValidationError, match="need `dataset`"):
+            PruneConfig(model="m", output=str(tmp_path / "o"), **option)
+    with pytest.raises(ValidationError):
+        PruneConfig(model="m", output="o", dataset="d", head_sparsity=1.0)
