@@ -97,3 +97,47 @@ def test_vllm_serves_the_export_as_draft_model_losslessly(
     for got, expected in zip(answers, reference, strict=True):
         # transformers stops at EOS, vLLM ignores it here: compare up to there.
         assert got[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("option", [{"draft_vocab_size": 48}, {"head_sparsity": 0.5}])
+def test_vllm_serves_a_cheaper_head_drafter_losslessly(
+    option, vllm_python, tmp_path, tiny_model_dir, chat_rows_file, prompts, reference
+):
+    """`sd2 prune --draft-vocab-size / --head-sparsity`: an untied, sparse head in a standard
+    checkpoint; vLLM's `draft_model` loads it as it is (same vocabulary as the target)."""
+    from sd2_hf.pruning.config import PruneConfig
+    from sd2_hf.pruning.runner import run_prune
+
+    pruned = tmp_path / "pruned"
+    run_prune(
+        PruneConfig(
+            model=str(tiny_model_dir),
+            output=str(pruned),
+            dataset=chat_rows_file,
+            num_samples=16,
+            max_seq_length=64,
+            **option,
+        )
+    )
+    export = run_export(
+        ExportConfig(
+            drafter=str(pruned),
+            output=str(tmp_path / "export"),
+            format="dense",
+            target=str(tiny_model_dir),
+            num_draft_tokens=K,
+        )
+    )
+    with VLLMServer(
+        str(tiny_model_dir),
+        drafter=export.output,
+        dtype="float32",
+        max_model_len=256,
+        log_path=str(tmp_path / "vllm.log"),
+    ) as server:
+        before = server.spec_counters()
+        answers = _greedy(server, prompts)
+        delta = server.spec_counters() - before
+    assert delta.num_drafts > 0 and 1 <= delta.mal <= K + 1
+    for got, expected in zip(answers, reference, strict=True):
+        assert got[: len(expected)] == expected

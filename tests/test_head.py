@@ -188,3 +188,24 @@ def test_head_options_need_a_dataset(tmp_path):
             PruneConfig(model="m", output=str(tmp_path / "o"), **option)
     with pytest.raises(ValidationError):
         PruneConfig(model="m", output="o", dataset="d", head_sparsity=1.0)
+
+
+def test_export_card_and_metadata_describe_the_cheaper_head(
+    tiny_model_dir, chat_rows_file, tmp_path
+):
+    from sd2_hf.export.export import ExportConfig, run_export
+    from sd2_hf.utils.io import read_json
+
+    pruned = tmp_path / "vocab"
+    _prune(tiny_model_dir, pruned, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=64)
+    export = run_export(
+        ExportConfig(drafter=str(pruned), output=str(tmp_path / "export"), format="dense")
+    )
+    metadata = read_json(tmp_path / "export" / "sd2_drafter.json")
+    head = metadata["recipe"]["head"]
+    assert head["draft_vocab_size"] == 64 and "kept_token_ids" not in head
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "most frequent" in card and "`lm_head` stay dense" not in card
+    # The exported head still has exactly the kept rows.
+    model = AutoModelForCausalLM.from_pretrained(export.output)
+    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 64

@@ -133,6 +133,26 @@ def _recipe(metadata: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
     return shown
 
 
+def _head(metadata: dict[str, Any]) -> str:
+    """How the pruning stage left the head, in words for the card's method section."""
+    head = (metadata.get("recipe") or {}).get("head")
+    if not head:
+        return "embeddings and `lm_head` stay dense"
+    parts = []
+    if "draft_vocab_size" in head:
+        parts.append(
+            f"the head keeps the rows of the {head['draft_vocab_size']} tokens most frequent in "
+            f"the distilled replies ({_pct(head.get('coverage'))} of their tokens) and the other "
+            f"{head['vocab_size'] - head['draft_vocab_size']} rows are zero, so the drafter "
+            "(almost) never proposes those tokens"
+        )
+    if "head_sparsity" in head:
+        parts.append(f"the untied head is pruned with SparseGPT to {_pct(head['head_sparsity'])}")
+    return (
+        "; ".join(parts) + f" (head sparsity {_pct(head['zero_fraction'])}); embeddings stay dense"
+    )
+
+
 def render_model_card(metadata: dict[str, Any], repo_id: str | None = None) -> ModelCard:
     """The model card of an export, from its `sd2_drafter.json` content.
 
@@ -206,6 +226,7 @@ def render_model_card(metadata: dict[str, Any], repo_id: str | None = None) -> M
         repo=repo,
         vllm_config=json.dumps(speculative),
         recipe=_recipe(metadata),
+        head=_head(metadata),
         created=metadata.get("created", ""),
         drafter=_display_name(metadata.get("drafter")),
         versions=", ".join(f"{name} {version}" for name, version in versions.items()),

@@ -372,6 +372,13 @@ def _recipe(drafter_path: str) -> dict[str, Any] | None:
     if (directory / "sparsity_report.json").is_file():
         report = read_json(directory / "sparsity_report.json")
         found["sparsity_report"] = {k: v for k, v in report.items() if k != "layers"}
+    # A cheaper head (`sd2 prune --draft-vocab-size / --head-sparsity`), without the kept ids.
+    for name in ("sparsity_report.json", "layer_distances.json"):
+        head = read_json(directory / name).get("head") if (directory / name).is_file() else None
+        if head:
+            found["head"] = {k: v for k, v in head.items() if k != "kept_token_ids"}
+    if "sparsity_report" in found and "head" in found:
+        found["sparsity_report"]["head"] = found["head"]
     return found or None
 
 
