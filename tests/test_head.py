@@ -209,3 +209,23 @@ def test_export_card_and_metadata_describe_the_cheaper_head(
     # The exported head still has exactly the kept rows.
     model = AutoModelForCausalLM.from_pretrained(export.output)
     assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 64
+
+
+def test_draft_vocab_on_a_tied_model_saves_an_untied_head(tiny_tokenizer, chat_rows_file, tmp_path):
+    """SmolLM2's head is tied: it is untied before llm-compressor dispatches the model (untied
+    afterwards, saving failed with shared tensors)."""
+    model = build_model(tiny_tokenizer)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    tied_dir = save_model(model, tiny_tokenizer, tmp_path / "tied")
+    out = tmp_path / "vocab"
+    _prune(tied_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+    keep = json.loads((out / "sparsity_report.json").read_text())["head"]["kept_token_ids"]
+    head, embed = reloaded.lm_head.weight, model.model.embed_tokens.weight
+    dropped = torch.ones(head.shape[0], dtype=torch.bool)
+    dropped[keep] = False
+    assert len(keep) == 32 and torch.all(head[dropped] == 0)
+    assert torch.equal(head[keep], embed[keep])  # kept rows: the tied embedding rows
+    assert torch.equal(reloaded.model.embed_tokens.weight, embed)

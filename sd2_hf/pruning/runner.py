@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
-from sd2_hf.pruning.head import apply_head_options
+from sd2_hf.pruning.head import apply_head_options, untie_head
 from sd2_hf.utils.io import atomic_write_json
 from sd2_hf.utils.provenance import package_versions
 from sd2_hf.utils.verbosity import llmcompressor_logging
@@ -113,6 +113,10 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     targeted = targeted_linears(model, loaded)
     wants_samples = loaded.needs_calibration or config.head_sparsity is not None
     samples = _calibration(config, tokenizer) if wants_samples else []
+    if config.draft_vocab_size is not None or config.head_sparsity is not None:
+        # Before llm-compressor dispatches the model: a head untied afterwards stays shared
+        # with the embeddings in its offloaded copy, and saving then fails (seen on SmolLM2).
+        untie_head(model)
     seconds = apply_recipe(model, tokenizer, loaded, samples, config.max_seq_length)
     began = time.perf_counter()
     head = apply_head_options(config, model, tokenizer, samples)
