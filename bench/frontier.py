@@ -301,32 +301,30 @@ def to_markdown(result: dict) -> str:
             f"{gain:+.1%} | {after['best_k']} | {after['improvement'][str(after['best_k'])]:.3f} "
             f"| {d.get('train_cpu_minutes', 0):.1f} |"
         )
-    lines += [
-        "",
-        "## MAL per K after fine-tuning (MT-Bench)",
-        "",
-        "| drafter | " + " | ".join(f"K={k}" for k in KS) + " |",
-        "|---|" + "---|" * len(KS),
-    ]
-    for d in drafters:
-        lines.append(
-            f"| {d['name']} | " + " | ".join(f"{d['ft']['mal'][str(k)]:.3f}" for k in KS) + " |"
-        )
-    lines += [
-        "",
-        "## Improvement factor MAL / (K·c + 1) per K after fine-tuning (MT-Bench)",
-        "",
-        "| drafter | " + " | ".join(f"K={k}" for k in KS) + " |",
-        "|---|" + "---|" * len(KS),
-    ]
-    for d in drafters:
-        f = d["ft"]["improvement"]
-        cells = [
-            f"**{f[str(k)]:.3f}**" if k == d["ft"]["best_k"] else f"{f[str(k)]:.3f}" for k in KS
-        ]
-        lines.append(f"| {d['name']} | " + " | ".join(cells) + " |")
+    best = {d["name"]: d["ft"]["best_k"] for d in drafters}
+    lines += _per_k_table(
+        "MAL per K after fine-tuning (MT-Bench)",
+        drafters,
+        lambda d, k: f"{d['ft']['mal'][str(k)]:.3f}",
+    )
+    lines += _per_k_table(
+        "Improvement factor MAL / (K·c + 1) per K after fine-tuning (MT-Bench)",
+        drafters,
+        lambda d, k: (
+            f"**{d['ft']['improvement'][str(k)]:.3f}**"
+            if k == best[d["name"]]
+            else f"{d['ft']['improvement'][str(k)]:.3f}"
+        ),
+    )
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _per_k_table(title: str, drafters: list[dict], cell) -> list[str]:
+    rows = ["", f"## {title}", "", "| drafter | " + " | ".join(f"K={k}" for k in KS) + " |"]
+    rows.append("|---|" + "---|" * len(KS))
+    rows += [f"| {d['name']} | " + " | ".join(cell(d, k) for k in KS) + " |" for d in drafters]
+    return rows
 
 
 def plot(result: dict, path: Path) -> None:

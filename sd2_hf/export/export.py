@@ -365,20 +365,24 @@ def _zeros_kept(pruned: dict, reloaded, after: dict, config: ExportConfig) -> fl
 
 def _recipe(drafter_path: str) -> dict[str, Any] | None:
     """The pruning recipe and report the pruning stage left next to the drafter, if any."""
+    from sd2_hf.pruning.head import head_summary
+
     directory = Path(drafter_path)
     found: dict[str, Any] = {}
     if (directory / "recipe.yaml").is_file():
         found["recipe.yaml"] = (directory / "recipe.yaml").read_text(encoding="utf-8")
-    if (directory / "sparsity_report.json").is_file():
-        report = read_json(directory / "sparsity_report.json")
-        found["sparsity_report"] = {k: v for k, v in report.items() if k != "layers"}
-    # A cheaper head (`sd2 prune --draft-vocab-size / --head-sparsity`), without the kept ids.
+    # A cheaper head (`sd2 prune --draft-vocab-size / --head-sparsity`) is in the report of
+    # either pruning method; it is kept without the kept token ids.
     for name in ("sparsity_report.json", "layer_distances.json"):
-        head = read_json(directory / name).get("head") if (directory / name).is_file() else None
-        if head:
-            found["head"] = {k: v for k, v in head.items() if k != "kept_token_ids"}
-    if "sparsity_report" in found and "head" in found:
-        found["sparsity_report"]["head"] = found["head"]
+        if not (directory / name).is_file():
+            continue
+        report = read_json(directory / name)
+        if report.get("head"):
+            found["head"] = head_summary(report["head"])
+        if name == "sparsity_report.json":
+            found["sparsity_report"] = {k: v for k, v in report.items() if k != "layers"}
+            if "head" in found:
+                found["sparsity_report"]["head"] = found["head"]
     return found or None
 
 

@@ -106,6 +106,11 @@ def prune_head(model: nn.Module, tokenizer, sparsity: float, calibration, max_se
     return {"head_sparsity": sparsity, "head_module": name}
 
 
+def head_summary(report: dict) -> dict:
+    """A head report without its kept token ids (those stay in the pruning stage's JSON)."""
+    return {k: v for k, v in report.items() if k != "kept_token_ids"}
+
+
 def sparse_head_name(model: nn.Module, min_zero_fraction: float = 0.05) -> str | None:
     """Name of the output head when it is untied and sparse (a draft vocabulary or a pruned
     head), else None: such a head's zeros must be held during fine-tuning like any layer's."""

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
-from sd2_hf.pruning.head import apply_head_options, untie_head
+from sd2_hf.pruning.head import apply_head_options, head_summary, untie_head
 from sd2_hf.utils.io import atomic_write_json
 from sd2_hf.utils.provenance import package_versions
 from sd2_hf.utils.verbosity import llmcompressor_logging
@@ -144,7 +144,7 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     return PruneResult(
         output=config.output,
         method="oneshot",
-        head=_short(head),
+        head=head_summary(head),
         prune_seconds=seconds,
         num_layers=model.config.get_text_config().num_hidden_layers,
         global_sparsity=report["global_sparsity"],
@@ -229,18 +229,13 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
     return PruneResult(
         output=config.output,
         method="layers",
-        head=_short(head),
+        head=head_summary(head),
         prune_seconds=seconds,
         num_layers=num_layers - n,
         dropped_layers=dropped,
         macs_fraction=after.total / before.total,
         calibration_samples=len(samples),
     )
-
-
-def _short(head: dict) -> dict:
-    """The head report without the kept token ids (those stay in the JSON report)."""
-    return {k: v for k, v in head.items() if k != "kept_token_ids"}
 
 
 def versions() -> dict[str, str]:
