@@ -105,20 +105,8 @@ def test_vllm_serves_a_cheaper_head_drafter_losslessly(
 ):
     """`sd2 prune --draft-vocab-size / --head-sparsity`: an untied, sparse head in a standard
     checkpoint; vLLM's `draft_model` loads it as it is (same vocabulary as the target)."""
-    from sd2_hf.pruning.config import PruneConfig
-    from sd2_hf.pruning.runner import run_prune
-
     pruned = tmp_path / "pruned"
-    run_prune(
-        PruneConfig(
-            model=str(tiny_model_dir),
-            output=str(pruned),
-            dataset=chat_rows_file,
-            num_samples=16,
-            max_seq_length=64,
-            **option,
-        )
-    )
+    tiny.prune(tiny_model_dir, pruned, chat_rows_file, **option)
     export = run_export(
         ExportConfig(
             drafter=str(pruned),

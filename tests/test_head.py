@@ -22,22 +22,9 @@ from sd2_hf.pruning.head import (
     sparse_head_name,
     untie_head,
 )
-from sd2_hf.pruning.runner import run_prune
-from tests.tiny import build_model, save_model, trainer_kwargs
+from tests.tiny import build_model, prune, save_model, trainer_kwargs
 
 CONTEXT = 512
-
-
-def _prune(model_dir, out, data, **options):
-    config = PruneConfig(
-        model=str(model_dir),
-        output=str(out),
-        dataset=str(data),
-        num_samples=16,
-        max_seq_length=64,
-        **options,
-    )
-    return run_prune(config)
 
 
 def _head_macs(report) -> int:
@@ -75,7 +62,7 @@ def test_draft_vocab_macs_by_hand_and_saved_checkpoint(
     tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path
 ):
     out = tmp_path / "vocab"
-    result = _prune(tiny_model_dir, out, chat_rows_file, draft_vocab_size=64)
+    result = prune(tiny_model_dir, out, chat_rows_file, draft_vocab_size=64)
     hidden = 128
     vocab = len(tiny_tokenizer)
     report = json.loads((out / "sparsity_report.json").read_text())["head"]
@@ -104,7 +91,7 @@ def test_draft_vocab_macs_by_hand_and_saved_checkpoint(
 
 def test_head_sparsity_macs_by_hand(tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path):
     out = tmp_path / "head50"
-    result = _prune(tiny_model_dir, out, chat_rows_file, recipe="sparsegpt-50", head_sparsity=0.5)
+    result = prune(tiny_model_dir, out, chat_rows_file, recipe="sparsegpt-50", head_sparsity=0.5)
     model = AutoModelForCausalLM.from_pretrained(out)
     head = model.lm_head.weight
     # SparseGPT (unstructured) prunes half of the head's weights (an update can land on 0).
@@ -122,7 +109,7 @@ def test_head_sparsity_macs_by_hand(tiny_model_dir, tiny_tokenizer, chat_rows_fi
 
 def test_draft_vocab_on_layer_dropped_drafter(tiny_model_dir, chat_rows_file, tmp_path):
     out = tmp_path / "layers-vocab"
-    result = _prune(
+    result = prune(
         tiny_model_dir, out, chat_rows_file, method="layers", drop=1, draft_vocab_size=32
     )
     assert result.num_layers == 1 and result.head["draft_vocab_size"] == 32
@@ -136,7 +123,7 @@ def test_cheaper_head_is_lossless_under_greedy_assisted_generation(
     option, tiny_model_dir, tiny_tokenizer, chat_rows_file, tmp_path
 ):
     drafter_dir = tmp_path / "drafter"
-    _prune(tiny_model_dir, drafter_dir, chat_rows_file, recipe="sparsegpt-50", **option)
+    prune(tiny_model_dir, drafter_dir, chat_rows_file, recipe="sparsegpt-50", **option)
     target = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     drafter = AutoModelForCausalLM.from_pretrained(drafter_dir).eval()
     for text in ("hello world the draft", "sparse layers prune the quick dog"):
@@ -154,7 +141,7 @@ def test_sparse_head_mask_is_held_in_fine_tuning(
     model = build_model(tiny_tokenizer)
     model_dir = save_model(model, tiny_tokenizer, tmp_path / "dense")
     out = tmp_path / "vocab"
-    _prune(model_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=40)
+    prune(model_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=40)
     drafter = AutoModelForCausalLM.from_pretrained(out)
     zero_rows = drafter.lm_head.weight.abs().sum(-1) == 0
     trainer = SD2Trainer(
@@ -169,6 +156,33 @@ def test_sparse_head_mask_is_held_in_fine_tuning(
     head = trainer.model.lm_head.weight
     assert torch.all(head[zero_rows] == 0)
     assert not torch.equal(head[~zero_rows], before[~zero_rows])  # the kept rows did train
+
+
+def test_train_stage_reports_the_held_head_zeros(tiny_model_dir, chat_rows_file, tmp_path):
+    """`sd2 train`'s sparsity report counts what the trainer holds: the sparse head too."""
+    from sd2_hf.training.config import TrainStageConfig
+    from sd2_hf.training.stage import run_train
+
+    pruned = tmp_path / "vocab"
+    prune(tiny_model_dir, pruned, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=40)
+    drafter = AutoModelForCausalLM.from_pretrained(pruned)
+    linears = [m for m in drafter.modules() if isinstance(m, torch.nn.Linear)]
+    assert drafter.lm_head in linears
+    by_hand = sum(int((m.weight == 0).sum()) for m in linears) / sum(
+        m.weight.numel() for m in linears
+    )
+    report = run_train(
+        TrainStageConfig(
+            model=str(pruned),
+            dataset=chat_rows_file,
+            output=str(tmp_path / "trained"),
+            max_steps=2,
+            learning_rate=1e-2,
+            max_length=64,
+        )
+    )
+    assert report["sparsity_before"] == pytest.approx(by_hand)
+    assert report["sparsity_after"] == pytest.approx(by_hand)
 
 
 def test_dense_untied_head_stays_unmasked(tiny_tokenizer, chat_rows, tmp_path):
@@ -197,7 +211,7 @@ def test_export_card_and_metadata_describe_the_cheaper_head(
     from sd2_hf.utils.io import read_json
 
     pruned = tmp_path / "vocab"
-    _prune(tiny_model_dir, pruned, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=64)
+    prune(tiny_model_dir, pruned, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=64)
     export = run_export(
         ExportConfig(drafter=str(pruned), output=str(tmp_path / "export"), format="dense")
     )
@@ -219,7 +233,7 @@ def test_draft_vocab_on_a_tied_model_saves_an_untied_head(tiny_tokenizer, chat_r
     model.lm_head.weight = model.model.embed_tokens.weight
     tied_dir = save_model(model, tiny_tokenizer, tmp_path / "tied")
     out = tmp_path / "vocab"
-    _prune(tied_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=32)
+    prune(tied_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=32)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
     keep = json.loads((out / "sparsity_report.json").read_text())["head"]["kept_token_ids"]

@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.pruning import masks
-from sd2_hf.pruning.config import PruneConfig, PruneInputError, PruneResult
+from sd2_hf.pruning.config import PruneConfig, PruneInputError
 from sd2_hf.pruning.recipes import load_recipe, shipped_recipes
 from sd2_hf.pruning.runner import run_prune
+from tests.tiny import prune
 
 # What each shipped recipe promises (sparsity of every targeted layer, structure).
 EXPECTED = {
@@ -38,20 +39,6 @@ def original(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
-def _prune(model_dir, out, chat_rows_file, **options) -> PruneResult:
-    config = PruneConfig(
-        model=str(model_dir),
-        output=str(out),
-        dataset=chat_rows_file,
-        num_samples=16,
-        max_seq_length=64,
-        **options,
-    )
-    result = run_prune(config)
-    assert result.output == str(out)
-    return result
-
-
 def _decoder_linears(model) -> dict[str, torch.nn.Module]:
     return {
         name: module
@@ -67,7 +54,7 @@ def test_shipped_recipes_are_the_tested_ones():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_recipe(name, tiny_model_dir, chat_rows_file, original, tmp_path):
     sparsity, structure = EXPECTED[name]
-    result = _prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=name)
+    result = prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=name)
 
     # Reloaded with plain transformers: the zeros are in the saved weights.
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -104,7 +91,7 @@ def test_user_recipe_file_and_targets(tiny_model_dir, chat_rows_file, original, 
         "      targets: ['re:.*mlp\\.(gate|up|down)_proj$']\n"
         "      ignore: ['re:.*lm_head']\n"
     )
-    _prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=str(recipe))
+    prune(tiny_model_dir, tmp_path / "out", chat_rows_file, recipe=str(recipe))
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for name, module in _decoder_linears(pruned).items():
         got = masks.weight_sparsity(module.weight)
@@ -128,7 +115,7 @@ def test_sparsity_override(tiny_model_dir, tmp_path):
         assert abs(masks.weight_sparsity(module.weight) - 0.6) <= 0.005
 
 
-def test_cli_prune(tiny_model_dir, tmp_path, capsys, sd2_fails):
+def test_cliprune(tiny_model_dir, tmp_path, capsys, sd2_fails):
     out = tmp_path / "cli-out"
     assert (
         sd2_main(["prune", str(tiny_model_dir), "--recipe", "magnitude-50", "--output", str(out)])
@@ -152,7 +139,7 @@ def test_llmcompressor_per_layer_lines_only_when_verbose(
 ):
     llmcompressor_logger = importlib.import_module("llmcompressor.logger")
     before = llmcompressor_logger.LOGGER_CONFIG
-    _prune(tiny_model_dir, tmp_path / "quiet", chat_rows_file)
+    prune(tiny_model_dir, tmp_path / "quiet", chat_rows_file)
     quiet = capfd.readouterr().out
     assert PER_LAYER_LINE not in quiet and "METRIC" not in quiet
     # llm-compressor's configuration is restored after the stage.
@@ -162,7 +149,7 @@ def test_llmcompressor_per_layer_lines_only_when_verbose(
     level = sd2_logger.level
     sd2_logger.setLevel(logging.DEBUG)  # what `sd2 -v` does, through the root logger
     try:
-        _prune(tiny_model_dir, tmp_path / "verbose", chat_rows_file)
+        prune(tiny_model_dir, tmp_path / "verbose", chat_rows_file)
     finally:
         sd2_logger.setLevel(level)
     verbose = capfd.readouterr().out

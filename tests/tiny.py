@@ -191,6 +191,25 @@ def trainer_kwargs(output_dir, **overrides) -> dict:
     return kwargs
 
 
+def prune(model_dir, out, dataset, **options):
+    """`sd2 prune` of a tiny model, calibrated on 16 rows of 64 tokens; `options` are further
+    `PruneConfig` fields (recipe, method, draft_vocab_size, ...). Returns the `PruneResult`."""
+    from sd2_hf.pruning.config import PruneConfig
+    from sd2_hf.pruning.runner import run_prune
+
+    config = PruneConfig(
+        model=str(model_dir),
+        output=str(out),
+        dataset=str(dataset),
+        num_samples=16,
+        max_seq_length=64,
+        **options,
+    )
+    result = run_prune(config)
+    assert result.output == str(out)
+    return result
+
+
 def conversations(n: int = 16, seed: int = 0) -> list[dict]:
     """Small chat dataset rows in the `messages` form."""
     rng = random.Random(seed)

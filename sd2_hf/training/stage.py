@@ -39,7 +39,7 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
     from sd2_hf.data.loaders import load_conversations
     from sd2_hf.pruning.masks import sparsity_report
     from sd2_hf.training.sd2_config import SD2Config
-    from sd2_hf.training.trainer import SD2Trainer
+    from sd2_hf.training.trainer import SD2Trainer, ignore_for_masks
     from sd2_hf.utils.models import resolve_model_path
 
     out = Path(config.output)
@@ -66,7 +66,9 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    sparsity_before = sparsity_report(model, config.mask_targets, config.mask_ignore)
+    # What the trainer holds: a sparse output head is counted too (`ignore_for_masks`).
+    mask_ignore = ignore_for_masks(model, config.mask_ignore)
+    sparsity_before = sparsity_report(model, config.mask_targets, mask_ignore)
     teacher = None
     if teacher_path:
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
@@ -139,7 +141,7 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(str(out))
     # Measured on the checkpoint as written: the in-memory weights may be shards (FSDP2).
     saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    sparsity_after = sparsity_report(saved, config.mask_targets, config.mask_ignore)
+    sparsity_after = sparsity_report(saved, config.mask_targets, mask_ignore)
     del saved
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     report = {

@@ -90,7 +90,7 @@ class SD2Trainer(SFTTrainer):
 
         self.mask_callback = SparsityMaskCallback(
             targets=args.mask_targets,
-            ignore=_ignore_for_masks(self.model, args.mask_ignore),
+            ignore=ignore_for_masks(self.model, args.mask_ignore),
             check_interval=args.mask_check_interval,
         )
         self.add_callback(self.mask_callback)
@@ -366,7 +366,7 @@ class SD2Trainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def _ignore_for_masks(model, ignore: list[str]) -> list[str]:
+def ignore_for_masks(model, ignore: list[str]) -> list[str]:
     """`ignore` without the patterns that match a sparse output head (`sd2 prune` with
     `draft_vocab_size` or `head_sparsity`): the default ignores `lm_head` because a tied head is
     the dense embedding table, but an untied sparse head's zeros are part of the drafter."""
