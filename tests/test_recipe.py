@@ -70,7 +70,7 @@ def test_demo_recipe_is_the_offline_default():
     assert recipe.target.model == "asset:smollm2-135m-instruct"
     assert recipe.drafter_model == recipe.target.model
     assert plans["distill"].source == "asset:sharegpt" and plans["distill"].max_turns == 1
-    assert Path(plans["prune"].recipe) == RECIPES / "pruning" / "sparsegpt-50.yaml"
+    assert Path(plans["prune"].recipe) == RECIPES / "pruning" / "sparsegpt-2of4.yaml"
     assert plans["eval"].prompts == "asset:mtbench"
     assert plans["eval"].backend == "transformers" and plans["eval"].baselines == ["none"]
 
