@@ -359,9 +359,7 @@ def plot(result: dict, path: Path) -> None:
         for stage, alpha in (("noft", 0.35), ("ft", 1.0)):
             ys = [d[stage]["mal"]["4"] for d in points]
             label = f"{curve} ({'fine-tuned' if stage == 'ft' else 'before FT'})"
-            left.plot(
-                xs, ys, linestyle=line, marker=marker, color=color, alpha=alpha, label=label
-            )
+            left.plot(xs, ys, linestyle=line, marker=marker, color=color, alpha=alpha, label=label)
         best = [d["ft"]["improvement"][str(d["ft"]["best_k"])] for d in points]
         right.plot(xs, best, linestyle=line, marker=marker, color=color, label=curve)
         for d in points:
