@@ -115,7 +115,7 @@ def test_sparsity_override(tiny_model_dir, tmp_path):
         assert abs(masks.weight_sparsity(module.weight) - 0.6) <= 0.005
 
 
-def test_cliprune(tiny_model_dir, tmp_path, capsys, sd2_fails):
+def test_cli_prune(tiny_model_dir, tmp_path, capsys, sd2_fails):
     out = tmp_path / "cli-out"
     assert (
         sd2_main(["prune", str(tiny_model_dir), "--recipe", "magnitude-50", "--output", str(out)])
