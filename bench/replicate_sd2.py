@@ -7,13 +7,20 @@ Same family, target SmolLM2-135M-Instruct, drafters at about half its MACs:
   (d) *-noft     (a), (b), (c) without fine-tuning
   (e) sd2-orig   (b) fine-tuned on the original ShareGPT replies of the same prompts (plain SFT)
   (f) sd2-fkl, sd2-tvd   (b) with the token-level distillation loss added (DistillSpec style)
+  (g) sd2-onpolicy   (b) with on-policy distillation (DistillSpec): half the batches are the
+                 drafter's own sampled continuations, scored by the target with TVD, the
+                 divergence whose minimum is the acceptance rate of speculative sampling
+  (h) sd2-long   (b) with `--long-factor` times the fine-tuning budget
 Cross family (UAG), target Gemma-3-270M: SmolLM2 dense off the shelf, SmolLM2 dense fine-tuned
 on Gemma-distilled data (the dense reference for the sparse-vs-dense comparison) and SmolLM2
 SD² (SparseGPT 50% fine-tuned on Gemma-distilled data).
 
 Every fine-tuned drafter of a family sees the same distilled prompts and the same training
 budget (epochs, batch, learning rate, max length). Evaluation on MT-Bench first turns, greedy,
-K = 4 and 8: the transformers backend for all, vLLM for the same-family drafters.
+K = 4 and 8: the transformers backend for all, vLLM for the same-family drafters; with
+`--temperatures`, speculative sampling at those temperatures too (transformers backend).
+`--drafters` restricts the same-family drafters built and evaluated (a report of its own with
+`--report-name`: CPU goes where it answers a question).
 
     .venv/bin/python bench/replicate_sd2.py [--root outputs/replication] [--threads 2] ...
 
@@ -30,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +64,8 @@ DRAFTERS = {
     "sd2-orig": ("smol", "(e) (b) fine-tuned on the original ShareGPT replies (plain SFT)"),
     "sd2-fkl": ("smol", "(f) (b) + token-level forward KL to the target"),
     "sd2-tvd": ("smol", "(f) (b) + token-level TVD to the target"),
+    "sd2-onpolicy": ("smol", "(g) (b) + on-policy distillation (λ 0.5, T 1), TVD to the target"),
+    "sd2-long": ("smol", "(h) (b) with a longer fine-tuning budget"),
     "dense": ("gemma", "SmolLM2-135M-Instruct dense, off the shelf (UAG)"),
     "dense-ft": ("gemma", "SmolLM2 dense + FT on Gemma-distilled data (UAG)"),
     "sd2-gemma": ("gemma", "SmolLM2 SparseGPT 50% + FT on Gemma-distilled data (UAG)"),
@@ -201,27 +211,40 @@ class Bench:
                 },
             )
 
+    def smol_names(self) -> list[str]:
+        """The same-family drafters (and baselines' family) this run builds and evaluates."""
+        names = [n for n, (f, _) in DRAFTERS.items() if f == "smol"]
+        return [n for n in names if not self.args.drafters or n in self.args.drafters]
+
     def smol_drafters(self, train: bool) -> None:
         smol_data = str(self.root / "data-smol" / "distill")
-        stage = {"train": self.train_section()} if train else {}
+        wanted = set(self.smol_names())
         one_shot = {
             "layers": {"method": "layers", "drop": 15},  # half of the 30 blocks
             "sd2": {"recipe": str(PRUNING / "sparsegpt-50.yaml")},
             "2of4": {"recipe": str(PRUNING / "sparsegpt-2of4.yaml")},
         }
         for name, method in one_shot.items():
+            # The sd2-* variants fine-tune sd2's pruned drafter.
+            needs_prune = {name, f"{name}-noft"} | (
+                {n for n in wanted if n.startswith("sd2-")} if name == "sd2" else set()
+            )
+            if not wanted & needs_prune:
+                continue
+            finetune = train and name in wanted
             self.pipeline(
                 name,
                 {
                     "target": SMOLLM2,
                     "dataset": smol_data,
                     "prune": self.prune_section(**method),
-                    **stage,
+                    **({"train": self.train_section()} if finetune else {}),
                 },
             )
         if not train:
             return
         sd2_pruned = str(self.root / "sd2" / "prune")
+        a = self.args
         variants = {
             "sd2-orig": {
                 "dataset": str(self.root / "data-orig" / "train.jsonl"),
@@ -229,9 +252,28 @@ class Bench:
             },
             "sd2-fkl": {"dataset": smol_data, "train": self.train_section(distill_loss="fkl")},
             "sd2-tvd": {"dataset": smol_data, "train": self.train_section(distill_loss="tvd")},
+            # DistillSpec's two levers: on-policy data, and the divergence matched to
+            # speculative sampling (acceptance = 1 - TVD(target, drafter)).
+            "sd2-onpolicy": {
+                "dataset": smol_data,
+                "train": self.train_section(
+                    distill_loss="tvd",
+                    on_policy_fraction=0.5,
+                    on_policy_temperature=1.0,
+                    on_policy_max_new_tokens=64,
+                ),
+            },
+            "sd2-long": {
+                "dataset": smol_data,
+                "train": self.train_section(
+                    num_train_epochs=a.epochs * a.long_factor,
+                    **({"max_steps": a.max_steps * a.long_factor} if a.max_steps else {}),
+                ),
+            },
         }
         for name, data in variants.items():
-            self.pipeline(name, {"target": SMOLLM2, "drafter": sd2_pruned, **data})
+            if name in wanted:
+                self.pipeline(name, {"target": SMOLLM2, "drafter": sd2_pruned, **data})
 
     def drafter_path(self, name: str) -> str:
         paths = {
@@ -244,6 +286,8 @@ class Bench:
             "sd2-orig": "sd2-orig/train",
             "sd2-fkl": "sd2-fkl/train",
             "sd2-tvd": "sd2-tvd/train",
+            "sd2-onpolicy": "sd2-onpolicy/train",
+            "sd2-long": "sd2-long/train",
             "dense-ft": "dense-ft/train",
             "sd2-gemma": "sd2-gemma/train",
         }
@@ -265,10 +309,14 @@ class Bench:
     def evaluate(self) -> None:
         for run, family, backend, k in self.eval_runs():
             out = self.root / run
+            names = (
+                self.smol_names()
+                if family == "smol"
+                else [n for n, (f, _) in DRAFTERS.items() if f == family]
+            )
             if (out / "eval.json").is_file():
-                _log(f"{run}: complete")
+                self._complete(run, family, backend, k, names, out)
                 continue
-            names = [n for n, (f, _) in DRAFTERS.items() if f == family]
             missing = [
                 n
                 for n in names
@@ -279,7 +327,7 @@ class Bench:
                 continue
             started = time.perf_counter()
             try:
-                workers = self.args.eval_workers if backend == "vllm" else 1
+                workers = self.args.eval_workers
                 if workers > 1:
                     self._parallel_eval(run, family, backend, k, names, out, workers)
                 # Reuses every row measured before (by workers or an interrupted attempt).
@@ -288,6 +336,38 @@ class Bench:
                 # Accumulated over attempts: an interrupted evaluation resumes per drafter.
                 self.add_eval_seconds(run, time.perf_counter() - started)
             _log(f"{run}: done in {time.perf_counter() - started:.0f} s")
+
+    def _complete(
+        self, run: str, family: str, backend: str, k: int, names: list[str], out: Path
+    ) -> None:
+        """A finished evaluation: measure the drafters it lacks (a `--drafters` run that asks
+        for more than an earlier one measured) and add their rows to its eval.json.
+
+        `run_eval` clears its journal once eval.json is written, so adding a drafter to a
+        finished evaluation would re-measure every row; here only the missing ones are measured
+        (with the target's reference run again, for the lossless check) and merged."""
+        from sd2_hf.evaluation.report import write_report
+
+        done = read_json(out / "eval.json")
+        have = {d["name"] for d in done["drafters"]}
+        missing = [n for n in names if n not in have]
+        if not missing:
+            _log(f"{run}: complete")
+            return
+        _log(f"{run}: measuring {', '.join(missing)} beside its {len(have)} measured rows")
+        started = time.perf_counter()
+        try:
+            extra = self._run_eval(run, family, backend, k, missing, out, [], report=False)
+        finally:
+            self.add_eval_seconds(run, time.perf_counter() - started)
+        base = next((d["tokens_per_second"] for d in done["drafters"] if d["kind"] == "none"), None)
+        for row in extra["drafters"]:
+            speed = row["tokens_per_second"]
+            row["speedup"] = speed / base if base and speed else None
+        done["drafters"] += extra["drafters"]
+        done["config"]["drafters"] += [f"{n}={self.drafter_path(n)}" for n in missing]
+        write_report(done, out)
+        shutil.rmtree(out / "partial", ignore_errors=True)
 
     def eval_workers(self) -> dict[str, int]:
         """The evaluations measured by parallel workers, and how many ran at once."""
@@ -305,10 +385,11 @@ class Bench:
     def _parallel_eval(
         self, run: str, family: str, backend: str, k: int, names: list[str], out: Path, workers: int
     ) -> None:
-        """Measure the rows of one vLLM evaluation in up to `workers` processes at once, each
+        """Measure the rows of one evaluation in up to `workers` processes at once. vLLM: each
         with its vLLM server bound to its own CPU core: vLLM's CPU backend computes on one core
         and keeps the other for its front end, so on a 2-core machine one evaluation leaves a
-        core idle. The target's reference run comes first, alone; then one process per drafter
+        core idle. transformers: each with its share of the cores as torch threads (assisted
+        generation at batch 1 is latency-bound and gains little from a second thread). The target's reference run comes first, alone; then one process per drafter
         (the next one starts on the core the last one freed), each writing its row to the
         evaluation's journal (`run_eval(report=False)`; a row already there is reused at once),
         and the caller's last `run_eval` reuses them all. The rows' tokens/s are then measured
@@ -326,6 +407,8 @@ class Bench:
                     if core not in running and pending:
                         item = pending.pop(0)
                         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(core % cpus)}
+                        if backend == "transformers":
+                            env["OMP_NUM_THREADS"] = str(max(1, cpus // workers))
                         worker = f"{run}:{item}"
                         cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-worker", worker]
                         running[core] = subprocess.Popen(cmd, env=env)
@@ -359,11 +442,11 @@ class Bench:
         out: Path,
         baselines: list[str] | None = None,
         report: bool = True,
-    ) -> None:
+    ) -> dict[str, Any]:
         from sd2_hf.evaluation.config import EvalConfig
         from sd2_hf.evaluation.runner import run_eval
 
-        run_eval(
+        return run_eval(
             EvalConfig(
                 target=SMOLLM2 if family == "smol" else GEMMA,
                 prompts="asset:mtbench",
@@ -377,6 +460,7 @@ class Bench:
                 # n-gram prompt lookup needs no draft model, so it runs for the Gemma target
                 # too: a reference for how much of a target's output is copied text.
                 baselines=["none", "ngram"] if baselines is None else baselines,
+                sampled_temperatures=self.args.temperatures if backend == "transformers" else [],
                 # vLLM: the prompts of a category in flight together (MAL stays exact).
                 concurrency=8 if backend == "vllm" else 1,
                 output=str(out),
@@ -426,8 +510,35 @@ class Bench:
                         "lossless_mismatches",
                         "draft_steps",
                         "new_tokens",
+                        "per_prompt",
                     )
+                    if key in d
                 }
+                # Speculative sampling at each `--temperatures` (no lossless check: the
+                # distribution is the target's, tests/test_sampled_eval.py; no speed-up: the
+                # target's own sampled speed is not measured).
+                macs = d["relative_macs"]
+                for t, run_t in d.get("sampled", {}).items():
+                    row["results"][f"{backend}-k{k}-t{t}"] = {
+                        **{
+                            key: run_t.get(key)
+                            for key in (
+                                "mal",
+                                "mal_per_category",
+                                "acceptance_per_position",
+                                "tokens_per_second",
+                                "draft_steps",
+                                "new_tokens",
+                                "per_prompt",
+                            )
+                        },
+                        "improvement_factor": run_t["mal"] / (k * macs + 1)
+                        if macs is not None
+                        else None,
+                        "speedup": None,
+                        "lossless_checked": False,
+                        "lossless_mismatches": 0,
+                    }
         workers = self.eval_workers()
         result = {
             # The command that builds and evaluates (rerunning it resumes); `--steps report`
@@ -460,10 +571,11 @@ class Bench:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         }
         results = Path(self.args.results)
-        atomic_write_json(results / "replication.json", result)
-        atomic_write_text(results / "replication.md", self.markdown(result))
-        self.plot(result, results / "replication.png")
-        _log(f"report: {results / 'replication.md'}")
+        name = self.args.report_name
+        atomic_write_json(results / f"{name}.json", result)
+        atomic_write_text(results / f"{name}.md", self.markdown(result))
+        self.plot(result, results / f"{name}.png")
+        _log(f"report: {results / (name + '.md')}")
 
     # Settings that must match for an earlier report's evaluations to share a table with
     # this run's (what is evaluated where, and the threads, do not change a result).
@@ -475,6 +587,10 @@ class Bench:
         "concurrency",
         "eval_workers",
         "gemma_distill_backend",  # the Gemma data only: not a same-family setting
+        "drafters",
+        "temperatures",
+        "report_name",
+        "long_factor",  # sd2-long only, a row of its own
     )
 
     def settings(self) -> dict[str, Any]:
@@ -498,7 +614,7 @@ class Bench:
             "stage_seconds": {},
             "rebuilt_stage_seconds": {},
         }
-        path = Path(self.args.results) / "replication.json"
+        path = Path(self.args.results) / f"{self.args.report_name}.json"
         if not path.is_file():
             return none
         old = read_json(path)
@@ -547,7 +663,10 @@ class Bench:
 
     def comparisons(self, result: dict[str, Any]) -> list[str]:
         """The paper's comparisons as ratios of MAL, per backend and K, with how many of the
-        8 MT-Bench categories agree (24 prompts: a ratio near 1 is within noise)."""
+        8 MT-Bench categories agree (24 prompts: a ratio near 1 is within noise) and, where the
+        rows keep their per-prompt counts, the 95% paired-bootstrap interval over prompts."""
+        from sd2_hf.evaluation.report import mal_ratio_interval
+
         rows = {f"{r['family']}:{r['drafter']}": r for r in result["drafters"].values()}
         pairs = [
             ("SD² vs layer-pruned, both fine-tuned (paper: 1.59×)", "smol:sd2", "smol:layers"),
@@ -558,6 +677,10 @@ class Bench:
             ("self-distilled vs original ShareGPT replies", "smol:sd2", "smol:sd2-orig"),
             ("+ forward KL vs SFT only (same data)", "smol:sd2-fkl", "smol:sd2"),
             ("+ TVD vs SFT only (same data)", "smol:sd2-tvd", "smol:sd2"),
+            ("on-policy + TVD vs SFT only (same data)", "smol:sd2-onpolicy", "smol:sd2"),
+            ("on-policy + TVD vs its pruned drafter", "smol:sd2-onpolicy", "smol:sd2-noft"),
+            ("SD², longer budget vs its pruned drafter", "smol:sd2-long", "smol:sd2-noft"),
+            ("SD², longer budget vs SD²", "smol:sd2-long", "smol:sd2"),
             (
                 "sparse vs dense, both fine-tuned on Gemma data (paper: −8.36% MAL, −43.87% MACs)",
                 "gemma:sd2-gemma",
@@ -567,11 +690,11 @@ class Bench:
         ]
         columns = sorted(
             {c for r in rows.values() for c in r["results"]},
-            key=lambda c: (c.split("-k")[0] != "transformers", int(c.split("-k")[1])),
+            key=column_order,
         )
         lines = [
             "| comparison | A | B | MACs A/B | "
-            + " | ".join(f"MAL A/B {c} (categories A > B)" for c in columns)
+            + " | ".join(f"MAL A/B {c} [95% CI] (categories A > B)" for c in columns)
             + " |",
             "|" + "---|" * (4 + len(columns)),
         ]
@@ -587,7 +710,9 @@ class Bench:
                     continue
                 pa, pb = ra["mal_per_category"], rb["mal_per_category"]
                 wins = sum(pa[k] > pb[k] for k in pa if k in pb)
-                cells.append(f"{ra['mal'] / rb['mal']:.3f} ({wins}/{len(pa)})")
+                interval = mal_ratio_interval(ra.get("per_prompt"), rb.get("per_prompt"))
+                ci = f" [{interval[1]:.3f}–{interval[2]:.3f}]" if interval else ""
+                cells.append(f"{ra['mal'] / rb['mal']:.3f}{ci} ({wins}/{len(pa)})")
             macs = f"{ma / mb:.3f}" if ma and mb else "-"
             lines.append(f"| {label} | {a} | {b} | {macs} | " + " | ".join(cells) + " |")
         return lines
@@ -625,14 +750,20 @@ class Bench:
 
         columns = sorted(
             {c for r in result["drafters"].values() for c in r["results"]},
-            key=lambda c: (c.split("-k")[0] != "transformers", int(c.split("-k")[1])),
+            key=column_order,
         )
         a = self.args
         lines = [
             "# SD² replication at small scale",
             "",
-            f"MT-Bench first turns ({a.prompts} questions, spread over the 8 categories), greedy, "
-            f"max {a.max_new_tokens} new tokens. MAL per backend and K; relative MACs = drafter / "
+            f"MT-Bench first turns ({a.prompts} questions, spread over the 8 categories), greedy"
+            + (
+                f" and speculative sampling at T = {', '.join(f'{t:g}' for t in a.temperatures)} "
+                "(columns `-t<T>`, transformers backend)"
+                if a.temperatures
+                else ""
+            )
+            + f", max {a.max_new_tokens} new tokens. MAL per backend and K; relative MACs = drafter / "
             "target MACs of one decoding step at context 512 (zeros of sparse weights not counted); "
             "improvement factor = MAL / (K·c + 1) at K = 4 (transformers).",
             "",
@@ -757,7 +888,9 @@ class Bench:
         panels = [
             (family, column)
             for family in ("smol", "gemma")
-            for column in ("transformers-k4", "transformers-k8", "vllm-k4", "vllm-k8")
+            for column in sorted(
+                {c for r in result["drafters"].values() for c in r["results"]}, key=column_order
+            )
             if any(
                 r["family"] == family and column in r["results"]
                 for r in result["drafters"].values()
@@ -765,7 +898,7 @@ class Bench:
         ]
         if not panels:
             return
-        ncols = min(len(panels), 4)
+        ncols = min(len(panels), 3)
         nrows = -(-len(panels) // ncols)
         fig = Figure(figsize=(4.5 * ncols, 4 * nrows))
         target = {"smol": "SmolLM2-135M", "gemma": "Gemma-3-270M (UAG)"}
@@ -816,10 +949,19 @@ class Bench:
             ax.set_xlabel("relative MACs (drafter / target)")
             ax.set_ylabel("MAL")
             backend, k = column.split("-k")
-            ax.set_title(f"{target[family]}, {backend}, K = {k}", fontsize=9)
+            k, _, t = k.partition("-t")
+            decoding = f"T = {t}" if t else "greedy"
+            ax.set_title(f"{target[family]}, {backend}, K = {k}, {decoding}", fontsize=9)
             ax.grid(alpha=0.3)
         fig.tight_layout()
         _save_png(fig, path)
+
+
+def column_order(column: str) -> tuple[bool, int, float]:
+    """`<backend>-k<K>[-t<T>]`: transformers first, then by K, greedy before sampled."""
+    backend, rest = column.split("-k")
+    k, _, t = rest.partition("-t")
+    return backend != "transformers", int(k), float(t) if t else 0.0
 
 
 def main() -> None:
@@ -879,13 +1021,45 @@ def main() -> None:
         "--eval-workers",
         type=int,
         default=1,
-        help="vLLM evaluations: processes measuring drafters at once, each with its vLLM server "
-        "on its own CPU core (vLLM's CPU backend computes on one core); MAL is unaffected, the "
-        "measured speeds share the machine",
+        help="processes measuring drafters at once: vLLM, each with its server on its own CPU "
+        "core (vLLM's CPU backend computes on one core); transformers, each with its share of "
+        "the cores as threads. MAL is unaffected, the measured speeds share the machine",
+    )
+    parser.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="*",
+        default=[],
+        help="transformers evaluations: also measure speculative sampling at these temperatures "
+        "(a column per temperature, e.g. transformers-k4-t1)",
+    )
+    parser.add_argument(
+        "--drafters",
+        default="",
+        help="comma-separated same-family drafters to build and evaluate (default: all of "
+        f"{', '.join(n for n, (f, _) in DRAFTERS.items() if f == 'smol')})",
+    )
+    parser.add_argument(
+        "--long-factor",
+        type=int,
+        default=3,
+        help="sd2-long: this many times the fine-tuning budget (--epochs or --max-steps)",
+    )
+    parser.add_argument(
+        "--report-name",
+        default="replication",
+        help="file name of the report (<results>/<name>.{md,json,png}); its earlier evaluations "
+        "are carried into the table when the settings match",
     )
     parser.add_argument("--eval-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.families = [f for f in args.families.split(",") if f]
+    args.drafters = [d for d in args.drafters.split(",") if d]
+    smol = [n for n, (f, _) in DRAFTERS.items() if f == "smol"]
+    if set(args.drafters) - set(smol):
+        parser.error(
+            f"unknown drafters {sorted(set(args.drafters) - set(smol))}; choose from {', '.join(smol)}"
+        )
     steps = [s for s in args.steps.split(",") if s]
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
