@@ -679,6 +679,11 @@ class Bench:
             ("+ TVD vs SFT only (same data)", "smol:sd2-tvd", "smol:sd2"),
             ("on-policy + TVD vs SFT only (same data)", "smol:sd2-onpolicy", "smol:sd2"),
             ("on-policy + TVD vs its pruned drafter", "smol:sd2-onpolicy", "smol:sd2-noft"),
+            (
+                "on-policy + TVD vs SFT + TVD (the on-policy batches alone)",
+                "smol:sd2-onpolicy",
+                "smol:sd2-tvd",
+            ),
             ("SD², longer budget vs its pruned drafter", "smol:sd2-long", "smol:sd2-noft"),
             ("SD², longer budget vs SD²", "smol:sd2-long", "smol:sd2"),
             (
