@@ -77,6 +77,11 @@ BASELINES = {
 STEPS = ("data", "prune", "train", "eval", "report")
 
 
+def family_drafters(family: str) -> list[str]:
+    """The drafters of one family (smol: same family, gemma: UAG), in table order."""
+    return [n for n, (f, _) in DRAFTERS.items() if f == family]
+
+
 def _log(message: str) -> None:
     print(f"[replicate {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -213,8 +218,9 @@ class Bench:
 
     def smol_names(self) -> list[str]:
         """The same-family drafters (and baselines' family) this run builds and evaluates."""
-        names = [n for n, (f, _) in DRAFTERS.items() if f == "smol"]
-        return [n for n in names if not self.args.drafters or n in self.args.drafters]
+        return [
+            n for n in family_drafters("smol") if not self.args.drafters or n in self.args.drafters
+        ]
 
     def smol_drafters(self, train: bool) -> None:
         smol_data = str(self.root / "data-smol" / "distill")
@@ -309,11 +315,7 @@ class Bench:
     def evaluate(self) -> None:
         for run, family, backend, k in self.eval_runs():
             out = self.root / run
-            names = (
-                self.smol_names()
-                if family == "smol"
-                else [n for n, (f, _) in DRAFTERS.items() if f == family]
-            )
+            names = self.smol_names() if family == "smol" else family_drafters(family)
             if (out / "eval.json").is_file():
                 self._complete(run, family, backend, k, names, out)
                 continue
@@ -389,7 +391,8 @@ class Bench:
         with its vLLM server bound to its own CPU core: vLLM's CPU backend computes on one core
         and keeps the other for its front end, so on a 2-core machine one evaluation leaves a
         core idle. transformers: each with its share of the cores as torch threads (assisted
-        generation at batch 1 is latency-bound and gains little from a second thread). The target's reference run comes first, alone; then one process per drafter
+        generation at batch 1 is latency-bound and gains little from a second thread). The
+        target's reference run comes first, alone; then one process per drafter
         (the next one starts on the core the last one freed), each writing its row to the
         evaluation's journal (`run_eval(report=False)`; a row already there is reused at once),
         and the caller's last `run_eval` reuses them all. The rows' tokens/s are then measured
@@ -1042,7 +1045,7 @@ def main() -> None:
         "--drafters",
         default="",
         help="comma-separated same-family drafters to build and evaluate (default: all of "
-        f"{', '.join(n for n, (f, _) in DRAFTERS.items() if f == 'smol')})",
+        f"{', '.join(family_drafters('smol'))})",
     )
     parser.add_argument(
         "--long-factor",
@@ -1060,7 +1063,7 @@ def main() -> None:
     args = parser.parse_args()
     args.families = [f for f in args.families.split(",") if f]
     args.drafters = [d for d in args.drafters.split(",") if d]
-    smol = [n for n, (f, _) in DRAFTERS.items() if f == "smol"]
+    smol = family_drafters("smol")
     if set(args.drafters) - set(smol):
         parser.error(
             f"unknown drafters {sorted(set(args.drafters) - set(smol))}; choose from {', '.join(smol)}"
