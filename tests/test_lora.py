@@ -232,3 +232,40 @@ def test_cli_trains_a_merged_sparse_drafter(tmp_path, sparse_dir, conversations_
     with pytest.raises(ExportError, match="is a PEFT adapter.*merged drafter"):
         run_export(ExportConfig(drafter=str(out / "adapter"), output=str(tmp_path / "export")))
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_lora_on_a_bf16_base(tiny_tokenizer, dropout, bias):
+    """PEFT keeps adapters in fp32 on a bf16 base: the layer computes the adapter in fp32 and
+    returns bf16, with or without dropout and bias (on-policy generation reaches it outside
+    the trainer's autocast)."""
+    model = tiny.build_model(tiny_tokenizer)
+    if bias:
+        for module in tiny.decoder_linear_layers(model).values():
+            module.bias = torch.nn.Parameter(torch.randn(module.out_features) * 0.01)
+    model = tiny.magnitude_sparsify(model, 0.5).to(torch.bfloat16)
+    before = zero_pattern(model)
+    peft_model = get_sparse_peft_model(model, lora(lora_dropout=dropout))
+    layer = next(m for m in peft_model.modules() if isinstance(m, SparseLoraLinear))
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7]])
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+        peft_model.train()  # dropout on: the two-matmul path
+        assert peft_model(input_ids=ids).logits.dtype == torch.bfloat16
+        peft_model.eval()
+        out = peft_model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 10)
+    merged = peft_model.merge_and_unload()
+    assert lost_zeros(before, merged) == 0
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    # bf16 rounding of the merged weights only.
+    assert (merged_logits.float() - logits.float()).abs().max() < 0.1 * logits.float().abs().max()

@@ -76,17 +76,24 @@ class SparseLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         kwargs.pop("alora_offsets", None)
         base = self.get_base_layer()
-        x = self._cast_input_dtype(x, self.lora_A[active[0]].weight.dtype)
+        # As PEFT's own layers: the adapter computes in its dtype (fp32 by default, also on a
+        # bf16/fp16 base), and the layer returns the dtype the base layer would have returned.
+        result_dtype = x.dtype
+        adapter_dtype = self.lora_A[active[0]].weight.dtype
         if all(isinstance(self.lora_dropout[a], nn.Identity) for a in active):
             # One matmul with W + M ⊙ ΔW: the operation the merged layer runs (so adapter and
             # merged logits agree to rounding) at the cost of full fine-tuning's forward, instead
             # of a second dense matmul for the masked delta.
-            weight = base.weight + sum(self.get_delta_weight(a) for a in active)
-            return F.linear(x, weight.to(x.dtype), base.bias)
+            weight = base.weight.to(adapter_dtype) + sum(self.get_delta_weight(a) for a in active)
+            x = self._cast_input_dtype(x, adapter_dtype)
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            return F.linear(x, weight.to(x.dtype), bias).to(result_dtype)
         # With dropout the adapter sees another input than the base layer: two matmuls.
         result = self.base_layer(x, *args, **kwargs)
+        x = self._cast_input_dtype(x, adapter_dtype)
         for a in active:
-            result = result + F.linear(self.lora_dropout[a](x), self.get_delta_weight(a))
+            delta = F.linear(self.lora_dropout[a](x), self.get_delta_weight(a).to(x.dtype))
+            result = result + delta.to(result.dtype)
         return result
 
     def __repr__(self) -> str:
