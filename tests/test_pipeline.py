@@ -121,6 +121,13 @@ def test_run_every_stage_then_skip_then_redo_train(
     metadata = json.loads((root / "export" / "sd2_drafter.json").read_text())
     assert metadata["eval"]["runs"][0]["drafter"] == "sd2"
     assert f"{rows['sd2']['mal']:.2f}" in (root / "export" / "README.md").read_text()
+    # ... and the best draft length eval found is the exported drafter's K (export ran first,
+    # with the default K).
+    best = rows["sd2"]["best_num_draft_tokens"]
+    exported = json.loads((root / "export" / "generation_config.json").read_text())
+    assert exported["num_assistant_tokens"] == best
+    assert metadata["assisted_generation"]["num_assistant_tokens"] == best
+    assert metadata["assisted_generation"]["source"].startswith("eval")
     # The summary reports MAL per drafter and where the report is.
     assert f"{rows['sd2']['mal']:.3f}" in out and f"{rows['pruned']['mal']:.3f}" in out
     assert str(root / "eval" / "eval.md") in out

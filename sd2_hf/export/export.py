@@ -58,12 +58,25 @@ def write_metadata_and_card(directory: Path, metadata: dict[str, Any]) -> None:
 
 def add_eval_to_export(export_dir: Path, eval_json: Path, drafter: str = "sd2") -> None:
     """Put the MAL measured in `eval_json` (its entry `drafter`) into an export's metadata and
-    model card. The pipeline exports before it evaluates, so its card is written without
-    evaluation first; the weights are not touched."""
-    from sd2_hf.export.evals import load_eval_runs
+    model card, and its best draft length K into `generation_config.json` unless the export's
+    K was set explicitly. The pipeline exports before it evaluates, so its export is written
+    with the default K and without evaluation first; the weights are not touched."""
+    from transformers import GenerationConfig
+
+    from sd2_hf.export.evals import best_draft_length, load_eval_runs
 
     metadata = read_json(export_dir / METADATA_FILE)
-    metadata["eval"] = _eval_section(load_eval_runs([str(eval_json)], str(export_dir), drafter))
+    runs = load_eval_runs([str(eval_json)], str(export_dir), drafter)
+    metadata["eval"] = _eval_section(runs)
+    generation = metadata["assisted_generation"]
+    if runs and generation.get("source") != "config":
+        k, source = best_draft_length(runs)
+        config = GenerationConfig.from_pretrained(export_dir)
+        config.num_assistant_tokens = k
+        config.num_assistant_tokens_schedule = "constant"
+        atomic_write_text(export_dir / "generation_config.json", config.to_json_string())
+        generation.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+        generation["source"] = source
     write_metadata_and_card(export_dir, metadata)
 
 
