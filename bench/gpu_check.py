@@ -2,11 +2,19 @@
 
 1. `SD2Trainer` bf16 steps on CUDA of a 2:4-pruned Llama-3.2-1B-shaped drafter; the zeros must
    be exactly where they were (masks held by SparsityMaskCallback).
-2. The drafter's forward time (one decoding step of B sequences over a cached context) with its
-   2:4 weights through PyTorch's semi-structured sparse kernels
-   (`torch.sparse.to_sparse_semi_structured`, CUTLASS/cuSPARSELt, SM8x/9x) against the same
-   drafter dense, at batch 1 and 8, measured side by side. Also the Llama-3.1-8B-shaped target's
-   dense step, for the cost ratio the speculative-decoding cost model needs.
+2. The drafter's forward time (one decoding step of B sequences over a cached context) dense, and
+   the Llama-3.1-8B-shaped target's dense step, for the cost ratio the speculative-decoding cost
+   model needs, at batch 1 and 8.
+3. The same drafter with its 2:4 weights through PyTorch's semi-structured sparse kernels
+   (`torch.sparse.to_sparse_semi_structured`; cuSPARSELt on compute capability 8.x/9.x, CUTLASS
+   on 8.x only), measured against its dense time. A semi-structured weight only takes 2-D input
+   (inside `nn.Linear` a 3-D input fails: "SparseSemiStructuredTensorCUSPARSELT only supports a
+   specific set of operations ... expand.default"), so each swapped layer is a `FlatLinear`:
+   leading dims flattened, linear, reshaped back.
+
+Each part's result is written (atomically) to the JSON and Markdown files as soon as it is
+measured; a part that fails is recorded with its error and the script goes on to the next one
+(exit status 1 at the end), so one failure never loses the results measured before it.
 
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes)
     python bench/gpu_check.py --tiny --device cpu   # the same code on tiny shapes (tests)
@@ -17,13 +25,17 @@ Writes bench/results/gpu_check.{json,md} (or --output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,6 +64,8 @@ SHAPES = {
     }.items()
 }
 FULL_VOCAB = 128256
+BATCHES = (1, 8)
+BACKENDS = ("auto", "cusparselt", "cutlass")
 
 
 def build(shape: str, vocab_size: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
@@ -102,26 +116,81 @@ def train_check(drafter: LlamaForCausalLM, tokenizer, steps: int, bf16: bool, ou
     }
 
 
-def semi_structured_supported(device: str) -> str | None:
-    """None if the 2:4 kernels can run here, else why not."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return "needs a CUDA GPU (torch's semi-structured sparse kernels are CUDA-only)"
-    major, _ = torch.cuda.get_device_capability()
+def choose_backend(
+    capability: tuple[int, int], cusparselt_available: bool, requested: str = "auto"
+) -> tuple[str | None, str | None]:
+    """(backend, None) for the semi-structured kernels on a GPU of this compute capability, or
+    (None, why not). CUTLASS's 2:4 kernels refuse 9.x ("Supported only on GPUs with compute
+    capability 8.x"), so 9.x and later take cuSPARSELt."""
+    major, minor = capability
     if major < 8:
-        return f"needs compute capability 8.x/9.x, this GPU is {major}.x"
-    return None
+        return None, f"needs compute capability 8.x or later, this GPU is {major}.{minor}"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown semi-structured backend {requested!r}: one of {BACKENDS}")
+    if requested in ("auto", "cusparselt") and cusparselt_available:
+        return "cusparselt", None
+    if requested == "cusparselt":
+        return None, "cuSPARSELt is not available in this torch build"
+    if major == 8:
+        return "cutlass", None
+    return None, (
+        f"the CUTLASS 2:4 kernels run only on compute capability 8.x (this GPU is "
+        f"{major}.{minor}) and cuSPARSELt "
+        + ("was not requested" if cusparselt_available else "is not available in this build")
+    )
+
+
+def semi_structured_backend(device: str, requested: str = "auto") -> tuple[str | None, str | None]:
+    """(backend, None) if the 2:4 kernels can run here, else (None, why not)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return None, "needs CUDA (torch's semi-structured sparse kernels are CUDA-only)"
+    cusparselt = bool(torch.backends.cusparselt.is_available())
+    return choose_backend(torch.cuda.get_device_capability(), cusparselt, requested)
+
+
+def semi_structured_converter(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The dense -> compressed 2:4 conversion of one backend (no global `_FORCE_CUTLASS`)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = {
+        "cusparselt": SparseSemiStructuredTensorCUSPARSELT,
+        "cutlass": SparseSemiStructuredTensorCUTLASS,
+    }[backend]
+    return cls.from_dense
+
+
+class FlatLinear(torch.nn.Module):
+    """A linear layer that gives its weight 2-D input only: leading dims flattened, `F.linear`,
+    reshaped back. Torch's semi-structured weights support 2-D matmuls only; a 3-D input through
+    `nn.Linear` reaches ops they lack (`expand`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
-def to_semi_structured(model: LlamaForCausalLM) -> int:
-    """Swap every 2:4 decoder linear weight for its compressed semi-structured form."""
-    from torch.sparse import to_sparse_semi_structured
-
+def to_semi_structured(
+    model: LlamaForCausalLM, convert: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> int:
+    """Replace every 2:4 decoder linear by a `FlatLinear` over its converted weight (by default
+    `to_sparse_semi_structured`); returns how many were replaced."""
+    if convert is None:
+        from torch.sparse import to_sparse_semi_structured as convert
     swapped = 0
-    for module in find_target_linears(model).values():
-        if is_n_m_sparse(module.weight):
-            module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight), False)
-            swapped += 1
+    for name, module in find_target_linears(model).items():
+        if not is_n_m_sparse(module.weight):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FlatLinear(convert(module.weight.detach()), module.bias))
+        swapped += 1
     return swapped
 
 
@@ -152,6 +221,27 @@ def _copy_cache(past):
     return copy.deepcopy(past)
 
 
+class Report:
+    """The report, written to `out/gpu_check.{json,md}` after every part (atomic writes)."""
+
+    def __init__(self, out: Path, data: dict):
+        self.out, self.data = out, data
+
+    def save(self) -> None:
+        atomic_write_json(self.out / "gpu_check.json", self.data)
+        atomic_write_text(self.out / "gpu_check.md", render(self.data))
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """Run one part; on an error record it under `errors[name]`, save, and go on."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - recorded, and the exit status says so
+            traceback.print_exc()
+            self.data["errors"][name] = f"{type(error).__name__}: {error}"
+        self.save()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a test of the script)")
@@ -159,6 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="semi-structured kernels: auto = cuSPARSELt where available, else CUTLASS (8.x only)",
+    )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     out = Path(args.output)
@@ -171,53 +267,72 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = tiny.build_tokenizer()
     vocab = len(tokenizer) if args.tiny else FULL_VOCAB
     torch.manual_seed(0)
+    backend, unsupported = semi_structured_backend(args.device, args.backend)
+    timings: dict[int, dict] = {batch: {} for batch in BATCHES}
+    report = Report(
+        out,
+        {
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "shapes": {"drafter": drafter_shape, "target": target_shape, "vocab": vocab},
+            "dtype": str(dtype).removeprefix("torch."),
+            "context": args.context,
+            "train": None,
+            "semi_structured": {
+                "backend": backend,
+                "unsupported": unsupported,
+                "layers_swapped": 0,
+            },
+            "step_timings": timings,
+            "errors": {},
+        },
+    )
+    report.save()
 
     # 1. Training: fp32 master weights (Trainer's bf16 is autocast), 2:4 by magnitude.
     drafter = build(drafter_shape, vocab, torch.float32, args.device)
     tiny.magnitude_sparsify(drafter, structure="2:4")
-    train = train_check(drafter, tokenizer, args.train_steps, bf16=cuda, out=out / "gpu_check")
+    with report.part("train"):
+        report.data["train"] = train_check(
+            drafter, tokenizer, args.train_steps, bf16=cuda, out=out / "gpu_check"
+        )
 
-    # 2. Forward time of one decoding step, dense vs semi-structured 2:4, same weights.
+    # 2. Forward time of one decoding step, dense: the drafter and the target.
     drafter = drafter.to(dtype).eval()
-    target = build(target_shape, vocab, dtype, args.device)
-    timings = {}
-    for batch in (1, 8):
-        row = {
-            "drafter_dense_ms": step_seconds(
-                drafter, batch, args.context, args.repeats, args.device
-            )
-            * 1e3,
-            "target_dense_ms": step_seconds(target, batch, args.context, args.repeats, args.device)
-            * 1e3,
-        }
-        timings[batch] = row
-    unsupported = semi_structured_supported(args.device)
-    if unsupported is None:
-        swapped = to_semi_structured(drafter)
-        for batch, row in timings.items():
-            row["drafter_2of4_ms"] = (
-                step_seconds(drafter, batch, args.context, args.repeats, args.device) * 1e3
-            )
-            row["speedup_2of4_vs_dense"] = row["drafter_dense_ms"] / row["drafter_2of4_ms"]
-    else:
-        swapped = 0
-    for row in timings.values():
-        row["drafter_vs_target_cost"] = row["drafter_dense_ms"] / row["target_dense_ms"]
+    target = None
+    with report.part("target build"):
+        target = build(target_shape, vocab, dtype, args.device)
+    for batch, row in timings.items():
+        with report.part(f"drafter dense step, batch {batch}"):
+            ms = step_seconds(drafter, batch, args.context, args.repeats, args.device) * 1e3
+            row["drafter_dense_ms"] = ms
+        if target is not None:
+            with report.part(f"target dense step, batch {batch}"):
+                ms = step_seconds(target, batch, args.context, args.repeats, args.device) * 1e3
+                row["target_dense_ms"] = ms
+        if "drafter_dense_ms" in row and "target_dense_ms" in row:
+            row["drafter_vs_target_cost"] = row["drafter_dense_ms"] / row["target_dense_ms"]
+    del target
 
-    report = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "shapes": {"drafter": drafter_shape, "target": target_shape, "vocab": vocab},
-        "dtype": str(dtype).removeprefix("torch."),
-        "context": args.context,
-        "train": train,
-        "semi_structured": {"unsupported": unsupported, "layers_swapped": swapped},
-        "step_timings": timings,
-    }
-    atomic_write_json(out / "gpu_check.json", report)
-    atomic_write_text(out / "gpu_check.md", render(report))
-    print(render(report))
-    return report
+    # 3. The same drafter through the semi-structured 2:4 kernels (same weights).
+    if backend is not None:
+        with report.part("2:4 swap"):
+            swapped = to_semi_structured(drafter, semi_structured_converter(backend))
+            report.data["semi_structured"]["layers_swapped"] = swapped
+        for batch, row in timings.items():
+            if not report.data["semi_structured"]["layers_swapped"]:
+                break
+            with report.part(f"drafter 2:4 step, batch {batch}"):
+                ms = step_seconds(drafter, batch, args.context, args.repeats, args.device) * 1e3
+                row["drafter_2of4_ms"] = ms
+                if "drafter_dense_ms" in row:
+                    row["speedup_2of4_vs_dense"] = row["drafter_dense_ms"] / ms
+    print(render(report.data))
+    return report.data
+
+
+def _ms(row: dict, key: str, fmt: str = "{:.3f}") -> str:
+    return fmt.format(row[key]) if key in row else "-"
 
 
 def render(report: dict) -> str:
@@ -229,27 +344,38 @@ def render(report: dict) -> str:
         f"(random weights, vocab {report['shapes']['vocab']}); one decoding step over a cached "
         f"context of {report['context']} tokens, median.",
         "",
-        f"- SD2Trainer: {train['steps']} steps (bf16 {train['bf16']}) in {train['seconds']} s, "
-        f"loss {train['first_loss']} -> {train['last_loss']}; zeros exact: "
-        f"{train['zeros_exact']}; still 2:4: {train['still_2of4']}",
     ]
-    unsupported = report["semi_structured"]["unsupported"]
-    if unsupported:
-        lines.append(f"- 2:4 semi-structured kernels not measured: {unsupported}")
+    if train:
+        lines.append(
+            f"- SD2Trainer: {train['steps']} steps (bf16 {train['bf16']}) in {train['seconds']} "
+            f"s, loss {train['first_loss']} -> {train['last_loss']}; zeros exact: "
+            f"{train['zeros_exact']}; still 2:4: {train['still_2of4']}"
+        )
+    else:
+        lines.append("- SD2Trainer: not measured (yet)")
+    semi = report["semi_structured"]
+    if semi["unsupported"]:
+        lines.append(f"- 2:4 semi-structured kernels not measured: {semi['unsupported']}")
+    else:
+        lines.append(
+            f"- 2:4 semi-structured kernels: {semi['backend']}, {semi['layers_swapped']} layers "
+            "swapped (`FlatLinear`: 2-D input)"
+        )
+    for part, error in report.get("errors", {}).items():
+        lines.append(f"- FAILED: {part}: {error}")
     lines += [
         "",
         "| batch | drafter dense ms | drafter 2:4 ms | 2:4 speed-up | target ms | drafter/target |",
+        "|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|")
     for batch, row in report["step_timings"].items():
-        sparse = f"{row['drafter_2of4_ms']:.3f}" if "drafter_2of4_ms" in row else "-"
-        speedup = f"{row['speedup_2of4_vs_dense']:.2f}x" if "speedup_2of4_vs_dense" in row else "-"
         lines.append(
-            f"| {batch} | {row['drafter_dense_ms']:.3f} | {sparse} | {speedup} | "
-            f"{row['target_dense_ms']:.3f} | {row['drafter_vs_target_cost']:.3f} |"
+            f"| {batch} | {_ms(row, 'drafter_dense_ms')} | {_ms(row, 'drafter_2of4_ms')} | "
+            f"{_ms(row, 'speedup_2of4_vs_dense', '{:.2f}x')} | {_ms(row, 'target_dense_ms')} | "
+            f"{_ms(row, 'drafter_vs_target_cost')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)

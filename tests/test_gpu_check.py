@@ -1,5 +1,6 @@
-"""bench/gpu_check.py on CPU: its training and timing code on tiny shapes (the CUDA-only 2:4
-kernels are reported as not measured, with the reason)."""
+"""bench/gpu_check.py: its training and timing code on tiny shapes on CPU (the CUDA-only 2:4
+kernels are reported as not measured, with the reason); the `FlatLinear` 2-D reshape with a dense
+stand-in; results written part by part; and, on a CUDA machine, the semi-structured path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+TINY = ["--tiny", "--train-steps", "3", "--repeats", "2", "--context", "16"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +24,13 @@ def gpu_check():
     return module
 
 
-def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thread):
-    report = gpu_check.main(
-        ["--tiny", "--device", "cpu", "--train-steps", "3", "--repeats", "2", "--context", "16",
-         "--output", str(tmp_path)]
-    )  # fmt: skip
+def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thread, capsys):
+    report = gpu_check.main([*TINY, "--device", "cpu", "--output", str(tmp_path)])
+    assert report["errors"] == {}
     assert report["train"]["steps"] == 3
     assert report["train"]["zeros_exact"] is True and report["train"]["still_2of4"] is True
     assert report["train"]["first_loss"] is not None
-    assert "CUDA" in report["semi_structured"]["unsupported"]
+    assert report["semi_structured"]["unsupported"].startswith("needs CUDA")
     for batch in (1, 8):
         row = report["step_timings"][batch]
         assert row["drafter_dense_ms"] > 0 and row["target_dense_ms"] > 0
@@ -36,21 +38,144 @@ def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thr
     assert (
         json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]["drafter"] == "tiny-drafter"
     )
-    assert "not measured: needs a CUDA GPU" in (tmp_path / "gpu_check.md").read_text()
+    assert "not measured: needs CUDA" in (tmp_path / "gpu_check.md").read_text()
+    assert "not measured: needs CUDA" in capsys.readouterr().out
 
 
-def test_the_sparse_swap_keeps_the_function(gpu_check, single_torch_thread):
-    """Where the kernels exist, swapping weights must not change the drafter's outputs."""
-    if gpu_check.semi_structured_supported("cuda") is not None:
-        pytest.skip(f"semi-structured 2:4 kernels: {gpu_check.semi_structured_supported('cuda')}")
+def test_flat_linear_gives_its_weight_2d_input_only(gpu_check, monkeypatch):
+    """What semi-structured weights need: F.linear sees (tokens, features), never 3-D input; the
+    result is nn.Linear's, in the input's leading shape."""
+    dense = torch.nn.Linear(16, 8)
+    flat = gpu_check.FlatLinear(dense.weight.detach().clone(), dense.bias.detach().clone())
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(x.dim())
+        return linear(x, weight, bias)
+
+    x = torch.randn(8, 3, 16)
+    with torch.no_grad():
+        expected = dense(x)
+        monkeypatch.setattr(gpu_check.F, "linear", spy)
+        got = flat(x)
+    assert seen == [2]
+    assert got.shape == (8, 3, 8)
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_swap_keeps_the_function_with_a_dense_stand_in(gpu_check, single_torch_thread):
+    """to_semi_structured with an identity conversion: every 2:4 linear becomes a FlatLinear and
+    the drafter's outputs on 3-D input at batch 8 are unchanged."""
     import tiny
-    import torch
+
+    drafter = gpu_check.build("tiny-drafter", 384, torch.float32, "cpu")
+    tiny.magnitude_sparsify(drafter, structure="2:4")
+    ids = torch.randint(0, 384, (8, 16))
+    with torch.no_grad():
+        dense = drafter(input_ids=ids).logits
+        assert gpu_check.to_semi_structured(drafter, convert=lambda w: w.clone()) == 14
+        flat = drafter(input_ids=ids).logits
+    assert sum(isinstance(m, gpu_check.FlatLinear) for m in drafter.modules()) == 14
+    torch.testing.assert_close(flat, dense)
+
+
+@pytest.mark.parametrize(
+    ("capability", "cusparselt", "requested", "backend"),
+    [
+        ((8, 0), True, "auto", "cusparselt"),
+        ((8, 0), False, "auto", "cutlass"),
+        ((8, 6), True, "cutlass", "cutlass"),
+        ((9, 0), True, "auto", "cusparselt"),
+        ((9, 0), True, "cutlass", None),  # CUTLASS: "Supported only on ... capability 8.x"
+        ((9, 0), False, "auto", None),
+        ((7, 5), True, "auto", None),
+    ],
+)
+def test_backend_choice_keeps_cutlass_off_sm90(
+    gpu_check, capability, cusparselt, requested, backend
+):
+    chosen, reason = gpu_check.choose_backend(capability, cusparselt, requested)
+    assert chosen == backend
+    assert (reason is None) == (backend is not None)
+    if capability == (9, 0) and backend is None:
+        assert "8.x" in reason
+
+
+def test_a_failing_part_keeps_the_results_before_it(
+    gpu_check, tmp_path, monkeypatch, single_torch_thread
+):
+    """The GPU failure of the 2:4 step at batch 8, simulated on CPU (dense stand-in for the
+    conversion): the train and dense results and the 2:4 batch-1 time stay in the JSON, the
+    failure is recorded, and the run goes on to the end."""
+    monkeypatch.setattr(gpu_check, "semi_structured_backend", lambda *a: ("cusparselt", None))
+    monkeypatch.setattr(gpu_check, "semi_structured_converter", lambda b: lambda w: w.clone())
+    step_seconds = gpu_check.step_seconds
+    message = "SparseSemiStructuredTensorCUSPARSELT only supports ... (expand.default)"
+
+    def failing_step(model, batch, *args):
+        swapped = any(isinstance(m, gpu_check.FlatLinear) for m in model.modules())
+        if swapped and batch == 8:
+            raise NotImplementedError(message)
+        return step_seconds(model, batch, *args)
+
+    monkeypatch.setattr(gpu_check, "step_seconds", failing_step)
+    report = gpu_check.main([*TINY, "--device", "cpu", "--output", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["train"]["steps"] == 3
+    assert saved["semi_structured"]["layers_swapped"] == 14
+    assert saved["step_timings"]["1"]["drafter_2of4_ms"] > 0
+    assert saved["step_timings"]["8"]["drafter_dense_ms"] > 0
+    assert "drafter_2of4_ms" not in saved["step_timings"]["8"]
+    assert saved["errors"] == {"drafter 2:4 step, batch 8": f"NotImplementedError: {message}"}
+    assert report["errors"] == saved["errors"]
+    assert "FAILED: drafter 2:4 step, batch 8" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_results_are_on_disk_as_soon_as_measured(
+    gpu_check, tmp_path, monkeypatch, single_torch_thread
+):
+    """A run killed during the timings (here: an interrupt) has the training result on disk."""
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "step_seconds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main([*TINY, "--device", "cpu", "--output", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["train"]["zeros_exact"] is True
+
+
+@needs_cuda
+def test_the_sparse_swap_keeps_the_function(gpu_check, single_torch_thread):
+    """Where the kernels exist, swapping weights must not change the drafter's outputs, on the
+    3-D input of a batch of 8 (the shape that failed inside nn.Linear)."""
+    backend, unsupported = gpu_check.semi_structured_backend("cuda")
+    if backend is None:
+        pytest.skip(f"semi-structured 2:4 kernels: {unsupported}")
+    import tiny
 
     drafter = gpu_check.build("tiny-drafter", 384, torch.bfloat16, "cuda")
     tiny.magnitude_sparsify(drafter, structure="2:4")
     ids = torch.randint(0, 384, (8, 16), device="cuda")
     with torch.no_grad():
         dense = drafter(input_ids=ids).logits
-        assert gpu_check.to_semi_structured(drafter) == 14
+        convert = gpu_check.semi_structured_converter(backend)
+        assert gpu_check.to_semi_structured(drafter, convert) == 14
         sparse = drafter(input_ids=ids).logits
     torch.testing.assert_close(sparse, dense, atol=5e-2, rtol=5e-2)
+
+
+@needs_cuda
+def test_gpu_check_end_to_end_on_cuda(gpu_check, tmp_path):
+    """The whole script on CUDA at tiny shapes: bf16 training, dense and 2:4 step times."""
+    report = gpu_check.main([*TINY, "--device", "cuda", "--output", str(tmp_path)])
+    assert report["errors"] == {}
+    assert report["train"]["bf16"] is True and report["train"]["zeros_exact"] is True
+    semi = report["semi_structured"]
+    if semi["backend"] is None:
+        pytest.skip(f"semi-structured 2:4 kernels: {semi['unsupported']}")
+    assert semi["layers_swapped"] == 14
+    for batch in (1, 8):
+        assert report["step_timings"][batch]["drafter_2of4_ms"] > 0
