@@ -166,10 +166,12 @@ STARTER = textwrap.dedent(
     from sd2_hf.serving import VLLMServer
 
     server = VLLMServer(sys.argv[1]).start()
-    if os.fork() == 0:  # like a data-loader worker: a forked child that outlives its parent
+    forked = os.fork()
+    if forked == 0:  # like a data-loader worker: a forked child that outlives its parent
         time.sleep(600)
         os._exit(0)
     print(server.url, flush=True)
+    print(forked, flush=True)  # the forked child's pid (the starter's other child is the launcher)
     time.sleep(600)
     """
 )
@@ -189,10 +191,18 @@ def test_servers_die_with_a_starter_killed_by_sigkill(fake_vllm, tiny_model_dir,
         env=os.environ,
     )
     forked = None
+    descendants: list[int] = []
     try:
         assert starter.stdout.readline().startswith("http://127.0.0.1:")
+        forked = int(starter.stdout.readline())
         pids = fake_vllm()
-        forked = next(c.pid for c in psutil.Process(starter.pid).children())
+        # The forked child, not the server's launcher (the starter's other child): a copy of the
+        # starter (same command line), outside the server's process group.
+        child = psutil.Process(forked)
+        assert child.ppid() == starter.pid
+        assert child.cmdline() == psutil.Process(starter.pid).cmdline()
+        assert os.getpgid(forked) != os.getpgid(pids[0])
+        descendants = [c.pid for c in psutil.Process(starter.pid).children(recursive=True)]
         assert _running(pids) == pids
         starter.kill()
         starter.wait()
@@ -202,7 +212,15 @@ def test_servers_die_with_a_starter_killed_by_sigkill(fake_vllm, tiny_model_dir,
         while _running(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _running(pids) == []
+        assert _running([forked]) == [forked]  # it lives on, and did not keep the server up
     finally:
+        if starter.poll() is None:  # a failure before the kill: take its descendants too
+            descendants += [c.pid for c in psutil.Process(starter.pid).children(recursive=True)]
         starter.kill()
-        for pid in _running([*fake_vllm(), *([forked] if forked else [])]):
+        starter.wait()
+        leftovers = {*fake_vllm(), *descendants, *([forked] if forked else [])}
+        for pid in _running(sorted(leftovers)):
             os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _running(sorted(leftovers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
