@@ -79,24 +79,105 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_on_policy_batches_come_from_the_current_weights(tmp_path, tiny_tokenizer):
-    trainer = make_trainer(tmp_path, tiny_tokenizer)
-    seen: list[dict] = []
+    """Each on-policy batch is what the drafter's weights *at that step* generate: a fresh copy
+    of those weights, given the same random state, generates the same tokens, and a copy of the
+    weights before training generates other tokens."""
+    trainer = make_trainer(tmp_path, tiny_tokenizer, learning_rate=5e-2)
+    initial = current_weights(trainer.model)
+    calls: list[dict] = []
     original = trainer._generate_on_policy
 
     def wrapped(model, inputs):
-        # The weights the trainer holds at the moment this batch is generated.
-        seen.append(current_weights(trainer.model))
-        return original(model, inputs)
+        calls.append(
+            {
+                "step": trainer.state.global_step,
+                "weights": current_weights(trainer.accelerator.unwrap_model(model)),
+                "rng": torch.get_rng_state(),
+                "inputs": {k: v.clone() for k, v in inputs.items()},
+            }
+        )
+        calls[-1]["batch"] = original(model, inputs)
+        return calls[-1]["batch"]
 
     trainer._generate_on_policy = wrapped
-    spy = Spy(trainer)
     trainer.train()
-    assert [c["step"] for c in spy.calls] == [0, 1, 2, 3]
-    for call, held in zip(spy.calls, seen, strict=True):
-        assert call["generator_is_model"]
-        assert same(call["weights"], held)
-    # ... and those weights changed between steps (so the check above is not vacuous).
-    assert not same(spy.calls[0]["weights"], spy.calls[-1]["weights"])
+    assert [c["step"] for c in calls] == [0, 1, 2, 3]
+
+    def regenerate(weights, call):
+        copy = tiny.build_model(tiny_tokenizer, seed=5)
+        copy.load_state_dict(weights)
+        torch.set_rng_state(call["rng"])
+        return original(copy, call["inputs"])["input_ids"]
+
+    for call in calls:
+        assert torch.equal(regenerate(call["weights"], call), call["batch"]["input_ids"])
+    # The weights moved, and with them what is generated (so the check above is not vacuous).
+    stale = [torch.equal(regenerate(initial, c), c["batch"]["input_ids"]) for c in calls[1:]]
+    assert not all(stale)
+
+
+def test_generation_runs_as_inference_in_the_training_dtype(tmp_path, tiny_tokenizer):
+    """Eval mode (no dropout) and the trainer's autocast while generating; training mode after."""
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=2, bf16=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    seen = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append((model.training, torch.is_autocast_enabled("cpu"), kwargs.get("use_cache")))
+        return generate(*args, **kwargs)
+
+    model.generate = spy
+    trainer.train()
+    assert seen == [(False, True, True)] * 2
+    assert model.training
+
+
+def test_generation_stops_at_any_eos_of_the_generation_config(tmp_path, tiny_tokenizer):
+    """Llama-3 and Qwen list several EOS ids in generation_config.json: each one ends a
+    continuation, not only the tokenizer's."""
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, on_policy_temperature=0.0)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    prompts = trainer._prompts(inputs)
+    with torch.no_grad():
+        first = model.generate(input_ids=prompts[0][None], max_new_tokens=1, do_sample=False)
+    stop = int(first[0, -1])
+    assert stop != tiny_tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, stop]
+    batch = trainer._generate_on_policy(trainer.model, inputs)
+    generated = batch["labels"][0][batch["labels"][0] != -100]
+    assert generated.tolist() == [stop]
+
+
+def test_generated_rows_are_cut_to_max_length(tmp_path, tiny_tokenizer):
+    # max_length: two tokens after the longest prompt, fewer than the 6 generated.
+    trainer = make_trainer(tmp_path / "probe", tiny_tokenizer)
+    probe = next(iter(trainer.get_train_dataloader()))
+    limit = max(len(p) for p in trainer._prompts(probe)) + 2
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, max_length=limit)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._generate_on_policy(trainer.model, inputs)
+    assert batch["input_ids"].shape[1] == limit
+    assert batch["labels"].shape == batch["input_ids"].shape == batch["attention_mask"].shape
+
+
+def test_an_empty_prompt_is_refused(tmp_path, tiny_tokenizer):
+    """With every token labelled (assistant_only_loss=False on conversations) there is no
+    prompt to continue: one message saying what to set, not a run on empty prompts."""
+    with pytest.raises(ValueError, match="assistant_only_loss=True"):
+        SD2Config(
+            **tiny.trainer_kwargs(
+                tmp_path,
+                distill_loss="fkl",
+                on_policy_fraction=0.5,
+                assistant_only_loss=False,
+                completion_only_loss=False,
+            )
+        )
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, assistant_only_loss=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        trainer.train()
 
 
 def test_refresh_zero_generates_with_the_weights_before_training(tmp_path, tiny_tokenizer):

@@ -57,6 +57,12 @@ class SD2Config(SFTConfig):
             (GKD); `N > 1`, a copy of the drafter refreshed every N optimizer steps; `0`, a
             copy of the drafter's weights before training, never refreshed (stale on purpose:
             the cheap variant whose continuations could be made once before training).
+        on_policy_cache_implementation (`str` or `None`, defaults to `None`):
+            The KV cache of on-policy generation (`generate(cache_implementation=...)`): `None`
+            is transformers' dynamic cache; `"static"` preallocates it (and lets transformers
+            compile the decoding step on CUDA). Generation always runs in eval mode, under the
+            training's autocast, stops at any EOS of the drafter's generation config, and keeps
+            every row within `max_length`.
 
     Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
     distilled conversations, the SD² method).
@@ -120,6 +126,14 @@ class SD2Config(SFTConfig):
             "copy refreshed every N steps, 0 = the weights before training."
         },
     )
+    on_policy_cache_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "KV cache of on-policy generation, passed to `generate(cache_implementation=)`:"
+            " None = transformers' dynamic cache, 'static' = a preallocated cache (which "
+            "transformers compiles on CUDA)."
+        },
+    )
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "Compute the cross-entropy only on assistant tokens (the SD² method)."},
@@ -174,6 +188,17 @@ class SD2Config(SFTConfig):
             raise ValueError(
                 "on-policy distillation needs padded batches with an attention mask: "
                 "set padding_free=False"
+            )
+        if (
+            self.on_policy_fraction > 0
+            and not self.assistant_only_loss
+            and self.completion_only_loss is False
+        ):
+            raise ValueError(
+                "on-policy distillation continues each row's prompt, read as the tokens before "
+                "its first label; with assistant_only_loss=False and completion_only_loss=False "
+                "every token is labelled and the prompt is empty: set assistant_only_loss=True "
+                "(conversations) or leave completion_only_loss on (prompt-completion data)"
             )
         if not self.mask_targets:
             raise ValueError("mask_targets must name at least one module pattern, e.g. ['Linear']")

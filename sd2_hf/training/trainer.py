@@ -197,27 +197,42 @@ class SD2Trainer(SFTTrainer):
         ):
             labelled = (row_labels != -100).nonzero()
             start = int(labelled[0]) if len(labelled) else int(row_mask.sum())
+            if start == 0:
+                raise ValueError(
+                    "on-policy distillation continues each row's prompt (its tokens before the "
+                    "first label), but a row is labelled from its first token, so its prompt is "
+                    "empty: train with assistant_only_loss=True on conversations, or on "
+                    "prompt-completion data with completion_only_loss left on"
+                )
             prompts.append(row_ids[:start])
         return prompts
 
+    def _eos_ids(self, model) -> list[int]:
+        """Every token that ends a continuation: the generation config's list (Llama-3 and
+        Qwen name several) and the tokenizer's EOS."""
+        ids = getattr(model.generation_config, "eos_token_id", None)
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        eos = getattr(self.processing_class, "eos_token_id", None)
+        return ids + [eos] if eos is not None and eos not in ids else ids
+
     def _generate_on_policy(self, model, inputs: dict[str, torch.Tensor]) -> dict:
-        """The batch's prompts continued by the drafter; labels on the generated tokens only."""
+        """The batch's prompts continued by the drafter; labels on the generated tokens only.
+
+        Generation runs as inference: eval mode (no dropout), under the training's autocast
+        (the dtype the drafter trains in), with a KV cache, and every rank in step under
+        several processes."""
         tokenizer = self.processing_class
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = tokenizer.eos_token_id
         prompts = self._prompts(inputs)
         # Left-padded for generation (TRL's own `pad`, as its collators use).
         prompt_ids = pad(prompts, padding_value=pad_id, padding_side="left")
         prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_side="left")
+        max_length = self.args.max_length
+        new_tokens = self.args.on_policy_max_new_tokens
+        if max_length is not None:
+            # No row is cut below: none can keep more than max_length - its prompt.
+            new_tokens = max(1, min(new_tokens, max_length - min(len(p) for p in prompts)))
         temperature = self.args.on_policy_temperature
-        generation = {
-            "max_new_tokens": self.args.on_policy_max_new_tokens,
-            "do_sample": temperature > 0,
-            "pad_token_id": pad_id,
-            "eos_token_id": eos,
-        }
-        if temperature > 0:
-            generation.update(temperature=temperature, top_k=0, top_p=1.0)
         generator = self._generating_model(model)
         unwrapped = (
             unwrap_model_for_generation(
@@ -228,19 +243,42 @@ class SD2Trainer(SFTTrainer):
             if generator is None
             else nullcontext(generator)
         )
-        with unwrapped as generating:
-            out = generating.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, **generation
-            )
+        with unwrapped as generating, self.accelerator.autocast(), torch.no_grad():
+            eos = self._eos_ids(generating)
+            generation = {
+                "max_new_tokens": new_tokens,
+                "do_sample": temperature > 0,
+                "pad_token_id": pad_id,
+                "eos_token_id": eos or None,
+                "use_cache": True,
+                "cache_implementation": self.args.on_policy_cache_implementation,
+            }
+            if temperature > 0:
+                generation.update(temperature=temperature, top_k=0, top_p=1.0)
+            was_training = generating.training
+            generating.eval()
+            try:
+                out = generating.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    # Every rank runs forwards until all ranks are done: under FSDP2 through
+                    # accelerate (which transformers does not detect, unlike ZeRO-3 / FSDP1) a
+                    # rank that stopped early would leave the others waiting in a sharded forward.
+                    synced_gpus=self.accelerator.num_processes > 1,
+                    **generation,
+                )
+            finally:
+                generating.train(was_training)
         completions = out[:, prompt_ids.shape[1] :]
+        stops = torch.isin(completions, torch.tensor(eos, device=completions.device))
         # Right-padded for training, like the SFT collator: prompt, completion up to and
-        # including its first EOS, padding; labels on the completion only.
+        # including its first EOS, padding; labels on the completion only; at most max_length.
         rows, labels = [], []
-        for p, c in zip(prompts, completions, strict=True):
-            stop = (c == eos).nonzero() if eos is not None else torch.empty(0)
-            c = c[: int(stop[0]) + 1] if len(stop) else c
-            rows.append(torch.cat([p, c]))
-            labels.append(torch.cat([torch.full_like(p, -100), c]))
+        for p, c, stop in zip(prompts, completions, stops, strict=True):
+            at = stop.nonzero()
+            c = c[: int(at[0]) + 1] if len(at) else c
+            rows.append(torch.cat([p, c])[:max_length])
+            labels.append(torch.cat([torch.full_like(p, -100), c])[:max_length])
         return {
             "input_ids": pad(rows, padding_value=pad_id),
             "attention_mask": pad([torch.ones_like(r) for r in rows]),
