@@ -141,6 +141,86 @@ def noisy_model(tokenizer, scale: float = 0.05, seed: int = 5):
     return model
 
 
+def word_cycle_text(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Lines that walk the word list `_WORDS` in order (wrapping round) from a random word: text
+    whose next word is determined by the last one, unlike `corpus`'s random words."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        start, length = rng.randrange(len(_WORDS)), rng.randint(6, 20)
+        lines.append(" ".join(_WORDS[(start + i) % len(_WORDS)] for i in range(length)))
+    return lines
+
+
+_TRAINED: dict[tuple, LlamaForCausalLM] = {}
+
+
+def trained_model(tokenizer, steps: int = 100, seed: int = 0) -> LlamaForCausalLM:
+    """The seed's tiny Llama trained for `steps` AdamW steps on `word_cycle_text` (a few seconds;
+    cached per process, a fresh copy each call). Greedy decoding then continues any prompt along
+    the word cycle with clear margins between logits, so a drafter derived from it (pruned,
+    quantized, a cheaper head) agrees with it where a random drafter does not. The random-init
+    models' logits are near-ties that any perturbation flips: drafters derived from them agree
+    little more than random ones, too little for a test to tell them apart."""
+    import copy
+
+    key = (tuple(sorted(tokenizer.get_vocab().items())), steps, seed)
+    if key not in _TRAINED:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see the `single_torch_thread` fixture: faster when shared
+        try:
+            _TRAINED[key] = _train_on_word_cycle(tokenizer, steps, seed)
+        finally:
+            torch.set_num_threads(threads)
+    return copy.deepcopy(_TRAINED[key])
+
+
+def _train_on_word_cycle(tokenizer, steps: int, seed: int) -> LlamaForCausalLM:
+    model = build_model(tokenizer, seed=seed).train()
+    ids = torch.tensor(tokenizer(" ".join(word_cycle_text(seed=seed))).input_ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    length, batch = 64, 8
+    for _ in range(steps):
+        starts = torch.randint(len(ids) - length, (batch,), generator=generator).tolist()
+        x = torch.stack([ids[i : i + length] for i in starts])
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@torch.inference_mode()
+def assisted_greedy(
+    target, drafter, tokenizer, prompts: list[str], k: int = 3, max_new_tokens: int = 24
+) -> tuple[list[list[int]], float]:
+    """Greedy transformers assisted generation of each prompt with `drafter` drafting exactly `k`
+    tokens a step: the generated ids per prompt, and the MAL over all prompts, counted per
+    verification step as `sd2 eval` counts it (`sd2_hf.evaluation.transformers_backend`)."""
+    from sd2_hf.evaluation.backend import add_counters, counters_from_steps
+    from sd2_hf.evaluation.transformers_backend import _StepRecorder, set_draft_length
+
+    set_draft_length(drafter, k)
+    outputs, counters = [], []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        recorder = _StepRecorder()
+        hook = target.register_forward_pre_hook(recorder.on_target_forward, with_kwargs=True)
+        try:
+            out = target.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                assistant_model=drafter,
+                streamer=recorder,
+            )
+        finally:
+            hook.remove()
+        outputs.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+        counters.append(counters_from_steps(recorder.steps()))
+    return outputs, add_counters(counters, positions=k).mal
+
+
 def decoder_linear_layers(model) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear inside the decoder blocks (never embeddings or lm_head)."""
     return {
