@@ -11,6 +11,7 @@ torch threads. The vLLM server is started once, before its runs; its start-up
 time is reported separately and not counted in tokens/s (it is paid once per job, not per row).
 
     .venv/bin/python bench/distill_throughput.py [--num-prompts 64 --max-new-tokens 128]
+        [--note "what else ran on the machine"]
 
 Writes bench/results/distill_throughput.{json,md}.
 """
@@ -109,7 +110,22 @@ def distill(
     return record
 
 
-def main() -> None:
+def machine(note: str | None) -> dict:
+    """The machine's description in the report: what the script can see, and `--note` as given
+    (the script cannot tell whether other jobs ran; the load averages of each run say how busy
+    the machine was)."""
+    info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    if note:
+        info["note"] = note
+    return info
+
+
+def machine_line(info: dict) -> str:
+    line = f"Machine: {info['cpus']} CPUs; 1-min load averages before and after each run above."
+    return f"{line} Note: {info['note']}" if info.get("note") else line
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -118,7 +134,12 @@ def main() -> None:
     parser.add_argument("--hf-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vllm-concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--note",
+        default=None,
+        help="recorded as given under machine.note (e.g. whether other jobs shared the machine)",
+    )
+    args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     runs = []
@@ -181,11 +202,7 @@ def main() -> None:
         "goal_met": ratio >= 3,
         "vllm_server_startup_s": round(startup_s, 1),
         "greedy_rows_identical_between_best_runs": f"{agree}/{len(hf_rows)}",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "note": "shared machine: other engineers' jobs ran at the same time (see load_avg_1min)",
-        },
+        "machine": machine(args.note),
     }
     results = Path(args.results)
     atomic_write_json(results / "distill_throughput.json", report)
@@ -217,7 +234,7 @@ def main() -> None:
         f"goal >= 3x: {'met' if ratio >= 3 else 'not met'}); per CPU-second: {cpu_ratio:.2f}x.",
         f"vLLM server start-up: {startup_s:.1f} s (paid once per job).",
         f"Greedy rows identical between the two best runs: {agree}/{len(hf_rows)}.",
-        f"Machine: {os.cpu_count()} CPUs, shared with other jobs during the run (load averages above).",
+        machine_line(report["machine"]),
         "Transformers runs with one torch thread use one core while vLLM uses all; the "
         "tokens/CPU-s ratio compares work per core and is the load-independent figure.",
     ]
