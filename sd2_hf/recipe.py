@@ -31,6 +31,7 @@ from sd2_hf.evaluation.config import parse_drafter
 from sd2_hf.stages import STAGE_NAMES, PlanContext
 from sd2_hf.stages import STAGES as STAGE_DESCRIPTIONS
 from sd2_hf.utils.schema_cli import submodel
+from sd2_hf.utils.yamlfile import YAMLFileError, load_yaml_file
 
 STAGES = STAGE_NAMES
 # File suffixes that mark a value as a path even before the file exists.
@@ -363,21 +364,42 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     return recipe
 
 
+def check_named_yaml_files(data: dict[str, Any], source: str = "recipe") -> None:
+    """Parse every existing .yaml/.yml file a stage section names (`prune.recipe`,
+    `train.accelerate_config`, ...): the stages read them only when they start, after the stages
+    before them ran (and `accelerate launch` reports a syntax error as a traceback). A syntax
+    error is a `RecipeError` naming the recipe key, the file, the line and column, at load."""
+    for stage in STAGES:
+        section = data.get(stage)
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if not isinstance(value, str) or not value.endswith((".yaml", ".yml")):
+                continue
+            if not Path(value).is_file():
+                continue
+            try:
+                load_yaml_file(value, f"{stage}.{key}")
+            except YAMLFileError as err:
+                raise RecipeError(f"recipe {source}: {err}") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML, apply `section.key=value` overrides, resolve paths, validate."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        data = load_yaml_file(path, "recipe")
+    except YAMLFileError as err:
+        raise RecipeError(str(err)) from None
     if data is None:
         data = {}
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
         resolve_paths(data, path.resolve().parent)
         apply_overrides(data, list(overrides), Path.cwd())
+        check_named_yaml_files(data, source=str(path))
     recipe = recipe_from_dict(data, source=str(path))
     # Fix the run directory now, so a later change of directory cannot move it.
     return recipe.model_copy(update={"output": str(recipe.root)})

@@ -331,3 +331,44 @@ def test_training_chat_templates_render_like_the_originals(name, tiny_tokenizer)
         )
         assert 0 < sum(masked["assistant_masks"]) < len(masked["input_ids"])
     assert get_training_chat_template(patched) is None
+
+
+BROKEN_YAML = "name: x\ntarget:\n  model: foo\n bad: [1, 2\n"  # line 4 dedented by one
+
+
+def _one_located_message(message: str, path: Path, line: int, column: int) -> None:
+    assert f"{path}, line {line}, column {column}: YAML syntax error" in message, message
+    assert "<unicode string>" not in message  # PyYAML's own location names no file
+    assert message.count("error: sd2") == 1 and "fix the file there and rerun" in message
+
+
+def test_a_yaml_syntax_error_names_the_recipe_line_and_column(tmp_path, sd2_fails):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN_YAML)
+    message = sd2_fails(["run", path])
+    _one_located_message(message, path, 4, 2)
+    assert "\n     bad: [1, 2\n     ^" in message  # the line, a caret under the column
+
+
+def test_yaml_files_the_recipe_names_are_checked_when_it_loads(tmp_path, sd2_fails):
+    """`train.accelerate_config` is read by `accelerate launch` (a traceback), after the stages
+    before it; a syntax error there is reported before anything runs, with the recipe key."""
+    bad = tmp_path / "ddp.yaml"
+    bad.write_text("compute_environment: LOCAL_MACHINE\nnum_processes: [2\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(minimal(train={"max_steps": 2, "accelerate_config": "ddp.yaml"}))
+    )
+    message = sd2_fails(["run", recipe, "--dry-run"])
+    assert f"recipe {recipe}: train.accelerate_config" in message
+    _one_located_message(message, bad, 3, 1)
+
+
+def test_a_pruning_recipe_yaml_syntax_error_names_the_file(tmp_path, tiny_model_dir, sd2_fails):
+    bad = tmp_path / "my-pruning.yaml"
+    bad.write_text(
+        "default_stage:\n  default_modifiers:\n    SparseGPTModifier:\n     sparsity: 0.5\n"
+        "      targets: [Linear]\n"
+    )
+    message = sd2_fails(["prune", tiny_model_dir, "--recipe", bad, "--output", tmp_path / "out"])
+    _one_located_message(message, bad, 5, 14)

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from sd2_hf.pruning.config import PruneInputError
+from sd2_hf.utils.yamlfile import YAMLFileError, load_yaml_file
 
 # Shipped recipes live in the repository's `recipes/pruning/` (a source checkout or an
 # editable install; the package itself carries no data files).
@@ -102,6 +103,11 @@ def load_recipe(name_or_path: str, sparsity: float | None = None) -> LoadedRecip
     from llmcompressor.recipe import Recipe
 
     path = resolve_recipe(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        try:  # llm-compressor's own message locates the error in "<unicode string>"
+            load_yaml_file(path, "pruning recipe")
+        except YAMLFileError as err:
+            raise PruneInputError(str(err)) from None
     try:
         recipe = Recipe.create_instance(str(path))
     except Exception as err:  # llm-compressor raises ValueError, ValidationError, YAMLError...
