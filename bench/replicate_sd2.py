@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -317,8 +316,13 @@ class Bench:
             out = self.root / run
             names = self.smol_names() if family == "smol" else family_drafters(family)
             if (out / "eval.json").is_file():
-                self._complete(run, family, backend, k, names, out)
-                continue
+                # A finished evaluation keeps its drafters: a `--drafters` run adds rows to it
+                # (run_eval measures only the new ones), never drops any.
+                have = {d["name"] for d in read_json(out / "eval.json")["drafters"]}
+                if have.issuperset(names):
+                    _log(f"{run}: complete")
+                    continue
+                names = [n for n in family_drafters(family) if n in have or n in names]
             missing = [
                 n
                 for n in names
@@ -332,44 +336,14 @@ class Bench:
                 workers = self.args.eval_workers
                 if workers > 1:
                     self._parallel_eval(run, family, backend, k, names, out, workers)
-                # Reuses every row measured before (by workers or an interrupted attempt).
+                # Reuses every row measured before (by workers, an interrupted attempt or a
+                # finished evaluation with fewer drafters): only the drafters new to it are
+                # measured, against the same target reference run.
                 self._run_eval(run, family, backend, k, names, out)
             finally:
                 # Accumulated over attempts: an interrupted evaluation resumes per drafter.
                 self.add_eval_seconds(run, time.perf_counter() - started)
             _log(f"{run}: done in {time.perf_counter() - started:.0f} s")
-
-    def _complete(
-        self, run: str, family: str, backend: str, k: int, names: list[str], out: Path
-    ) -> None:
-        """A finished evaluation: measure the drafters it lacks (a `--drafters` run that asks
-        for more than an earlier one measured) and add their rows to its eval.json.
-
-        `run_eval` clears its journal once eval.json is written, so adding a drafter to a
-        finished evaluation would re-measure every row; here only the missing ones are measured
-        (with the target's reference run again, for the lossless check) and merged."""
-        from sd2_hf.evaluation.report import write_report
-
-        done = read_json(out / "eval.json")
-        have = {d["name"] for d in done["drafters"]}
-        missing = [n for n in names if n not in have]
-        if not missing:
-            _log(f"{run}: complete")
-            return
-        _log(f"{run}: measuring {', '.join(missing)} beside its {len(have)} measured rows")
-        started = time.perf_counter()
-        try:
-            extra = self._run_eval(run, family, backend, k, missing, out, [], report=False)
-        finally:
-            self.add_eval_seconds(run, time.perf_counter() - started)
-        base = next((d["tokens_per_second"] for d in done["drafters"] if d["kind"] == "none"), None)
-        for row in extra["drafters"]:
-            speed = row["tokens_per_second"]
-            row["speedup"] = speed / base if base and speed else None
-        done["drafters"] += extra["drafters"]
-        done["config"]["drafters"] += [f"{n}={self.drafter_path(n)}" for n in missing]
-        write_report(done, out)
-        shutil.rmtree(out / "partial", ignore_errors=True)
 
     def eval_workers(self) -> dict[str, int]:
         """The evaluations measured by parallel workers, and how many ran at once."""

@@ -527,3 +527,47 @@ def test_eval_split_over_workers_reuses_every_row(
     monkeypatch.undo()
     fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
     _assert_same_rows(report, fresh, ("none", "ngram", "random", "noisy"))
+
+
+def test_a_drafter_added_to_a_finished_eval_is_the_only_one_measured(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
+):
+    """After eval.json is written, a rerun with one more drafter (same settings) reuses the
+    rows of eval.json and the target's reference run (eval-reference.json) and measures only
+    the new drafter; every speed-up is against the same target row. A changed checkpoint is
+    measured again, and changed settings re-measure everything."""
+    import os
+    import shutil
+
+    random_dir = shutil.copytree(tiny_drafter_dir, tmp_path / "random")
+    drafters = [f"random={random_dir}", f"noisy={noisy_drafter_dir}"]
+    out = tmp_path / "eval"
+    measured, references = _count_runs(monkeypatch)
+    first = run_eval(_config(tiny_model_dir, mtbench_file, out, drafters=drafters[:1]))
+    assert measured == ["ngram", "random"] and len(references) == 1
+    assert not (out / "partial").exists() and (out / "eval-reference.json").is_file()
+
+    both = run_eval(_config(tiny_model_dir, mtbench_file, out, drafters=drafters))
+    assert measured == ["ngram", "random", "noisy"]  # only the new drafter
+    assert len(references) == 1  # the target's reference run is reused
+    assert [r["name"] for r in both["drafters"]] == ["none", "ngram", "random", "noisy"]
+    for name in ("none", "ngram", "random"):
+        assert _row(both, name) == _row(first, name)
+    base = _row(both, "none")["tokens_per_second"]
+    for row in both["drafters"]:
+        assert row["speedup"] == pytest.approx(row["tokens_per_second"] / base)
+    assert _row(both, "noisy")["lossless_mismatches"] == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert [r["name"] for r in saved["drafters"]] == ["none", "ngram", "random", "noisy"]
+
+    # The same name and path with other checkpoint files: measured again.
+    config = random_dir / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    run_eval(_config(tiny_model_dir, mtbench_file, out, drafters=drafters))
+    assert measured == ["ngram", "random", "noisy", "random"] and len(references) == 1
+
+    # Other settings: nothing is reused.
+    measured.clear()
+    run_eval(_config(tiny_model_dir, mtbench_file, out, drafters=drafters, max_new_tokens=8))
+    assert measured == ["ngram", "random", "noisy"] and len(references) == 2

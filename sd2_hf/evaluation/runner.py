@@ -392,19 +392,36 @@ def _served_dtype(config: EvalConfig, target_path: str) -> str:
     return served_dtype(target_path, config.dtype)
 
 
+# Beside eval.json: the target's reference run of a finished evaluation, with the settings key.
+REFERENCE_FILE = "eval-reference.json"
+# Row fields computed from the measured ones at every report (costs, speed-up against the
+# report's target row): recomputed, never reused.
+DERIVED_ROW_FIELDS = (
+    "macs",
+    "relative_macs",
+    "improvement_factor",
+    "best_num_draft_tokens",
+    "speedup",
+)
+
+
 class _EvalJournal:
-    """Finished parts of an interrupted evaluation, under `<output>/partial/`: the prompts with
-    the target's reference run, and one row per measured drafter. A rerun with the same settings
-    reuses them and measures only what is missing; any change of the settings that define the
-    prompts and the reference (target, prompts, K, lengths, backend, ...) starts afresh. A
-    drafter row is reused only for the same name, path and checkpoint files. Removed once the
-    report is written.
+    """Finished parts of an evaluation, so that a rerun with the same settings measures only
+    what is missing: under `<output>/partial/` while it runs (the prompts with the target's
+    reference run, and one row per measured drafter), and once the report is written, the rows
+    in `eval.json` (with the settings key and each drafter's checkpoint identity) and the
+    reference run in `eval-reference.json`. Any change of the settings that define the prompts
+    and the reference (target, prompts, K, lengths, backend, ...) starts afresh. A drafter row is
+    reused only for the same name, path and checkpoint files. Adding a drafter to a finished
+    evaluation therefore measures only the new one, against the same reference run, so every
+    row's speed-up is against the same target row.
 
     Written by the project because an evaluation is a long job (tens of minutes per drafter on a
     CPU) and neither transformers nor vLLM keeps anything of a finished generation run.
     """
 
     def __init__(self, output: Path, config: EvalConfig, target_path: str, served: str):
+        self.output = output
         self.dir = output / "partial"
         settings = config.model_dump(exclude={"output", "drafters", "baselines"})
         self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
@@ -412,6 +429,7 @@ class _EvalJournal:
             # `auto` computes in another dtype on this machine than on one with bf16
             # instructions: rows of the two must not meet in one report.
             self.key["served_dtype"] = served
+        self.identities: dict[str, Any] = {}  # name -> checkpoint identity of its row
         key_file = self.dir / "key.json"
         if self.dir.exists() and (
             not key_file.is_file() or read_json(key_file) != _jsonable(self.key)
@@ -423,11 +441,32 @@ class _EvalJournal:
         if not self.dir.exists():
             (self.dir / "rows").mkdir(parents=True, exist_ok=True)
             atomic_write_json(key_file, self.key)
+        self.reported = self._reported_rows()
+
+    def _same_key(self, saved: Any) -> bool:
+        return isinstance(saved, dict) and saved.get("key") == _jsonable(self.key)
+
+    def _reported_rows(self) -> dict[str, dict[str, Any]]:
+        """name -> {"row", "identity"} of an earlier report in `eval.json` with these settings."""
+        path = self.output / "eval.json"
+        if not path.is_file():
+            return {}
+        done = read_json(path)
+        journal = done.get("journal")
+        if not self._same_key(journal):
+            return {}
+        return {
+            row["name"]: {"row": row, "identity": journal["identities"][row["name"]]}
+            for row in done.get("drafters", [])
+            if row.get("name") in journal.get("identities", {})
+        }
 
     def load_reference(self) -> tuple[list[Prompt], list[Generation] | None, PromptCounts] | None:
         path = self.dir / "reference.json"
         if not path.is_file():
-            return None
+            path = self.output / REFERENCE_FILE
+            if not path.is_file() or not self._same_key(read_json(path)):
+                return None
         saved = read_json(path)
         prompts = [Prompt(**p) for p in saved["prompts"]]
         reference = (
@@ -457,21 +496,41 @@ class _EvalJournal:
         return self.dir / "rows" / f"{digest}.json"
 
     def load_row(self, plan: DrafterPlan) -> dict[str, Any] | None:
+        identity = _jsonable(_checkpoint_identity(plan.path))
         path = self._row_file(plan)
-        if not path.is_file():
-            return None
-        saved = read_json(path)
-        if saved["identity"] != _jsonable(_checkpoint_identity(plan.path)):
-            return None
-        logger.info("reusing the measured row of drafter %r from %s", plan.name, path)
-        return saved["row"]
+        if path.is_file():
+            saved = read_json(path)
+            if saved["identity"] == identity:
+                logger.info("reusing the measured row of drafter %r from %s", plan.name, path)
+                self.identities[plan.name] = identity
+                return saved["row"]
+        reported = self.reported.get(plan.name)
+        if reported and reported["row"].get("path") == plan.path:
+            if reported["identity"] == identity:
+                logger.info(
+                    "reusing the row of drafter %r from %s", plan.name, self.output / "eval.json"
+                )
+                self.identities[plan.name] = identity
+                row = reported["row"]
+                return {k: v for k, v in row.items() if k not in DERIVED_ROW_FIELDS}
+        return None
 
     def save_row(self, plan: DrafterPlan, row: dict[str, Any]) -> None:
-        atomic_write_json(
-            self._row_file(plan), {"identity": _checkpoint_identity(plan.path), "row": row}
-        )
+        identity = _checkpoint_identity(plan.path)
+        self.identities[plan.name] = _jsonable(identity)
+        atomic_write_json(self._row_file(plan), {"identity": identity, "row": row})
+
+    def record(self) -> dict[str, Any]:
+        """What eval.json keeps for a later run to reuse its rows."""
+        return {"key": self.key, "identities": self.identities}
 
     def finish(self) -> None:
+        """The report is written: keep the reference run beside it, drop the partial results."""
+        reference = self.dir / "reference.json"
+        if reference.is_file():
+            atomic_write_json(
+                self.output / REFERENCE_FILE, {"key": self.key, **read_json(reference)}
+            )
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -503,7 +562,11 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
     `{"drafters": rows}`. This splits one evaluation over processes, e.g. one vLLM server per
     CPU core: one call measures the reference (`baselines=["none"]`, no drafters), workers then
     measure disjoint drafter subsets into the same output with `report=False`, and a last
-    `run_eval` with every drafter reuses all their rows and writes the report."""
+    `run_eval` with every drafter reuses all their rows and writes the report.
+
+    A finished evaluation is reused the same way: rerun with more drafters (same settings, same
+    output), only the new ones are measured; their rows join those of eval.json, against the
+    same target reference run (kept in eval-reference.json)."""
     from transformers import AutoTokenizer
 
     from sd2_hf.evaluation.macs import count_macs
@@ -588,6 +651,9 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         "config": config.model_dump(),
         "served_dtype": served,
         "versions": _versions(backend),
+        # The settings key and each drafter's checkpoint identity: a later run with the same
+        # settings reuses these rows and measures only drafters not here (_EvalJournal).
+        "journal": journal.record(),
     }
     write_report(result, output)
     journal.finish()
