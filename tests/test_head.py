@@ -17,8 +17,10 @@ from sd2_hf import SD2Config, SD2Trainer
 from sd2_hf.evaluation.macs import count_macs
 from sd2_hf.pruning.config import PruneConfig
 from sd2_hf.pruning.head import (
+    LOGIT_FLOOR,
     assistant_token_counts,
     draft_vocabulary,
+    find_floor_channel,
     restrict_vocab,
     sparse_head_name,
     untie_head,
@@ -37,6 +39,13 @@ CONTEXT = 512
 
 def _head_macs(report) -> int:
     return report.per_module["lm_head"]
+
+
+def kept_rows(model) -> torch.Tensor:
+    """The head rows a draft vocabulary keeps: nonzero outside the floor channel."""
+    head = model.lm_head.weight.detach().clone()
+    head[:, find_floor_channel(model)] = 0
+    return head.abs().sum(-1) != 0
 
 
 def test_draft_vocabulary_keeps_special_tokens_then_most_frequent():
@@ -58,12 +67,40 @@ def test_untie_copies_a_tied_head(tiny_tokenizer):
     before = model.model.embed_tokens.weight.detach().clone()
     restrict_vocab(model, [0, 1, 2])
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(model.model.embed_tokens.weight, before)  # embeddings untouched
-    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 3
+    # embeddings untouched but for the floor channel
+    channel = find_floor_channel(model)
+    others = [c for c in range(before.shape[1]) if c != channel]
+    assert torch.equal(model.model.embed_tokens.weight[:, others], before[:, others])
+    assert int(kept_rows(model).sum()) == 3
     assert not model.config.tie_word_embeddings
     assert sparse_head_name(model) == "lm_head"
     untie_head(model)  # already untied: no-op
-    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 3
+    assert int(kept_rows(model).sum()) == 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 10.0])
+def test_dropped_tokens_are_impossible_at_every_temperature(tiny_tokenizer, chat_rows, temperature):
+    """Zeroed head rows gave the dropped tokens logit 0: a third of the rows kept, 0.67 of the
+    probability mass at T = 1 went to tokens the drafter must never propose. With the floor
+    channel their logits are below LOGIT_FLOOR on unseen text, at every position."""
+    model = build_model(tiny_tokenizer)
+    keep = list(range(0, len(tiny_tokenizer), 3))
+    calibration = [
+        tiny_tokenizer.apply_chat_template(r["messages"], return_dict=False) for r in chat_rows[:8]
+    ]
+    restrict_vocab(model, keep, calibration)
+    dropped = torch.ones(len(tiny_tokenizer), dtype=torch.bool)
+    dropped[keep] = False
+    unseen = [
+        tiny_tokenizer.apply_chat_template(r["messages"], return_dict=False) for r in chat_rows[8:]
+    ]
+    with torch.no_grad():
+        for ids in unseen + [list(range(5, 60))]:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            assert (logits[:, dropped] < LOGIT_FLOOR / 2).all()
+            probs = torch.softmax(logits / temperature, -1)
+            assert probs[:, dropped].sum(-1).max() == 0
+            assert not dropped[logits.argmax(-1)].any()
 
 
 def test_draft_vocab_macs_by_hand_and_saved_checkpoint(
@@ -85,14 +122,15 @@ def test_draft_vocab_macs_by_hand_and_saved_checkpoint(
     assert 0 < result.head["coverage"] <= 1
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    rows = model.lm_head.weight.abs().sum(-1) != 0
+    rows = kept_rows(model)
     assert sorted(torch.nonzero(rows).flatten().tolist()) == keep
-    # Hand count: the head costs hidden × kept rows; everything else is as before.
+    # Hand count: the head costs (hidden - 1) × kept rows (their floor-channel weight is zero)
+    # plus one weight per dropped row (the floor); the layers lose the channel's reads/writes.
     dense = count_macs(tiny_model_dir, CONTEXT)
     pruned = count_macs(out, CONTEXT)
     assert _head_macs(dense) == hidden * vocab
-    assert _head_macs(pruned) == hidden * 64
-    assert dense.total - pruned.total == hidden * (vocab - 64) + (
+    assert _head_macs(pruned) == (hidden - 1) * 64 + (vocab - 64)
+    assert dense.total - pruned.total == _head_macs(dense) - _head_macs(pruned) + (
         dense.linear - _head_macs(dense) - (pruned.linear - _head_macs(pruned))
     )
 
@@ -123,7 +161,8 @@ def test_draft_vocab_on_layer_dropped_drafter(tiny_model_dir, chat_rows_file, tm
     assert result.num_layers == 1 and result.head["draft_vocab_size"] == 32
     report = json.loads((out / "layer_distances.json").read_text())
     assert len(report["head"]["kept_token_ids"]) == 32
-    assert count_macs(out, CONTEXT).per_module["lm_head"] == 128 * 32
+    vocab = AutoModelForCausalLM.from_pretrained(out).config.vocab_size
+    assert count_macs(out, CONTEXT).per_module["lm_head"] == 127 * 32 + (vocab - 32)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +212,13 @@ def test_sparse_head_mask_is_held_in_fine_tuning(
     out = tmp_path / "vocab"
     prune(model_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=40)
     drafter = AutoModelForCausalLM.from_pretrained(out)
-    zero_rows = drafter.lm_head.weight.abs().sum(-1) == 0
+    zero_rows = ~kept_rows(drafter)
+    channel = find_floor_channel(drafter)
+    floor = {
+        "embed": drafter.model.embed_tokens.weight[:, channel].detach().clone(),
+        "norm": drafter.model.norm.weight[channel].detach().clone(),
+        "head": drafter.lm_head.weight[:, channel].detach().clone(),
+    }
     trainer = SD2Trainer(
         drafter,
         args=SD2Config(**trainer_kwargs(tmp_path / "run", max_steps=3, learning_rate=1e-2)),
@@ -184,8 +229,14 @@ def test_sparse_head_mask_is_held_in_fine_tuning(
     trainer.train()
     assert "lm_head" in trainer.mask_callback.masks
     head = trainer.model.lm_head.weight
-    assert torch.all(head[zero_rows] == 0)
+    others = [c for c in range(head.shape[1]) if c != channel]
+    assert torch.all(head[zero_rows][:, others] == 0)
     assert not torch.equal(head[~zero_rows], before[~zero_rows])  # the kept rows did train
+    # The floor channel is held exactly (FloorChannelCallback), though the embeddings trained.
+    model = trainer.model
+    assert torch.equal(model.model.embed_tokens.weight[:, channel], floor["embed"])
+    assert torch.equal(model.model.norm.weight[channel], floor["norm"])
+    assert torch.equal(head[:, channel], floor["head"])
 
 
 def test_train_stage_reports_the_held_head_zeros(tiny_model_dir, chat_rows_file, tmp_path):
@@ -252,7 +303,7 @@ def test_export_card_and_metadata_describe_the_cheaper_head(
     assert "most frequent" in card and "`lm_head` stay dense" not in card
     # The exported head still has exactly the kept rows.
     model = AutoModelForCausalLM.from_pretrained(export.output)
-    assert int((model.lm_head.weight.abs().sum(-1) != 0).sum()) == 64
+    assert int(kept_rows(model).sum()) == 64
 
 
 def test_draft_vocab_on_a_tied_model_saves_an_untied_head(tiny_tokenizer, chat_rows_file, tmp_path):
@@ -270,6 +321,8 @@ def test_draft_vocab_on_a_tied_model_saves_an_untied_head(tiny_tokenizer, chat_r
     head, embed = reloaded.lm_head.weight, model.model.embed_tokens.weight
     dropped = torch.ones(head.shape[0], dtype=torch.bool)
     dropped[keep] = False
-    assert len(keep) == 32 and torch.all(head[dropped] == 0)
-    assert torch.equal(head[keep], embed[keep])  # kept rows: the tied embedding rows
-    assert torch.equal(reloaded.model.embed_tokens.weight, embed)
+    others = [c for c in range(head.shape[1]) if c != find_floor_channel(reloaded)]
+    assert len(keep) == 32 and torch.all(head[dropped][:, others] == 0)
+    # kept rows: the tied embedding rows (but for the floor channel)
+    assert torch.equal(head[keep][:, others], embed[keep][:, others])
+    assert torch.equal(reloaded.model.embed_tokens.weight[:, others], embed[:, others])

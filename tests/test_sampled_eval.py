@@ -17,6 +17,7 @@ from sd2_hf.evaluation.prompts import render
 from sd2_hf.evaluation.report import mal_ratio_interval
 from sd2_hf.evaluation.runner import run_eval
 from sd2_hf.evaluation.transformers_backend import TransformersBackend
+from sd2_hf.pruning.head import restrict_vocab
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -79,10 +80,20 @@ def models(tmp_path_factory, tiny_tokenizer):
         g = torch.Generator().manual_seed(1)
         for p in drafter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.25 * p.std())
-    return (
-        str(tiny.save_model(target, tiny_tokenizer, root / "target")),
-        str(tiny.save_model(drafter, tiny_tokenizer, root / "drafter")),
-    )
+    # The same drafter with a draft vocabulary (`sd2 prune --draft-vocab-size`): the 128 tokens
+    # the target finds likeliest after the test's prompt, every other token impossible.
+    prompt = render(tiny_tokenizer, [{"role": "user", "content": "the quick brown"}])
+    p1, p2 = exact_marginals(target, prompt, TEMPERATURE)
+    keep = sorted((p1 + p2).topk(128).indices.tolist())
+    restricted = tiny.build_model(tiny_tokenizer, seed=0)
+    restricted.load_state_dict(drafter.state_dict())
+    restrict_vocab(restricted, keep, [prompt])
+    return {
+        "target": str(tiny.save_model(target, tiny_tokenizer, root / "target")),
+        "drafter": str(tiny.save_model(drafter, tiny_tokenizer, root / "drafter")),
+        "draft-vocab": str(tiny.save_model(restricted, tiny_tokenizer, root / "draft-vocab")),
+        "keep": keep,
+    }
 
 
 @torch.no_grad()
@@ -98,8 +109,9 @@ def exact_marginals(
     return p1, p1 @ p2_given
 
 
-def test_speculative_sampling_keeps_the_target_distribution(models, tiny_tokenizer):
-    target_path, drafter_path = models
+@pytest.mark.parametrize("drafter", ["drafter", "draft-vocab"])
+def test_speculative_sampling_keeps_the_target_distribution(models, tiny_tokenizer, drafter):
+    target_path, drafter_path = models["target"], models[drafter]
     config = EvalConfig(
         target=target_path,
         temperature=TEMPERATURE,
@@ -128,18 +140,27 @@ def test_speculative_sampling_keeps_the_target_distribution(models, tiny_tokeniz
 
     # Control: the same test rejects the drafter's own distribution, so it has the power to
     # see a sampler that leaks the drafter into the output.
-    drafter = AutoModelForCausalLM.from_pretrained(drafter_path).eval()
-    q1, _ = exact_marginals(drafter, prompt, TEMPERATURE)
+    model = AutoModelForCausalLM.from_pretrained(drafter_path).eval()
+    q1, q2 = exact_marginals(model, prompt, TEMPERATURE)
     assert chi2_pvalue(first, q1, DRAWS) < 1e-6
+    if drafter == "draft-vocab":
+        # The drafter proposes only kept tokens; the target's output still has the others.
+        dropped = torch.ones_like(q1, dtype=torch.bool)
+        dropped[models["keep"]] = False
+        assert q1[dropped].sum() == 0 and q2[dropped].sum() == 0
 
 
 def test_eval_reports_sampled_runs_next_to_greedy(models, tmp_path, tiny_tokenizer, mtbench_file):
-    target_path, drafter_path = models
+    target_path, drafter_path = models["target"], models["drafter"]
     out = tmp_path / "eval"
     report = run_eval(
         EvalConfig(
             target=target_path,
-            drafters=[f"pert={drafter_path}", f"self={target_path}"],
+            drafters=[
+                f"pert={drafter_path}",
+                f"self={target_path}",
+                f"vocab={models['draft-vocab']}",
+            ],
             prompts=str(mtbench_file),
             limit=4,
             max_new_tokens=12,
@@ -150,7 +171,7 @@ def test_eval_reports_sampled_runs_next_to_greedy(models, tmp_path, tiny_tokeniz
     )
     assert report["sampled_temperatures"] == [1.0, 0.5]
     rows = {d["name"]: d for d in report["drafters"]}
-    for name in ("pert", "self"):
+    for name in ("pert", "self", "vocab"):
         assert set(rows[name]["sampled"]) == {"1", "0.5"}
         for run in rows[name]["sampled"].values():
             assert run["mal"] is not None and 1.0 <= run["mal"] <= 4.0

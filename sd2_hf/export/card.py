@@ -143,8 +143,10 @@ def _head(metadata: dict[str, Any]) -> str:
         parts.append(
             f"the head keeps the rows of the {head['draft_vocab_size']} tokens most frequent in "
             f"the distilled replies ({_pct(head.get('coverage'))} of their tokens) and the other "
-            f"{head['vocab_size'] - head['draft_vocab_size']} rows are zero, so the drafter "
-            "(almost) never proposes those tokens"
+            f"{head['vocab_size'] - head['draft_vocab_size']} tokens are impossible for the drafter "
+            f"(logit below {head.get('logit_floor', -1e4):g} through hidden channel "
+            f"{head.get('floor_channel')}, which no decoder layer reads or writes), greedy or "
+            "sampled"
         )
     if "head_sparsity" in head:
         parts.append(f"the untied head is pruned with SparseGPT to {_pct(head['head_sparsity'])}")

@@ -60,8 +60,10 @@ class PruneConfig(BaseModel):
         None,
         gt=0,
         description="cheaper head: keep the head rows of the N tokens most frequent in the "
-        "assistant turns of `dataset` (special tokens always kept) and zero the rest (head "
-        "untied; same tokenizer and vocabulary size, so it deploys wherever the drafter does)",
+        "assistant turns of `dataset` (special tokens always kept) and make the rest impossible "
+        "(logit below -1e4 at every position, through one hidden channel cut from the layers; "
+        "head untied; same tokenizer, vocabulary size and architecture, so it deploys wherever "
+        "the drafter does)",
     )
     head_sparsity: float | None = Field(
         None,

@@ -111,7 +111,11 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     from sd2_hf.pruning.recipes import targeted_linears
 
     targeted = targeted_linears(model, loaded)
-    wants_samples = loaded.needs_calibration or config.head_sparsity is not None
+    wants_samples = (
+        loaded.needs_calibration
+        or config.head_sparsity is not None
+        or config.draft_vocab_size is not None
+    )
     samples = _calibration(config, tokenizer) if wants_samples else []
     if config.draft_vocab_size is not None or config.head_sparsity is not None:
         # Before llm-compressor dispatches the model: a head untied afterwards stays shared

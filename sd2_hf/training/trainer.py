@@ -18,6 +18,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
+from sd2_hf.training.floor import FloorChannelCallback, floor_channel_of
 from sd2_hf.training.losses import token_divergence
 from sd2_hf.training.sd2_config import SD2Config
 from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
@@ -94,6 +95,8 @@ class SD2Trainer(SFTTrainer):
             check_interval=args.mask_check_interval,
         )
         self.add_callback(self.mask_callback)
+        if (channel := floor_channel_of(self.model)) is not None:
+            self.add_callback(FloorChannelCallback(channel))
 
         self.teacher_model = None
         if teacher_model is not None and args.distill_loss != "none":
