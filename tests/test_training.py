@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -322,14 +324,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(launcher: list[str], script: str, tmp_path) -> list[dict]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+def assert_gloo_threads_joined(report: dict) -> None:
+    """The worker tore torch.distributed down before exit: its gloo threads were joined.
+
+    A rank whose gloo worker was still releasing its last collective when Python finalized
+    aborted ("terminate called without an active exception") after all of its work was done;
+    see sd2_hf/utils/distributed.py.
+    """
+    assert report["gloo_threads_before_teardown"] >= 1  # the group's workers were running
+    assert report["gloo_threads_after_teardown"] == 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): the launcher starts its ranks in sessions of
+    their own, so killing its process group would leave hung ranks behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _run_two_ranks(
+    launcher: list[str], script: str, tmp_path, pythonpath=(), timeout: float = 600
+) -> list[dict]:
+    """Runs `script` under `launcher` (2 ranks); a run past `timeout` (a hang) fails the test,
+    its ranks killed."""
+    path = [*map(str, pythonpath), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     cmd = [sys.executable, "-m", *launcher, str(REPO / "tests" / "scripts" / script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -351,6 +393,7 @@ def test_ddp_two_processes_keep_masks(tmp_path):
         assert rep["global_step"] == 12
         assert rep["zeros_equal_initial"] is True
         assert rep["weights_changed"] is True
+        assert_gloo_threads_joined(rep)
     # both ranks hold identical weights (DDP)
     assert reports[0]["weights_digest"] == reports[1]["weights_digest"]
     # The distillation path's metrics are gathered: each rank trains on other conversations,
@@ -375,3 +418,76 @@ def test_fsdp2_sharded_masks_hold(tmp_path):
         assert rep["local_numel"] * 2 == rep["full_numel"]  # really sharded
         assert rep["zeros_equal_initial"] is True
         assert rep["weights_changed"] is True
+        assert_gloo_threads_joined(rep)
+
+
+# --- on-policy distillation under several processes ----------------------------------------
+# Ranks whose generations end at different lengths run different numbers of forwards unless
+# `generate` runs with `synced_gpus`; under FSDP2 every forward all-gathers the sharded
+# parameters, so a rank done early leaves the other waiting in a collective (or pairs its next
+# collectives with the wrong ones). A hang fails the test after ON_POLICY_TIMEOUT_S.
+ON_POLICY_TIMEOUT_S = 240
+ON_POLICY_STEPS = 6  # tests/scripts/on_policy_worker.py: max_steps, every batch on-policy
+
+
+def _assert_on_policy_run(reports: list[dict], distributed_type: str) -> None:
+    for rep in reports:
+        assert rep["world_size"] == 2
+        assert rep["distributed_type"] == f"DistributedType.{distributed_type}"
+        assert rep["global_step"] == ON_POLICY_STEPS
+        # Every step trained on the drafter's own continuations, one generation per step.
+        assert rep["on_policy_logged"] == [1.0] * ON_POLICY_STEPS
+        assert len(rep["generated"]) == ON_POLICY_STEPS
+        assert rep["zeros_equal_initial"] is True
+        assert rep["gloo_threads_after_teardown"] == 0
+    # Not vacuous: the ranks' own continuations ended at different lengths at least once.
+    lengths = [rep["generated"] for rep in reports]
+    assert any(a != b for a, b in zip(*lengths, strict=True)), lengths
+    # Both ranks end with the same whole weights (DDP replicas; FSDP2 shards gathered).
+    assert reports[0]["weights_digest"] == reports[1]["weights_digest"]
+
+
+@pytest.mark.slow
+def test_on_policy_under_fsdp2_with_ranks_generating_different_lengths(tmp_path):
+    """On-policy TVD training, 2 CPU ranks sharded with FSDP2 (`accelerate launch` with the
+    shipped FSDP2 config, tests/scripts/cpu_fsdp): generation on DTensor parameters runs in
+    lockstep (`synced_gpus`), finishes, and the masks hold on every rank's shard."""
+    launcher = [
+        "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    reports = _run_two_ranks(
+        launcher,
+        "on_policy_worker.py",
+        tmp_path,
+        pythonpath=[REPO / "tests" / "scripts" / "cpu_fsdp", REPO],
+        timeout=ON_POLICY_TIMEOUT_S,
+    )
+    _assert_on_policy_run(reports, "FSDP")
+    for rep in reports:
+        assert rep["weight_type"] == "DTensor"
+    # Sharded: each rank's mask held the zeros of its own shard, together all of them.
+    assert sum(rep["masked_zeros"] for rep in reports) == reports[0]["initial_zeros"]
+    assert all(0 < rep["masked_zeros"] < rep["initial_zeros"] for rep in reports)
+    # Lockstep: in every generation both ranks ran as many forwards as the longer one needed.
+    lengths = [rep["generated"] for rep in reports]
+    longest = [max(a, b) for a, b in zip(*lengths, strict=True)]
+    assert reports[0]["forwards"] == reports[1]["forwards"] == longest
+
+
+@pytest.mark.slow
+def test_on_policy_under_ddp_with_ranks_generating_different_lengths(tmp_path):
+    """The same on-policy run with DDP over gloo (`accelerate launch --multi_gpu` on CPU
+    processes): every rank holds the whole drafter, its zeros stay the initial ones and the
+    replicas stay identical though the ranks generated different lengths."""
+    launcher = [
+        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    reports = _run_two_ranks(
+        launcher, "on_policy_worker.py", tmp_path, pythonpath=[REPO], timeout=ON_POLICY_TIMEOUT_S
+    )
+    _assert_on_policy_run(reports, "MULTI_CPU")
+    for rep in reports:
+        assert rep["weight_type"] == "Parameter"
+        assert rep["masked_zeros"] == rep["initial_zeros"]

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sd2_hf.pruning.masks import DEFAULT_IGNORE, DEFAULT_TARGETS, find_target_linears
+from sd2_hf.utils.distributed import destroy_process_groups_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +188,9 @@ class SparsityMaskCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.verify("end of training")
+        # Several processes (accelerate launch, torchrun): join the gloo worker threads at exit,
+        # before the interpreter finalizes; a worker still releasing its last collective then
+        # aborted the process (see sd2_hf/utils/distributed.py). Registered here, once training
+        # succeeded: the callback is the part of SD2Trainer that every run has.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_groups_at_exit()
