@@ -57,12 +57,11 @@ class SD2Config(SFTConfig):
             (GKD); `N > 1`, a copy of the drafter refreshed every N optimizer steps; `0`, a
             copy of the drafter's weights before training, never refreshed (stale on purpose:
             the cheap variant whose continuations could be made once before training).
-        on_policy_cache_implementation (`str` or `None`, defaults to `None`):
-            The KV cache of on-policy generation (`generate(cache_implementation=...)`): `None`
-            is transformers' dynamic cache; `"static"` preallocates it (and lets transformers
-            compile the decoding step on CUDA). Generation always runs in eval mode, under the
-            training's autocast, stops at any EOS of the drafter's generation config, and keeps
-            every row within `max_length`.
+
+            On-policy generation runs in eval mode, under the training's autocast, with
+            transformers' dynamic KV cache, stops at any EOS of the drafter's generation config,
+            and keeps every row within `max_length`. (A static cache is not offered: it is
+            allocated in the weights' dtype and fails under bf16 autocast of fp32 weights.)
 
     Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
     distilled conversations, the SD² method).
@@ -124,14 +123,6 @@ class SD2Config(SFTConfig):
         metadata={
             "help": "Weights that generate on-policy continuations: 1 = current weights, N = a "
             "copy refreshed every N steps, 0 = the weights before training."
-        },
-    )
-    on_policy_cache_implementation: str | None = field(
-        default=None,
-        metadata={
-            "help": "KV cache of on-policy generation, passed to `generate(cache_implementation=)`:"
-            " None = transformers' dynamic cache, 'static' = a preallocated cache (which "
-            "transformers compiles on CUDA)."
         },
     )
     assistant_only_loss: bool = field(

@@ -254,7 +254,6 @@ class SD2Trainer(SFTTrainer):
                 "pad_token_id": pad_id,
                 "eos_token_id": eos or None,
                 "use_cache": True,
-                "cache_implementation": self.args.on_policy_cache_implementation,
             }
             if temperature > 0:
                 generation.update(temperature=temperature, top_k=0, top_p=1.0)
