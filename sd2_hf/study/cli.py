@@ -1,0 +1,71 @@
+"""`sd2 compare STUDY.yaml [KEY=VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sd2_hf.study.config import load_study
+    from sd2_hf.study.report import rewrite_from_json, write_study_report
+    from sd2_hf.study.run import plan_study, run_study
+
+    study = load_study(args.study, args.overrides)
+    if args.report_only:
+        if (study.root / "eval").is_dir():
+            _, planned = plan_study(study)
+            write_study_report(study, planned)
+        elif study.results and (Path(study.results) / "study.json").is_file():
+            rewrite_from_json(Path(study.results) / "study.json")
+            print(f"rendered {study.results}/study.md from its study.json")
+        else:
+            raise FileNotFoundError(
+                f"--report-only: no evaluation under {study.root / 'eval'} and no "
+                f"study.json in the study's `results` ({study.results}); run the study first"
+            )
+        return 0
+    result = run_study(study, only=args.only, force=args.force, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"sd2 compare {study.name} (dry run): {study.root}")
+        for outcome in result["outcomes"]:
+            print(f"  {outcome.name:<28}{outcome.status:<14}{outcome.reason}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="run a study: several drafters built and evaluated against one target, one report",
+        description="Build every drafter of a study YAML (each a chain of prune/train/export "
+        "sections, through the same stages as `sd2 run`, resumably: complete stages are "
+        "skipped), evaluate them side by side (finished rows are reused) and write "
+        "study.json, study.md and plots into the study's output directory.",
+    )
+    parser.add_argument("study", help="study YAML (e.g. recipes/studies/smollm2-small.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides such as drafters.sd2.train.max_steps=3 or evaluations.mtbench.limit=4 "
+        "(values parsed as YAML; paths relative to the current dir). Put them before the options",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="DRAFTER",
+        help="build and measure only this drafter (and the drafters it starts from); the next "
+        "full run reuses its rows and writes the report",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild the selected drafters' stages from scratch"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the study and list what would run"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report again from the finished evaluations (or from the study.json in "
+        "the study's `results` directory) without building or measuring anything",
+    )
+    parser.set_defaults(func=_run)

@@ -1,0 +1,242 @@
+"""The one report of every study: `study.json`, `study.md` and a MAL-vs-MACs plot per evaluation.
+
+The report is built from the evaluations' `eval.json` (and `eval-reference.json`, for the
+prompts' categories) under the study directory; `study.json` keeps everything the markdown and
+plots need (rows with their per-prompt counts, no local paths), so a report can be rendered
+again from a committed `study.json` alone (`sd2 compare --report-only`). With the study's
+`results` directory set, the three files are also written there (e.g. under `bench/results/`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sd2_hf.evaluation.report import _save_png, _table, fmt, mal_ratio_interval, plot_mal_vs_macs
+from sd2_hf.evaluation.runner import REFERENCE_FILE
+from sd2_hf.pipeline.records import read_record
+from sd2_hf.study.config import public
+from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
+
+ROW_FIELDS = (
+    "name",
+    "kind",
+    "mal",
+    "mal_per_category",
+    "relative_macs",
+    "improvement_factor",
+    "best_num_draft_tokens",
+    "draft_length_sweep",
+    "tokens_per_second",
+    "speedup",
+    "lossless_checked",
+    "lossless_mismatches",
+    "per_prompt",
+)
+SAMPLED_ROW_FIELDS = ("mal", "improvement_factor", "tokens_per_second", "per_prompt")
+
+
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row.get(k) for k in ROW_FIELDS}
+    out["sampled"] = {
+        t: {k: s.get(k) for k in SAMPLED_ROW_FIELDS} for t, s in (row.get("sampled") or {}).items()
+    }
+    return out
+
+
+def _evaluation(directory: Path) -> dict[str, Any] | None:
+    """An evaluation's report reduced to what the study report shows."""
+    if not (directory / "eval.json").is_file():
+        return None
+    report = read_json(directory / "eval.json")
+    categories = None
+    if (directory / REFERENCE_FILE).is_file():
+        categories = [p["category"] for p in read_json(directory / REFERENCE_FILE)["prompts"]]
+    return {
+        "backend": report["backend"],
+        "num_draft_tokens": report["num_draft_tokens"],
+        "max_new_tokens": report["max_new_tokens"],
+        "temperature": report["temperature"],
+        "sampled_temperatures": report.get("sampled_temperatures") or [],
+        "num_prompts": report["num_prompts"],
+        "prompts": public(report["prompts"]["source"]),
+        "served_dtype": report.get("served_dtype"),
+        "prompt_categories": categories,
+        "drafters": [_row(r) for r in report["drafters"]],
+    }
+
+
+def _ratio(a: list, b: list, categories: list[str] | None) -> dict[str, Any] | None:
+    overall = mal_ratio_interval(a, b)
+    if overall is None:
+        return None
+    per_category = {}
+    if categories and len(categories) == len(a):
+        for category in sorted(set(categories)):
+            index = [i for i, c in enumerate(categories) if c == category]
+            per_category[category] = mal_ratio_interval(
+                [a[i] for i in index], [b[i] for i in index]
+            )
+    return {
+        "ratio": overall[0],
+        "low": overall[1],
+        "high": overall[2],
+        "per_category": per_category,
+    }
+
+
+def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> list[dict[str, Any]]:
+    """MAL(A) / MAL(B) with paired-bootstrap intervals, in every evaluation (and at every
+    sampled temperature) where both drafters were measured."""
+    out = []
+    for a, b in pairs:
+        for name, ev in evaluations.items():
+            rows = {r["name"]: r for r in ev["drafters"]}
+            if a not in rows or b not in rows:
+                continue
+            runs = [("greedy" if not ev["temperature"] else f"T={ev['temperature']:g}", "")]
+            runs += [(f"T={t}", t) for t in rows[a]["sampled"] if t in rows[b]["sampled"]]
+            for label, t in runs:
+                ra, rb = (
+                    (rows[a], rows[b]) if not t else (rows[a]["sampled"][t], rows[b]["sampled"][t])
+                )
+                ratio = _ratio(ra["per_prompt"], rb["per_prompt"], ev["prompt_categories"])
+                if ratio is not None:
+                    out.append({"a": a, "b": b, "evaluation": name, "decoding": label, **ratio})
+    return out
+
+
+def stage_seconds(planned: Any) -> dict[str, float | None]:
+    """Seconds of each of the drafter's stages, from their completion records."""
+    seconds = {}
+    for plan in planned.plans:
+        record = read_record(plan.output)
+        seconds[plan.name] = record.get("total_seconds") if record else None
+    return seconds
+
+
+def build_report(study: Any, planned: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    evaluations = {}
+    for name in study.evaluations:
+        ev = _evaluation(study.root / "eval" / name)
+        if ev is not None:
+            evaluations[name] = ev
+    return {
+        "name": study.name,
+        "description": study.description,
+        "target": public(study.target.model),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": seconds,
+        "drafters": {
+            name: {
+                "description": study.drafters[name].description,
+                "chain": p.chain,
+                "stage_seconds": stage_seconds(p),
+            }
+            for name, p in planned.items()
+        },
+        "evaluations": evaluations,
+        "comparisons": comparisons(study.comparison_pairs(), evaluations),
+    }
+
+
+def _interval(c: dict[str, Any] | None) -> str:
+    return "-" if not c else f"×{c['ratio']:.3f} [{c['low']:.3f}–{c['high']:.3f}]"
+
+
+def _evaluation_table(ev: dict[str, Any]) -> list[str]:
+    temps = ev["sampled_temperatures"]
+    header = ["drafter", "rel. MACs", f"MAL (K={ev['num_draft_tokens']})", "impr. factor"]
+    header += ["best K (MAL)"] + [f"MAL T={t:g}" for t in temps]
+    header += ["tokens/s", "speed-up", "lossless"]
+    rows = []
+    for r in ev["drafters"]:
+        sweep = {s["num_draft_tokens"]: s["mal"] for s in r.get("draft_length_sweep") or []}
+        best = r.get("best_num_draft_tokens")
+        best_text = f"{best} ({fmt(sweep.get(best))})" if best else "-"
+        sampled = [fmt((r["sampled"].get(f"{t:g}") or {}).get("mal")) for t in temps]
+        lossless = "-"
+        if r.get("lossless_checked"):
+            lossless = (
+                "yes" if not r["lossless_mismatches"] else f"{r['lossless_mismatches']} differ"
+            )
+        rows.append(
+            [r["name"], fmt(r["relative_macs"]), fmt(r["mal"]), fmt(r["improvement_factor"])]
+            + [best_text, *sampled, fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2), lossless]
+        )
+    return _table(header, rows)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Study: {report['name']}", "", report["description"], ""]
+    lines += [
+        f"Target: `{report['target']}`. Built and measured by `sd2 compare` on {report['date']}."
+    ]
+    lines += ["", "## Drafters", ""]
+    lines += _table(
+        ["drafter", "built as", "stage minutes", "what for"],
+        [
+            [
+                name,
+                " → ".join(d["chain"]),
+                ", ".join(
+                    f"{s} {v / 60:.1f}" if v is not None else f"{s} -"
+                    for s, v in d["stage_seconds"].items()
+                )
+                or "-",
+                d["description"],
+            ]
+            for name, d in report["drafters"].items()
+        ],
+    )
+    for name, ev in report["evaluations"].items():
+        lines += ["", f"## Evaluation `{name}`", ""]
+        lines += [
+            f"{ev['num_prompts']} prompts of `{ev['prompts']}`, {ev['max_new_tokens']} new tokens, "
+            f"{ev['backend']} backend ({ev['served_dtype']}), K = {ev['num_draft_tokens']}, "
+            f"temperature {ev['temperature']:g}; speed-up against the target alone in the same run.",
+            "",
+        ]
+        lines += _evaluation_table(ev)
+    if report["comparisons"]:
+        lines += ["", "## Comparisons (MAL ratio, 95% paired-bootstrap interval over prompts)", ""]
+        rows = []
+        for c in report["comparisons"]:
+            per_cat = ", ".join(f"{k} {v[0]:.2f}" for k, v in c["per_category"].items() if v)
+            rows.append(
+                [f"{c['a']} vs {c['b']}", c["evaluation"], c["decoding"], _interval(c), per_cat]
+            )
+        lines += _table(["comparison", "evaluation", "decoding", "ratio", "per category"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def write_files(report: dict[str, Any], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [
+        atomic_write_json(directory / "study.json", report),
+        atomic_write_text(directory / "study.md", to_markdown(report)),
+    ]
+    for name, ev in report["evaluations"].items():
+        path = directory / f"{name}-mal-vs-macs.png"
+        _save_png(plot_mal_vs_macs({**ev, "drafters": ev["drafters"]}), path)
+        written.append(path)
+    return written
+
+
+def write_study_report(
+    study: Any, planned: dict[str, Any], seconds: float | None = None
+) -> dict[str, Any]:
+    report = build_report(study, planned, seconds)
+    write_files(report, study.root)
+    if study.results:
+        write_files(report, Path(study.results))
+    print(to_markdown(report))
+    return report
+
+
+def rewrite_from_json(path: Path, directory: Path | None = None) -> dict[str, Any]:
+    """Render `study.md` and the plots again from a `study.json` (e.g. a committed one)."""
+    report = read_json(path)
+    write_files(report, directory or path.parent)
+    return report
