@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "sd2_hf.evaluation.cli",
     "sd2_hf.serving.cli",
     "sd2_hf.pipeline",
+    "sd2_hf.study",
 )
 
 

@@ -147,6 +147,12 @@ class StagePlan:
     consumes: list[str] = field(default_factory=list)
     # Recipe-only settings of the stage (how it is launched) that also define its result.
     launch: dict[str, Any] = field(default_factory=dict)
+    # The stage's name among several pipelines run together (`sd2 compare`: `<drafter>/train`);
+    # `consumes` names these keys. Default: the stage name.
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     @property
     def output(self) -> Path:

@@ -87,7 +87,9 @@ def run_pipeline(
     try:
         with _threads(None if dry_run else recipe.threads):
             for index, plan in enumerate(plans, 1):
-                outcome = _stage(plan, selected, records, plans, force, dry_run, index, len(plans))
+                outcome = run_stage(
+                    plan, selected, records, plans, force, dry_run, index, len(plans)
+                )
                 result.outcomes.append(outcome)
                 if provenance:
                     provenance.stage(outcome)
@@ -123,7 +125,7 @@ def _threads(count: int | None) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = env_before
 
 
-def _stage(
+def run_stage(
     plan: StagePlan,
     selected: list[str],
     records: dict[str, dict[str, Any]],
@@ -141,8 +143,8 @@ def _stage(
         if s in records
     }
     current = fingerprint(plan, inputs) if len(inputs) == len(plan.consumes) else None
-    if plan.name not in selected:
-        consumers = [p.name for p in plans if p.name in selected and plan.name in p.consumes]
+    if plan.key not in selected:
+        consumers = [p.key for p in plans if p.key in selected and plan.key in p.consumes]
         if record is None:
             if consumers:
                 raise PipelineError(
@@ -150,17 +152,17 @@ def _stage(
                     f"not complete ({directory}); run it first (`--only {plan.name}`) or run "
                     "without --from/--only"
                 )
-            return StageOutcome(plan.name, "not selected")
-        records[plan.name] = record
+            return StageOutcome(plan.key, "not selected")
+        records[plan.key] = record
         reason = "complete, not selected"
         if record["fingerprint"] != current:
             reason = "complete but its section or inputs changed since; not selected, kept"
-            logger.warning("%s: %s", plan.name, reason)
-        return StageOutcome(plan.name, "kept", reason, record=record)
+            logger.warning("%s: %s", plan.key, reason)
+        return StageOutcome(plan.key, "kept", reason, record=record)
 
     if record is not None and record["fingerprint"] == current and not force:
-        records[plan.name] = record
-        return StageOutcome(plan.name, "skipped", "complete, fingerprint matches", record=record)
+        records[plan.key] = record
+        return StageOutcome(plan.key, "skipped", "complete, fingerprint matches", record=record)
 
     running = read_record(directory, RUNNING_FILE)
     resume = (
@@ -179,10 +181,10 @@ def _stage(
     else:
         reason = "not run before"
     if dry_run:
-        records[plan.name] = {"fingerprint": "pending", "run_id": "pending"}
-        return StageOutcome(plan.name, "would run", reason)
+        records[plan.key] = {"fingerprint": "pending", "run_id": "pending"}
+        return StageOutcome(plan.key, "would run", reason)
 
-    print(f"\n=== sd2 run [{index}/{total}] {plan.name}: {reason} ===", flush=True)
+    print(f"\n=== sd2 [{index}/{total}] {plan.key}: {reason} ===", flush=True)
     if not resume and directory.exists():
         shutil.rmtree(directory)
     (directory / COMPLETE_FILE).unlink(missing_ok=True)
@@ -218,9 +220,9 @@ def _stage(
     }
     atomic_write_json(directory / COMPLETE_FILE, record)
     (directory / RUNNING_FILE).unlink(missing_ok=True)
-    records[plan.name] = record
+    records[plan.key] = record
     gc.collect()
-    return StageOutcome(plan.name, "resumed" if resume else "ran", reason, seconds, record)
+    return StageOutcome(plan.key, "resumed" if resume else "ran", reason, seconds, record)
 
 
 def _interrupted_seconds(directory: Path, running: dict[str, Any]) -> float:

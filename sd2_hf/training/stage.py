@@ -93,7 +93,6 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         seed=config.seed,
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=2,
         logging_steps=config.logging_steps,
         report_to="none",
         distill_loss=config.distill_loss,
@@ -107,7 +106,9 @@ def run_train(config: TrainStageConfig) -> dict[str, Any]:
         on_policy_refresh_steps=config.on_policy_refresh_steps,
         mask_targets=config.mask_targets,
         mask_ignore=config.mask_ignore,
-        **{**cpu_processes, **config.trainer_args},
+        # The newest two checkpoints unless trainer_args keep more (None: every one, for a
+        # study's learning-curve drafters that evaluate them).
+        **{"save_total_limit": 2, **cpu_processes, **config.trainer_args},
     )
     trainer = SD2Trainer(
         model,

@@ -1,0 +1,183 @@
+"""`sd2 compare`: a study of several drafters on tiny models, resumed, extended, reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import yaml
+
+from sd2_hf.cli import main as sd2_main
+from sd2_hf.pipeline import COMPLETE_FILE
+from sd2_hf.study import load_study, plan_study
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def write_study(directory: Path, target: Path, **changes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "seed.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in tiny.conversations(8))
+    )
+    tiny.write_questions(directory / "question.jsonl")
+    train = {"max_steps": 4, "learning_rate": 1e-2, "max_length": 64, "save_steps": 2}
+    study = {
+        "description": "tiny study",
+        "output": "out",
+        "results": "published",
+        "target": str(target),
+        "dataset": "seed.jsonl",
+        "distill": {"max_new_tokens": 12, "filter_truncated": False, "dtype": "float32"},
+        "drafters": {
+            "pruned": {"prune": {"recipe": "sparsegpt-50", "num_samples": 8, "max_seq_length": 64}},
+            "sd2": {"model": "pruned", "train": train},
+            "sd2-step2": {"model": "sd2", "checkpoint": 2},
+        },
+        "evaluations": {
+            "mt": {
+                "prompts": "question.jsonl",
+                "num_draft_tokens": 3,
+                "max_new_tokens": 8,
+                "baselines": ["none"],
+                "draft_length_sweep": [1, 2],
+            }
+        },
+        "comparisons": ["sd2 vs pruned"],
+    }
+    study.update(changes)
+    path = directory / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_study_builds_evaluates_reuses_and_reports(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import sd2_hf.evaluation.runner as runner
+
+    path = write_study(tmp_path / "s", tiny_model_dir)
+    root = tmp_path / "s" / "out"
+    assert sd2_main(["compare", str(path)]) == 0
+    # Every chain ran through the pipeline's stages into <output>/drafters/<name>/<stage>/.
+    assert (root / "distill" / COMPLETE_FILE).is_file()
+    prune = json.loads((root / "drafters" / "pruned" / "prune" / COMPLETE_FILE).read_text())
+    train = json.loads((root / "drafters" / "sd2" / "train" / COMPLETE_FILE).read_text())
+    assert prune["config"]["dataset"] == str(root / "distill")
+    assert train["config"]["model"] == str(root / "drafters" / "pruned" / "prune")
+    assert train["inputs"]["pruned/prune"]["run_id"] == prune["run_id"]
+    report = json.loads((root / "study.json").read_text())
+    rows = {r["name"]: r for r in report["evaluations"]["mt"]["drafters"]}
+    assert set(rows) == {"none", "pruned", "sd2", "sd2-step2"}
+    assert all(r["lossless_mismatches"] == 0 for r in rows.values())
+    (comparison,) = report["comparisons"]
+    assert comparison["a"] == "sd2" and comparison["b"] == "pruned"
+    assert comparison["low"] <= comparison["ratio"] <= comparison["high"]
+    assert comparison["ratio"] == pytest.approx(rows["sd2"]["mal"] / rows["pruned"]["mal"])
+    assert set(comparison["per_category"]) == set(report["evaluations"]["mt"]["prompt_categories"])
+    published = (tmp_path / "s" / "published" / "study.md").read_text()
+    assert "sd2 vs pruned" in published and str(tmp_path) not in published
+    assert str(tmp_path) not in (tmp_path / "s" / "published" / "study.json").read_text()
+    assert (tmp_path / "s" / "published" / "mt-mal-vs-macs.png").is_file()
+
+    # A rerun builds nothing and measures nothing; a new drafter is the only one measured.
+    measured = []
+    real = runner.measure
+    monkeypatch.setattr(
+        runner,
+        "measure",
+        lambda b, plan, *a, **k: measured.append(plan.name) or real(b, plan, *a, **k),
+    )
+    capsys.readouterr()
+    assert sd2_main(["compare", str(path)]) == 0
+    assert measured == []
+    study = yaml.safe_load(path.read_text())
+    study["drafters"]["dense"] = {"model": str(tiny_model_dir)}
+    study["comparisons"].append("sd2 vs dense")
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert sd2_main(["compare", str(path)]) == 0
+    assert measured == ["dense"]
+    report = json.loads((root / "study.json").read_text())
+    assert {r["name"] for r in report["evaluations"]["mt"]["drafters"]} == {
+        "none",
+        "pruned",
+        "sd2",
+        "sd2-step2",
+        "dense",
+    }
+    assert [c["b"] for c in report["comparisons"]] == ["pruned", "dense"]
+
+    # A changed training section rebuilds that drafter (and the checkpoint drafter after it)
+    # only; --only builds and measures it alone, and the report still has every row.
+    measured.clear()
+    assert (
+        sd2_main(["compare", str(path), "drafters.sd2.train.learning_rate=0.02", "--only", "sd2"])
+        == 0
+    )
+    assert measured == ["sd2"]
+    again = json.loads((root / "drafters" / "sd2" / "train" / COMPLETE_FILE).read_text())
+    assert again["run_id"] != train["run_id"]
+    assert (
+        json.loads((root / "drafters" / "pruned" / "prune" / COMPLETE_FILE).read_text())["run_id"]
+        == prune["run_id"]
+    )
+
+    # The report renders again from the published study.json alone.
+    published = (tmp_path / "s" / "published" / "study.md").read_text()
+    (tmp_path / "s" / "published" / "study.md").unlink()
+    assert sd2_main(["compare", str(path), "output=elsewhere", "--report-only"]) == 0
+    assert (tmp_path / "s" / "published" / "study.md").read_text() == published
+
+
+def test_resumes_an_interrupted_training(tmp_path, tiny_model_dir, monkeypatch):
+    from sd2_hf.training.trainer import SD2Trainer
+
+    evaluations = {"mt": {"prompts": "question.jsonl", "max_new_tokens": 4, "baselines": ["none"]}}
+    path = write_study(tmp_path / "s", tiny_model_dir, evaluations=evaluations)
+    real = SD2Trainer.training_step
+
+    def dies_after_step_2(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise KeyboardInterrupt  # checkpoint-2 is written, the stage's record is not
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SD2Trainer, "training_step", dies_after_step_2)
+    assert sd2_main(["compare", str(path), "--only", "sd2"]) == 130
+    monkeypatch.setattr(SD2Trainer, "training_step", real)
+    assert sd2_main(["compare", str(path), "--only", "sd2"]) == 0
+    train = tmp_path / "s" / "out" / "drafters" / "sd2" / "train"
+    record = json.loads((train / COMPLETE_FILE).read_text())
+    assert record["resumed"] is True and record["result"]["global_step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"drafters": {"sd2": {"train": {"max_stepz": 3}}}},
+            "unknown key 'max_stepz' in section 'train'",
+        ),
+        ({"drafters": {"a": {"model": "b"}, "b": {"model": "a"}}}, "cycle: a -> b -> a"),
+        ({"comparisons": ["sd2 vs nothing"]}, "'nothing', which is not a drafter"),
+        ({"evaluations": {"mt": {"num_draft_tokens": 0}}}, "evaluations.mt.num_draft_tokens"),
+        ({"drafters": {"x": {"checkpoint": 2}}}, "drafters.x.checkpoint"),
+        ({"evaluation": {}}, "unknown key 'evaluation'"),
+    ],
+)
+def test_a_bad_study_gives_one_message_naming_the_key(
+    tmp_path, tiny_model_dir, sd2_fails, change, message
+):
+    path = write_study(tmp_path / "s", tiny_model_dir, **change)
+    err = sd2_fails(["compare", path, "--dry-run"])
+    assert message in err
+    assert not (tmp_path / "s" / "out").exists()
+
+
+def test_dry_run_lists_every_stage(tmp_path, tiny_model_dir, capsys):
+    path = write_study(tmp_path / "s", tiny_model_dir)
+    plans, planned = plan_study(load_study(path))
+    assert [p.key for p in plans] == ["distill", "pruned/prune", "sd2/train"]
+    assert planned["sd2-step2"].path.endswith("drafters/sd2/train/checkpoints/checkpoint-2")
+    assert sd2_main(["compare", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sd2/train" in out and "would run" in out
+    assert not (tmp_path / "s" / "out").exists()
