@@ -132,6 +132,22 @@ def test_prompt_length_policy_and_category_spread():
     assert sorted(q.category for q in picked) == ["a", "a", "b", "b", "c"]
 
 
+def test_offset_skips_the_first_rows(tmp_path):
+    import json
+
+    import tiny
+
+    from sd2_hf.evaluation.prompts import load_questions
+
+    path = tmp_path / "c.jsonl"
+    rows = tiny.conversations(6)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    later, _ = load_questions(EvalConfig(target="t", prompts=str(path), offset=4))
+    assert [q.turns[0] for q in later] == [r["messages"][0]["content"] for r in rows[4:]]
+    with pytest.raises(ValueError, match="from row 6 on"):
+        load_questions(EvalConfig(target="t", prompts=str(path), offset=6))
+
+
 # --- transformers backend ---------------------------------------------------------------
 
 

@@ -63,6 +63,12 @@ class EvalConfig(BaseModel):
         "target's own greedy replies, so every drafter sees the same conversation).",
     )
     limit: int | None = Field(default=None, gt=0, description="Use at most this many questions.")
+    offset: int = Field(
+        default=0,
+        ge=0,
+        description="Skip the first N rows of `prompts` before `limit` (held-out prompts past the "
+        "ones a drafter was trained on, e.g. ShareGPT from row 2000).",
+    )
     backend: Literal["transformers", "vllm"] = Field(
         default="transformers",
         description="transformers assisted generation (in-process) or vLLM speculative decoding "

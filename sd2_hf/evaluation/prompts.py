@@ -103,8 +103,12 @@ def load_questions(config: EvalConfig) -> tuple[list[Question], dict[str, int]]:
             turns = [m["content"] for m in messages if m["role"] == "user"]
             questions.append(Question(str(row["id"]), "all", turns, system))
         skipped = dict(result.skipped)
+    questions = questions[config.offset :]
     if not questions:
-        raise ValueError(f"no usable prompts in {config.prompts!r} (skipped rows: {skipped})")
+        raise ValueError(
+            f"no usable prompts in {config.prompts!r} from row {config.offset} on "
+            f"(skipped rows: {skipped})"
+        )
     return _spread(questions, config.limit), skipped
 
 

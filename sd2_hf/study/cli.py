@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"sd2 compare {study.name} (dry run): {study.root}")
         for outcome in result["outcomes"]:
-            print(f"  {outcome.name:<28}{outcome.status:<14}{outcome.reason}")
+            print(f"  {outcome.name:<30} {outcome.status:<14}{outcome.reason}")
     return 0
 
 

@@ -34,7 +34,13 @@ ROW_FIELDS = (
     "lossless_mismatches",
     "per_prompt",
 )
-SAMPLED_ROW_FIELDS = ("mal", "improvement_factor", "tokens_per_second", "per_prompt")
+SAMPLED_ROW_FIELDS = (
+    "mal",
+    "mal_per_category",
+    "improvement_factor",
+    "tokens_per_second",
+    "per_prompt",
+)
 
 
 def _row(row: dict[str, Any]) -> dict[str, Any]:
@@ -67,16 +73,32 @@ def _evaluation(directory: Path) -> dict[str, Any] | None:
     }
 
 
-def _ratio(a: list, b: list, categories: list[str] | None) -> dict[str, Any] | None:
-    overall = mal_ratio_interval(a, b)
+def _ratio(a: dict[str, Any], b: dict[str, Any], categories: list[str] | None) -> dict | None:
+    """MAL(a) / MAL(b) with its paired-bootstrap interval, overall and per category; from the
+    MALs alone (no interval) for rows without per-prompt counts (reports converted from an
+    earlier bench)."""
+    overall = mal_ratio_interval(a.get("per_prompt") or [], b.get("per_prompt") or [])
     if overall is None:
-        return None
+        if not a.get("mal") or not b.get("mal"):
+            return None
+        per_category = {
+            c: (m / b["mal_per_category"][c], None, None)
+            for c, m in sorted((a.get("mal_per_category") or {}).items())
+            if m and (b.get("mal_per_category") or {}).get(c)
+        }
+        return {
+            "ratio": a["mal"] / b["mal"],
+            "low": None,
+            "high": None,
+            "per_category": per_category,
+        }
     per_category = {}
-    if categories and len(categories) == len(a):
+    pa, pb = a["per_prompt"], b["per_prompt"]
+    if categories and len(categories) == len(pa):
         for category in sorted(set(categories)):
             index = [i for i, c in enumerate(categories) if c == category]
             per_category[category] = mal_ratio_interval(
-                [a[i] for i in index], [b[i] for i in index]
+                [pa[i] for i in index], [pb[i] for i in index]
             )
     return {
         "ratio": overall[0],
@@ -95,13 +117,13 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
             rows = {r["name"]: r for r in ev["drafters"]}
             if a not in rows or b not in rows:
                 continue
-            runs = [("greedy" if not ev["temperature"] else f"T={ev['temperature']:g}", "")]
+            runs = [("greedy" if not ev["temperature"] else f"T={ev['temperature']:g}", None)]
             runs += [(f"T={t}", t) for t in rows[a]["sampled"] if t in rows[b]["sampled"]]
             for label, t in runs:
-                ra, rb = (
-                    (rows[a], rows[b]) if not t else (rows[a]["sampled"][t], rows[b]["sampled"][t])
-                )
-                ratio = _ratio(ra["per_prompt"], rb["per_prompt"], ev["prompt_categories"])
+                ra, rb = rows[a], rows[b]
+                if t is not None:
+                    ra, rb = ra["sampled"][t], rb["sampled"][t]
+                ratio = _ratio(ra, rb, ev["prompt_categories"])
                 if ratio is not None:
                     out.append({"a": a, "b": b, "evaluation": name, "decoding": label, **ratio})
     return out
@@ -142,7 +164,11 @@ def build_report(study: Any, planned: dict[str, Any], seconds: float | None) -> 
 
 
 def _interval(c: dict[str, Any] | None) -> str:
-    return "-" if not c else f"×{c['ratio']:.3f} [{c['low']:.3f}–{c['high']:.3f}]"
+    if not c:
+        return "-"
+    if c["low"] is None:
+        return f"×{c['ratio']:.3f} (no per-prompt counts)"
+    return f"×{c['ratio']:.3f} [{c['low']:.3f}–{c['high']:.3f}]"
 
 
 def _evaluation_table(ev: dict[str, Any]) -> list[str]:
@@ -170,9 +196,8 @@ def _evaluation_table(ev: dict[str, Any]) -> list[str]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Study: {report['name']}", "", report["description"], ""]
-    lines += [
-        f"Target: `{report['target']}`. Built and measured by `sd2 compare` on {report['date']}."
-    ]
+    made = report.get("provenance") or f"Built and measured by `sd2 compare` on {report['date']}."
+    lines += [f"Target: `{report['target']}`. {made}"]
     lines += ["", "## Drafters", ""]
     lines += _table(
         ["drafter", "built as", "stage minutes", "what for"],
