@@ -526,22 +526,11 @@ def _run(
     loaded: LoadResult,
     target: Callable[[], str],
 ) -> DistillResult:
+    """Distill the rows the journal has not committed yet, then write the manifest and the
+    dataset card from the journal's account of every input row."""
     wall_start, started_at = time.perf_counter(), _now()
     _prepare_output(output, config, _identity(config, backend, target))
-    ids = Counter(r["id"] for r in loaded.rows)
-    duplicates = [i for i, n in ids.items() if n > 1]
-    if duplicates:
-        raise ValueError(
-            f"{config.source}: row ids must be unique to account for and resume every row; "
-            f"{len(duplicates)} ids repeat (e.g. {duplicates[:3]})"
-        )
-    if loaded.skipped:
-        logger.warning(
-            "%s: the loader skipped %d malformed rows: %s",
-            config.source,
-            sum(loaded.skipped.values()),
-            dict(loaded.skipped),
-        )
+    _check_rows(config, loaded)
     atomic_write_text(output / "README.md", _dataset_card(config, None))
     journal = _Journal(output)
     pending = [
@@ -560,24 +549,110 @@ def _run(
     if pending:
         if backend is None:
             target_path = target()
-        opened = _open_backend(config, target_path, output) if backend is None else _as_is(backend)
-        with opened as active:
-            progress = _Progress(total=len(pending))
-            try:
-                for start in range(0, len(pending), config.shard_size):
-                    window = pending[start : start + config.shard_size]
-                    _distill_window(
-                        window, active, config, progress.on_result, progress.on_row_done
-                    )
-                    journal.commit(window)
-                    failures += [r for r in window if r.status == "failed"]
-            finally:
-                progress.close()
-            generated, gen_time = progress.tokens, progress.elapsed
-            versions.update(active.versions())
+        failures, generated, gen_time = _distill_pending(
+            config, backend, target_path, output, pending, journal, versions
+        )
 
-    input_ids = set(ids)
+    input_ids = {r["id"] for r in loaded.rows}
     latest = {i: e for i, e in journal.latest.items() if i in input_ids}
+    counts = _counts(latest, loaded)
+    tokens_per_second = generated / gen_time if gen_time > 0 else 0.0
+    wall = time.perf_counter() - wall_start
+    result = DistillResult(
+        output=str(output),
+        input=counts["input"],
+        written=counts["written"],
+        filtered=counts["filtered"],
+        failed=counts["failed"],
+        filtered_by_reason=counts["filtered_by_reason"],
+        failed_by_reason=counts["failed_by_reason"],
+        kept_original_by_reason=counts["kept_original_by_reason"],
+        loader_skipped=counts["loader_skipped"],
+        resumed=resumed,
+        generated_tokens=generated,
+        tokens_per_second=tokens_per_second,
+        wall_time_s=wall,
+        data_files=[str(output / s) for s in journal.shards],
+    )
+    this_run = {
+        "start_time": started_at,
+        "end_time": _now(),
+        "wall_time_s": round(wall, 3),
+        "generation_time_s": round(gen_time, 3),
+        "rows_processed": len(pending),
+        "rows_resumed": resumed,
+        "generated_tokens": generated,
+        "tokens_per_second": round(tokens_per_second, 2),
+        "batch_size": config.batch_size,
+        "concurrency": config.concurrency,
+        "server_urls": config.server_urls,
+    }
+    manifest = _manifest(
+        config,
+        target_path=target_path,
+        counts=counts,
+        complete=result.complete,
+        failures=failures,
+        shards=journal.shards,
+        this_run=this_run,
+        latest=latest,
+        versions=versions,
+    )
+    atomic_write_json(output / MANIFEST_FILE, manifest)
+    atomic_write_text(output / "README.md", _dataset_card(config, counts))
+    return result
+
+
+def _check_rows(config: DistillConfig, loaded: LoadResult) -> None:
+    """Row ids must be unique (`ValueError` otherwise); rows the loader skipped are logged."""
+    ids = Counter(r["id"] for r in loaded.rows)
+    duplicates = [i for i, n in ids.items() if n > 1]
+    if duplicates:
+        raise ValueError(
+            f"{config.source}: row ids must be unique to account for and resume every row; "
+            f"{len(duplicates)} ids repeat (e.g. {duplicates[:3]})"
+        )
+    if loaded.skipped:
+        logger.warning(
+            "%s: the loader skipped %d malformed rows: %s",
+            config.source,
+            sum(loaded.skipped.values()),
+            dict(loaded.skipped),
+        )
+
+
+def _distill_pending(
+    config: DistillConfig,
+    backend: GenerationBackend | None,
+    target_path: str,
+    output: Path,
+    pending: list[_Row],
+    journal: _Journal,
+    versions: dict[str, Any],
+) -> tuple[list[_Row], int, float]:
+    """Distill `pending` one shard at a time, each committed to the journal when done, with
+    `backend` or else the one `config` opens; adds the backend's versions to `versions`.
+    Returns the failed rows, the tokens generated and the generation time."""
+    failures: list[_Row] = []
+    opened = _open_backend(config, target_path, output) if backend is None else _as_is(backend)
+    with opened as active:
+        progress = _Progress(total=len(pending))
+        try:
+            for start in range(0, len(pending), config.shard_size):
+                window = pending[start : start + config.shard_size]
+                _distill_window(window, active, config, progress.on_result, progress.on_row_done)
+                journal.commit(window)
+                failures += [r for r in window if r.status == "failed"]
+        finally:
+            progress.close()
+        generated, gen_time = progress.tokens, progress.elapsed
+        versions.update(active.versions())
+    return failures, generated, gen_time
+
+
+def _counts(latest: dict[str, dict[str, Any]], loaded: LoadResult) -> dict[str, Any]:
+    """Written, filtered and failed rows (with their reasons) of the input, from the journal's
+    latest entry per row; `RuntimeError` when they do not add up to the input."""
     by_status = Counter(e["status"] for e in latest.values())
     counts = {
         "input": len(loaded.rows),
@@ -604,25 +679,23 @@ def _run(
     }
     if counts["written"] + counts["filtered"] + counts["failed"] != counts["input"]:
         raise RuntimeError(f"distillation accounting does not close: {counts}")
-    tokens_per_second = generated / gen_time if gen_time > 0 else 0.0
-    wall = time.perf_counter() - wall_start
-    result = DistillResult(
-        output=str(output),
-        input=counts["input"],
-        written=counts["written"],
-        filtered=counts["filtered"],
-        failed=counts["failed"],
-        filtered_by_reason=counts["filtered_by_reason"],
-        failed_by_reason=counts["failed_by_reason"],
-        kept_original_by_reason=counts["kept_original_by_reason"],
-        loader_skipped=counts["loader_skipped"],
-        resumed=resumed,
-        generated_tokens=generated,
-        tokens_per_second=tokens_per_second,
-        wall_time_s=wall,
-        data_files=[str(output / s) for s in journal.shards],
-    )
-    manifest = {
+    return counts
+
+
+def _manifest(
+    config: DistillConfig,
+    *,
+    target_path: str,
+    counts: dict[str, Any],
+    complete: bool,
+    failures: list[_Row],
+    shards: list[str],
+    this_run: dict[str, Any],
+    latest: dict[str, dict[str, Any]],
+    versions: dict[str, Any],
+) -> dict[str, Any]:
+    """The content of manifest.json: settings, counts, shards, this run's figures, versions."""
+    return {
         "target": config.target,
         "target_path": target_path,
         "source": config.source,
@@ -637,31 +710,16 @@ def _run(
             "max_prompt_tokens": config.max_prompt_tokens,
         },
         "counts": counts,
-        "complete": result.complete,
+        "complete": complete,
         "failed_examples": [{"id": r.id, "error": r.error} for r in failures[:5]],
-        "shards": journal.shards,
-        "this_run": {
-            "start_time": started_at,
-            "end_time": _now(),
-            "wall_time_s": round(wall, 3),
-            "generation_time_s": round(gen_time, 3),
-            "rows_processed": len(pending),
-            "rows_resumed": resumed,
-            "generated_tokens": generated,
-            "tokens_per_second": round(tokens_per_second, 2),
-            "batch_size": config.batch_size,
-            "concurrency": config.concurrency,
-            "server_urls": config.server_urls,
-        },
+        "shards": shards,
+        "this_run": this_run,
         "total_generated_tokens": sum(e.get("tokens", 0) for e in latest.values()),
         "config": config.model_dump(),
         "command": sys.argv,
         "git": git_revision(),
         "versions": versions,
     }
-    atomic_write_json(output / MANIFEST_FILE, manifest)
-    atomic_write_text(output / "README.md", _dataset_card(config, counts))
-    return result
 
 
 @contextmanager

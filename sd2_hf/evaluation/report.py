@@ -66,15 +66,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: a summary table, MAL per category and acceptance per position."""
     drafters = report["drafters"]
-    k = report["num_draft_tokens"]
+    lines = _intro(report)
+    lines += _summary_table(drafters)
+    lines += _mal_per_category_section(drafters, report["categories"])
+    lines += _acceptance_per_position_section(drafters)
+    lines += _sampled_section(report)
+    lines += _draft_length_section(drafters, report["num_draft_tokens"])
+    lines += _accounting_section(report)
+    return "\n".join(lines)
+
+
+def _intro(report: dict[str, Any]) -> list[str]:
+    """The title and one paragraph on the run's settings (backend, K, prompts, MACs)."""
     prompts = report["prompts"]
-    lines = [
+    return [
         f"# Speculative decoding evaluation: {report['target']}",
         "",
-        f"Backend **{report['backend']}**, K = {k} draft tokens, max {report['max_new_tokens']} "
-        f"new tokens, temperature {report['temperature']}, {report['num_prompts']} prompts "
-        f"({prompts['source']}, turns: {prompts['turns']}). MACs at context length "
-        f"{report['macs_context_length']}; target {fmt(report['target_macs'])} MACs per token."
+        f"Backend **{report['backend']}**, K = {report['num_draft_tokens']} draft tokens, max "
+        f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}, "
+        f"{report['num_prompts']} prompts ({prompts['source']}, turns: {prompts['turns']}). "
+        f"MACs at context length {report['macs_context_length']}; target "
+        f"{fmt(report['target_macs'])} MACs per token."
         + (
             f" Drafted prompts sent {report['config']['concurrency']} at a time per category "
             "(tokens/s is server throughput)."
@@ -83,6 +95,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         ),
         "",
     ]
+
+
+def _summary_table(drafters: list[dict[str, Any]]) -> list[str]:
+    """One row per drafter: MAL, accepted tokens, MACs, improvement factor, speed, lossless."""
     header = [
         "drafter",
         "kind",
@@ -112,86 +128,123 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         for d in drafters
     ]
-    lines += _table(header, rows)
-    categories = report["categories"]
-    lines += ["", "## MAL per category", ""]
-    lines += _table(
-        ["drafter", *categories],
-        [[d["name"], *(fmt(d["mal_per_category"].get(c)) for c in categories)] for d in drafters],
-    )
+    return _table(header, rows)
+
+
+def _mal_per_category_section(drafters: list[dict[str, Any]], categories: list[str]) -> list[str]:
+    """`## MAL per category`: one column per prompt category."""
+    return [
+        "",
+        "## MAL per category",
+        "",
+        *_table(
+            ["drafter", *categories],
+            [
+                [d["name"], *(fmt(d["mal_per_category"].get(c)) for c in categories)]
+                for d in drafters
+            ],
+        ),
+    ]
+
+
+def _acceptance_per_position_section(drafters: list[dict[str, Any]]) -> list[str]:
+    """`## Acceptance rate per draft position`, padded with '-'; nothing without positions."""
     positions = max((len(d["acceptance_per_position"]) for d in drafters), default=0)
-    if positions:
-        lines += ["", "## Acceptance rate per draft position", ""]
-        lines += _table(
+    if not positions:
+        return []
+    return [
+        "",
+        "## Acceptance rate per draft position",
+        "",
+        *_table(
             ["drafter", *(f"pos {i + 1}" for i in range(positions))],
             [
                 [d["name"], *(fmt(a) for a in d["acceptance_per_position"])]
                 + ["-"] * (positions - len(d["acceptance_per_position"]))
                 for d in drafters
             ],
-        )
-    sampled_temperatures = report.get("sampled_temperatures") or []
-    sampled_rows = [d for d in drafters if d.get("sampled")]
-    if sampled_temperatures and sampled_rows:
-        lines += [
-            "",
-            "## Sampled decoding (speculative sampling)",
-            "",
-            "The same prompts with the target sampling at each temperature (whole distribution, "
-            "no top-k/top-p) and the drafter's tokens accepted by the speculative-sampling rule, "
-            f"so the output keeps the target's distribution; seed {report['config']['seed']}. "
-            "Greedy is the main table's run.",
-            "",
-        ]
-        header = ["drafter", "MAL greedy"]
-        for t in sampled_temperatures:
-            header += [f"MAL T={t:g}", f"improvement T={t:g}", f"tokens/s T={t:g}"]
-        table = []
-        for d in sampled_rows:
-            cells = [d["name"], fmt(d["mal"])]
-            for t in sampled_temperatures:
-                run = d["sampled"].get(f"{t:g}", {})
-                cells += [
-                    fmt(run.get("mal")),
-                    fmt(run.get("improvement_factor")),
-                    fmt(run.get("tokens_per_second"), 1),
-                ]
-            table.append(cells)
-        lines += _table(header, table)
+        ),
+    ]
+
+
+def _sampled_section(report: dict[str, Any]) -> list[str]:
+    """`## Sampled decoding`: MAL, improvement and tokens/s per sampling temperature; nothing
+    when no temperature was sampled or no drafter has sampled runs."""
+    temperatures = report.get("sampled_temperatures") or []
+    sampled_rows = [d for d in report["drafters"] if d.get("sampled")]
+    if not (temperatures and sampled_rows):
+        return []
+    header = ["drafter", "MAL greedy"]
+    for t in temperatures:
+        header += [f"MAL T={t:g}", f"improvement T={t:g}", f"tokens/s T={t:g}"]
+    table = []
+    for d in sampled_rows:
+        cells = [d["name"], fmt(d["mal"])]
+        for t in temperatures:
+            run = d["sampled"].get(f"{t:g}", {})
+            cells += [
+                fmt(run.get("mal")),
+                fmt(run.get("improvement_factor")),
+                fmt(run.get("tokens_per_second"), 1),
+            ]
+        table.append(cells)
+    return [
+        "",
+        "## Sampled decoding (speculative sampling)",
+        "",
+        "The same prompts with the target sampling at each temperature (whole distribution, "
+        "no top-k/top-p) and the drafter's tokens accepted by the speculative-sampling rule, "
+        f"so the output keeps the target's distribution; seed {report['config']['seed']}. "
+        "Greedy is the main table's run.",
+        "",
+        *_table(header, table),
+    ]
+
+
+def _draft_length_section(drafters: list[dict[str, Any]], k: int) -> list[str]:
+    """`## Draft length K`: MAL / improvement factor at each swept K, the best K in bold;
+    nothing when no drafter has a sweep."""
     swept = [d for d in drafters if d.get("draft_length_sweep")]
-    if swept:
-        ks = sorted({s["num_draft_tokens"] for d in swept for s in d["draft_length_sweep"]})
-        lines += [
-            "",
-            "## Draft length K (greedy)",
-            "",
-            "MAL and improvement factor MAL / (K · relative MACs + 1) at each K, from one "
-            "teacher-forced drafter pass over the target's greedy output with the step rule of "
-            "transformers assisted generation (`sd2_hf.evaluation.forced`). **Bold**: the K "
-            "with the best improvement factor (`best K`, which `sd2 export --eval-json` writes "
-            f"into generation_config.json). `measured` is this report's run at K = {k}.",
-            "",
-        ]
-        table = []
-        for d in swept:
-            by_k = {s["num_draft_tokens"]: s for s in d["draft_length_sweep"]}
-            cells = [d["name"], fmt(d.get("best_num_draft_tokens")), fmt(d["mal"])]
-            for kk in ks:
-                s = by_k.get(kk)
-                cell = (
-                    "-"
-                    if s is None or s["mal"] is None
-                    else f"{fmt(s['mal'])} / {fmt(s.get('improvement_factor'))}"
-                )
-                best = kk == d.get("best_num_draft_tokens")
-                cells.append(f"**{cell}**" if best else cell)
-            table.append(cells)
-        lines += _table(
+    if not swept:
+        return []
+    ks = sorted({s["num_draft_tokens"] for d in swept for s in d["draft_length_sweep"]})
+    table = []
+    for d in swept:
+        by_k = {s["num_draft_tokens"]: s for s in d["draft_length_sweep"]}
+        cells = [d["name"], fmt(d.get("best_num_draft_tokens")), fmt(d["mal"])]
+        for kk in ks:
+            s = by_k.get(kk)
+            cell = (
+                "-"
+                if s is None or s["mal"] is None
+                else f"{fmt(s['mal'])} / {fmt(s.get('improvement_factor'))}"
+            )
+            best = kk == d.get("best_num_draft_tokens")
+            cells.append(f"**{cell}**" if best else cell)
+        table.append(cells)
+    return [
+        "",
+        "## Draft length K (greedy)",
+        "",
+        "MAL and improvement factor MAL / (K · relative MACs + 1) at each K, from one "
+        "teacher-forced drafter pass over the target's greedy output with the step rule of "
+        "transformers assisted generation (`sd2_hf.evaluation.forced`). **Bold**: the K "
+        "with the best improvement factor (`best K`, which `sd2 export --eval-json` writes "
+        f"into generation_config.json). `measured` is this report's run at K = {k}.",
+        "",
+        *_table(
             ["drafter", "best K", f"MAL measured (K = {k})", *(f"K={kk} MAL / IF" for kk in ks)],
             table,
-        )
+        ),
+    ]
+
+
+def _accounting_section(report: dict[str, Any]) -> list[str]:
+    """`## Accounting`: prompts evaluated, truncated and skipped, and how MAL, the improvement
+    factor and the speedup are computed."""
+    prompts = report["prompts"]
     skipped = ", ".join(f"{r}: {n}" for r, n in prompts["skipped"].items()) or "none"
-    lines += [
+    return [
         "",
         "## Accounting",
         "",
@@ -202,7 +255,6 @@ def to_markdown(report: dict[str, Any]) -> str:
         "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _drafted(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -581,22 +581,74 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
     questions, loader_skipped = load_questions(config)
     limit = length_limit(config, [target_path] + [p.path for p in plans if p.kind == "model"])
     backend = make_backend(config, target_path, tokenizer, limit, output)
-    room = limit - config.max_new_tokens
     served = _served_dtype(config, target_path)
     journal = _EvalJournal(output, config, target_path, served)
-    resumed = journal.load_reference()
-    if resumed is None:
-        prompts, reference, counts = build_prompts(
-            questions,
-            tokenizer,
-            config,
-            room,
-            backend if _needs_reference(config) else None,
-        )
-        journal.save_reference(prompts, reference, counts)
-    else:
-        prompts, reference, counts = resumed
+    prompts, reference, counts = _reference_run(
+        config, journal, questions, tokenizer, limit - config.max_new_tokens, backend
+    )
     target_macs = count_macs(target_path, config.macs_context_length).total
+    rows = _measure_rows(config, backend, plans, prompts, reference, journal, target_macs)
+    if not report:
+        return {"drafters": rows}
+
+    result = _report_dict(
+        config,
+        target_path=target_path,
+        prompts=prompts,
+        counts=counts,
+        loader_skipped=loader_skipped,
+        limit=limit,
+        target_macs=target_macs,
+        rows=rows,
+        served=served,
+        backend=backend,
+        journal=journal,
+    )
+    write_report(result, output)
+    journal.finish()
+    print(to_markdown(result).split("\n## MAL per category")[0])
+    print(f"written to {output}/ (eval.json, eval.md, plots)")
+    return result
+
+
+def _reference_run(
+    config: EvalConfig,
+    journal: _EvalJournal,
+    questions: list[Question],
+    tokenizer,
+    room: int,
+    backend: Backend,
+) -> tuple[list[Prompt], list[Generation] | None, PromptCounts]:
+    """The prompts, the target's reference run and the prompt counts: those of the journal's
+    eval-reference.json when a run with the same settings left one, else built (the target
+    decoding alone where the evaluation needs it) and saved there."""
+    resumed = journal.load_reference()
+    if resumed is not None:
+        return resumed
+    prompts, reference, counts = build_prompts(
+        questions,
+        tokenizer,
+        config,
+        room,
+        backend if _needs_reference(config) else None,
+    )
+    journal.save_reference(prompts, reference, counts)
+    return prompts, reference, counts
+
+
+def _measure_rows(
+    config: EvalConfig,
+    backend: Backend,
+    plans: list[DrafterPlan],
+    prompts: list[Prompt],
+    reference: list[Generation] | None,
+    journal: _EvalJournal,
+    target_macs: int,
+) -> list[dict[str, Any]]:
+    """One row per baseline and drafter, with its costs and speedup: rows the journal kept are
+    reused, the others measured (greedy, sampled temperatures, draft-length sweep) and kept."""
+    from sd2_hf.evaluation.macs import count_macs
+
     rows = []
     if "none" in config.baselines:
         rows.append(_baseline_row(prompts, reference))
@@ -619,12 +671,25 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
     for row in rows:
         speed = row["tokens_per_second"]
         row["speedup"] = speed / base_speed if base_speed and speed else None
+    return rows
 
-    if not report:
-        return {"drafters": rows}
 
-    categories = sorted({p.category for p in prompts})
-    result = {
+def _report_dict(
+    config: EvalConfig,
+    *,
+    target_path: str,
+    prompts: list[Prompt],
+    counts: PromptCounts,
+    loader_skipped: dict[str, int],
+    limit: int,
+    target_macs: int,
+    rows: list[dict[str, Any]],
+    served: str,
+    backend: Backend,
+    journal: _EvalJournal,
+) -> dict[str, Any]:
+    """The report (the content of eval.json): settings, prompt accounting, costs and rows."""
+    return {
         "target": config.target,
         "target_path": target_path,
         "backend": config.backend,
@@ -633,7 +698,7 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         "temperature": config.temperature,
         "sampled_temperatures": config.sampled_temperatures,
         "num_prompts": len(prompts),
-        "categories": categories,
+        "categories": sorted({p.category for p in prompts}),
         "prompts": {
             "source": config.prompts,
             "turns": config.turns,
@@ -655,8 +720,3 @@ def run_eval(config: EvalConfig, *, report: bool = True) -> dict[str, Any]:
         # settings reuses these rows and measures only drafters not here (_EvalJournal).
         "journal": journal.record(),
     }
-    write_report(result, output)
-    journal.finish()
-    print(to_markdown(result).split("\n## MAL per category")[0])
-    print(f"written to {output}/ (eval.json, eval.md, plots)")
-    return result

@@ -17,10 +17,12 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd2_hf.export.config import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -31,6 +33,9 @@ from sd2_hf.export.config import (
 )
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
 from sd2_hf.utils.verbosity import llmcompressor_logging
+
+if TYPE_CHECKING:
+    from sd2_hf.evaluation.macs import MacReport
 
 logger = logging.getLogger(__name__)
 
@@ -156,38 +161,16 @@ def run_export(config: ExportConfig) -> ExportResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sd2_hf.evaluation.macs import count_macs
-    from sd2_hf.export.evals import best_draft_length, load_eval_runs
+    from sd2_hf.export.evals import load_eval_runs
     from sd2_hf.pruning.masks import find_target_linears, sparsity_report
-    from sd2_hf.pruning.runner import versions
-    from sd2_hf.utils.models import resolve_model_path, vocabularies_differ
 
-    formats = available_formats()
-    if formats[config.format] is not None:
-        possible = [name for name, reason in formats.items() if reason is None]
-        raise ExportError(
-            f"format {config.format!r} cannot be produced in this environment: "
-            f"{formats[config.format]}. Formats it can produce: {', '.join(possible)}"
-        )
+    _check_format(config.format)
     output = Path(config.output).expanduser()
     _check_output(output, config.overwrite)
-    try:
-        drafter_path = resolve_model_path(config.drafter)
-    except FileNotFoundError as err:
-        raise ExportError(f"drafter: {err}") from None
-    if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
-        raise ExportError(
-            f"drafter {config.drafter} is already a compressed-tensors (quantized) checkpoint; "
-            "export from the unquantized sparse checkpoint instead"
-        )
-
+    drafter_path = _resolve_drafter(config.drafter)
     runs = load_eval_runs(config.eval_json, drafter_path, config.eval_drafter)
     target = config.target or (runs[0]["target"] if runs else None)
-    if config.num_draft_tokens is not None:
-        k, k_source = config.num_draft_tokens, "config"
-    elif runs:
-        k, k_source = best_draft_length(runs)
-    else:
-        k, k_source = DEFAULT_NUM_DRAFT_TOKENS, "default"
+    k, k_source = _draft_length(config, runs)
 
     with tqdm(total=5, desc=f"export {config.format}", unit="step") as bar:
         bar.set_postfix_str("load")
@@ -204,9 +187,7 @@ def run_export(config: ExportConfig) -> ExportResult:
             pruned = {name: module.weight == 0 for name, module in linears.items()}
         before = sparsity_report(model, config.targets, config.ignore)
         macs = count_macs(model, config.context_length)
-        target_path = resolve_model_path(target) if target else None
-        target_macs = count_macs(target_path, config.context_length) if target_path else None
-        uag = vocabularies_differ(target_path, drafter_path) if target_path else None
+        target_macs, uag = _target_costs(target, drafter_path, config.context_length)
         bar.update()
 
         model.generation_config.num_assistant_tokens = k
@@ -215,21 +196,9 @@ def run_export(config: ExportConfig) -> ExportResult:
             config.assistant_confidence_threshold
         )
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(
-            tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-        )
-        try:
+        with _staging_dir(output) as staging:
             bar.set_postfix_str("quantize" if config.format != "dense" else "save")
-            quantization = None
-            if config.format == "dense":
-                model.save_pretrained(staging)
-            else:
-                quantization = _quantize(model, config, group_size)
-                model.save_pretrained(staging, save_compressed=True)
-                written = read_json(staging / "config.json")["quantization_config"]
-                quantization["compressed_tensors_format"] = written["format"]
-            tokenizer.save_pretrained(staging)
+            quantization = _save_checkpoint(model, tokenizer, config, group_size, staging)
             del model
             bar.update()
 
@@ -241,57 +210,26 @@ def run_export(config: ExportConfig) -> ExportResult:
             bar.update()
 
             bar.set_postfix_str("metadata")
-            metadata = {
-                "sd2_hf_export": 1,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "format": config.format,
-                "quantization": quantization,
-                "drafter": config.drafter,
-                "target_model": target,
-                "uag": uag,
-                "assisted_generation": {
-                    "num_assistant_tokens": k,
-                    "num_assistant_tokens_schedule": "constant",
-                    "assistant_confidence_threshold": config.assistant_confidence_threshold,
-                    "source": k_source,
-                },
-                "sparsity": {
-                    "structure": before["structure"],
-                    "global_sparsity": before["global_sparsity"],
-                    "global_sparsity_after_roundtrip": after["global_sparsity"],
-                    "zeros_kept": zeros_kept,
-                    "before_export": before,
-                    "after_roundtrip": after,
-                },
-                "macs": {
-                    "context_length": config.context_length,
-                    "drafter": macs.total,
-                    "drafter_dense": macs.dense_total,
-                    "target": target_macs.total if target_macs else None,
-                    "relative_to_target": macs.total / target_macs.total if target_macs else None,
-                },
-                "checkpoint_bytes": checkpoint_bytes(staging),
-                "recipe": _recipe(drafter_path),
-                "eval": _eval_section(runs),
-                "card": {
-                    "model_name": config.model_name or output.name,
-                    "base_model": config.base_model or _hub_id(config.drafter),
-                    "license": config.license,
-                    "datasets": config.datasets,
-                    "repo_id": config.repo_id,
-                },
-                "versions": versions(),
-            }
+            metadata = _export_metadata(
+                config,
+                output,
+                staging,
+                drafter_path=drafter_path,
+                runs=runs,
+                target=target,
+                uag=uag,
+                k=k,
+                k_source=k_source,
+                quantization=quantization,
+                before=before,
+                after=after,
+                zeros_kept=zeros_kept,
+                macs=macs,
+                target_macs=target_macs,
+            )
             write_metadata_and_card(staging, metadata)
             bar.update()
-
-            if output.exists():
-                shutil.rmtree(output)
-            staging.rename(output)
-            bar.update()
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        bar.update()
 
     result = ExportResult(
         output=str(output),
@@ -305,6 +243,160 @@ def run_export(config: ExportConfig) -> ExportResult:
     )
     print(summary(metadata, output))
     return result
+
+
+def _check_format(format: str) -> None:
+    """Raise `ExportError` when this environment cannot produce `format`, naming why and the
+    formats it can produce."""
+    formats = available_formats()
+    if formats[format] is not None:
+        possible = [name for name, reason in formats.items() if reason is None]
+        raise ExportError(
+            f"format {format!r} cannot be produced in this environment: "
+            f"{formats[format]}. Formats it can produce: {', '.join(possible)}"
+        )
+
+
+def _resolve_drafter(drafter: str) -> str:
+    """The drafter's checkpoint path; `ExportError` when it cannot be found or is quantized
+    already."""
+    from sd2_hf.utils.models import resolve_model_path
+
+    try:
+        drafter_path = resolve_model_path(drafter)
+    except FileNotFoundError as err:
+        raise ExportError(f"drafter: {err}") from None
+    if Path(drafter_path).is_dir() and is_compressed_tensors_checkpoint(drafter_path):
+        raise ExportError(
+            f"drafter {drafter} is already a compressed-tensors (quantized) checkpoint; "
+            "export from the unquantized sparse checkpoint instead"
+        )
+    return drafter_path
+
+
+def _draft_length(config: ExportConfig, runs: list[dict[str, Any]]) -> tuple[int, str]:
+    """K and where it comes from: the config's, else the best measured in `runs`, else the
+    default."""
+    from sd2_hf.export.evals import best_draft_length
+
+    if config.num_draft_tokens is not None:
+        return config.num_draft_tokens, "config"
+    if runs:
+        return best_draft_length(runs)
+    return DEFAULT_NUM_DRAFT_TOKENS, "default"
+
+
+def _target_costs(
+    target: str | None, drafter_path: str, context_length: int
+) -> tuple[MacReport | None, bool | None]:
+    """The target's MACs at `context_length` and whether the drafter needs UAG with it (a
+    different vocabulary); (None, None) without a target."""
+    from sd2_hf.evaluation.macs import count_macs
+    from sd2_hf.utils.models import resolve_model_path, vocabularies_differ
+
+    target_path = resolve_model_path(target) if target else None
+    target_macs = count_macs(target_path, context_length) if target_path else None
+    uag = vocabularies_differ(target_path, drafter_path) if target_path else None
+    return target_macs, uag
+
+
+@contextmanager
+def _staging_dir(output: Path) -> Iterator[Path]:
+    """A fresh directory next to `output` to write the export into; renamed to `output` (which
+    it replaces) when the block succeeds, deleted when it fails or is interrupted."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    )
+    try:
+        yield staging
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _save_checkpoint(
+    model, tokenizer, config: ExportConfig, group_size: int | None, staging: Path
+) -> dict[str, Any] | None:
+    """Save the drafter (quantized first unless the format is dense) and its tokenizer to
+    `staging`; returns the quantization record (None for dense)."""
+    quantization = None
+    if config.format == "dense":
+        model.save_pretrained(staging)
+    else:
+        quantization = _quantize(model, config, group_size)
+        model.save_pretrained(staging, save_compressed=True)
+        written = read_json(staging / "config.json")["quantization_config"]
+        quantization["compressed_tensors_format"] = written["format"]
+    tokenizer.save_pretrained(staging)
+    return quantization
+
+
+def _export_metadata(
+    config: ExportConfig,
+    output: Path,
+    staging: Path,
+    *,
+    drafter_path: str,
+    runs: list[dict[str, Any]],
+    target: str | None,
+    uag: bool | None,
+    k: int,
+    k_source: str,
+    quantization: dict[str, Any] | None,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    zeros_kept: float,
+    macs: MacReport,
+    target_macs: MacReport | None,
+) -> dict[str, Any]:
+    """The content of sd2_drafter.json (the model card is rendered from it)."""
+    from sd2_hf.pruning.runner import versions
+
+    return {
+        "sd2_hf_export": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": config.format,
+        "quantization": quantization,
+        "drafter": config.drafter,
+        "target_model": target,
+        "uag": uag,
+        "assisted_generation": {
+            "num_assistant_tokens": k,
+            "num_assistant_tokens_schedule": "constant",
+            "assistant_confidence_threshold": config.assistant_confidence_threshold,
+            "source": k_source,
+        },
+        "sparsity": {
+            "structure": before["structure"],
+            "global_sparsity": before["global_sparsity"],
+            "global_sparsity_after_roundtrip": after["global_sparsity"],
+            "zeros_kept": zeros_kept,
+            "before_export": before,
+            "after_roundtrip": after,
+        },
+        "macs": {
+            "context_length": config.context_length,
+            "drafter": macs.total,
+            "drafter_dense": macs.dense_total,
+            "target": target_macs.total if target_macs else None,
+            "relative_to_target": macs.total / target_macs.total if target_macs else None,
+        },
+        "checkpoint_bytes": checkpoint_bytes(staging),
+        "recipe": _recipe(drafter_path),
+        "eval": _eval_section(runs),
+        "card": {
+            "model_name": config.model_name or output.name,
+            "base_model": config.base_model or _hub_id(config.drafter),
+            "license": config.license,
+            "datasets": config.datasets,
+            "repo_id": config.repo_id,
+        },
+        "versions": versions(),
+    }
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
