@@ -4,6 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Registers the `asset:<name>` resolver of `sd2_hf.utils.models.resolve_model_path`: every
+# import of a submodule runs this first, so an asset name resolves wherever a model is named.
+from sd2_hf import assets as _assets  # noqa: E402, F401
+
 # Public API, imported lazily so `import sd2_hf` (and the `sd2` CLI) stays fast.
 _LAZY = {
     "SD2Config": "sd2_hf.training.sd2_config",

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sd2_hf.utils.io import atomic_write_json, read_json
+from sd2_hf.utils.models import register_model_resolver
 from sd2_hf.utils.provenance import OMIT, package_versions
 
 logger = logging.getLogger(__name__)
@@ -798,6 +799,11 @@ def _resolve(name_or_path: str, kind: str) -> str:
 def resolve_model(name_or_path: str) -> str:
     """``asset:<model>`` → local checkpoint directory (fetched once); anything else unchanged."""
     return _resolve(name_or_path, "model")
+
+
+# Every stage resolves its models with `sd2_hf.utils.models.resolve_model_path`, which takes
+# `asset:` names through this (utils import nothing from the packages above them).
+register_model_resolver(resolve_model)
 
 
 def resolve_data(name_or_path: str) -> str:

@@ -125,6 +125,17 @@ def test_unknown_or_wrong_kind_asset_is_a_clear_error(sd2_home):
         assets.resolve_data("asset:gemma-3-270m")
 
 
+def test_every_stage_resolves_asset_names_through_the_registry(sd2_home):
+    # Stages resolve models with sd2_hf.utils.models, which imports nothing above utils:
+    # sd2_hf.assets registers its resolver there (the package's __init__ imports it).
+    from sd2_hf.utils.models import resolve_model_path
+
+    with pytest.raises(KeyError, match="unknown asset 'llama-9000'; known assets: smollm2"):
+        resolve_model_path("asset:llama-9000")
+    with pytest.raises(ValueError, match="is a dataset, not a model"):
+        resolve_model_path("asset:sharegpt")
+
+
 # --- cache --------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
-"""The package's import graph has no cycle: every `import` of an `sd2_hf` module, also those
-inside functions (a lazy import still ties two modules together), read from the source; only
-imports for type annotations (`if TYPE_CHECKING:`) are left out."""
+"""The package's import graph has no cycle, and `sd2_hf.utils` imports nothing above it: every
+`import` of an `sd2_hf` module, also those inside functions (a lazy import still ties two
+modules together), read from the source; only imports for type annotations
+(`if TYPE_CHECKING:`) are left out."""
 
 from __future__ import annotations
 
@@ -93,3 +94,33 @@ def test_sd2_hf_has_no_import_cycle():
     graph = import_graph()
     assert "sd2_hf.pipeline" in graph or "sd2_hf.pipeline.run" in graph
     assert cycles(graph) == []
+
+
+def upward_imports(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    """Module of `package` -> the sd2_hf modules outside `package` it imports (none: absent)."""
+
+    def inside(module: str) -> bool:
+        return module == package or module.startswith(f"{package}.")
+
+    found = {m: {t for t in targets if not inside(t)} for m, targets in graph.items() if inside(m)}
+    return {m: targets for m, targets in found.items() if targets}
+
+
+def test_the_checker_finds_an_upward_import():
+    graph = {
+        "sd2_hf": {"sd2_hf.assets"},
+        "sd2_hf.assets": {"sd2_hf.utils.models"},
+        "sd2_hf.utils": set(),
+        "sd2_hf.utils.models": {"sd2_hf.utils.io", "sd2_hf.assets", "sd2_hf"},
+        "sd2_hf.utils.io": set(),
+        "sd2_hf.utilsx": {"sd2_hf.assets"},
+    }
+    assert upward_imports(graph, "sd2_hf.utils") == {
+        "sd2_hf.utils.models": {"sd2_hf.assets", "sd2_hf"}
+    }
+
+
+def test_utils_import_nothing_above_them():
+    graph = import_graph()
+    assert "sd2_hf.utils.models" in graph and "sd2_hf.utils" in graph
+    assert upward_imports(graph, "sd2_hf.utils") == {}

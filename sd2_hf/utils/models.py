@@ -5,6 +5,7 @@ stage that uses them (distill, prune, train, export, eval, serve)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,18 @@ WHAT_TO_PASS = (
 )
 
 
+# Functions that turn a name of their own into a model directory, anything else unchanged:
+# `sd2_hf.assets` registers the one for `asset:<name>` when it is imported, which the package's
+# `__init__` does, so utils need not import a package above them.
+_name_resolvers: list[Callable[[str], str]] = []
+
+
+def register_model_resolver(resolver: Callable[[str], str]) -> None:
+    """Have `resolve_model_path` pass every name through `resolver` first (once per function)."""
+    if resolver not in _name_resolvers:
+        _name_resolvers.append(resolver)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """`asset:<name>` → its local directory, a checkpoint directory → its absolute path, a Hub
     id → itself once the Hub (or, offline, the local cache) serves its config.json.
@@ -24,9 +37,8 @@ def resolve_model_path(name_or_path: str) -> str:
     not after a dataset was loaded or a vLLM server started. A missing relative path such as
     `runs/x` looks like a Hub id (org/name); it is asked of the Hub, and the message names both.
     """
-    from sd2_hf import assets
-
-    name_or_path = assets.resolve_model(name_or_path)
+    for resolver in _name_resolvers:
+        name_or_path = resolver(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
