@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sd2_hf.data.backends import Sampling
 from sd2_hf.data.loaders import RowFormat
+from sd2_hf.utils.models import Dtype
 
 DEFAULT_META_PHRASES = [
     "reference answer",
@@ -101,7 +102,7 @@ class DistillConfig(BaseModel):
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: in-process; vllm: OpenAI-compatible server(s)"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto",
         description="model dtype (both backends); with `auto` a vLLM server we start computes "
         "a float32 target in float32 on a CPU without bf16 instructions, else in vLLM's choice",

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sd2_hf.utils.models import Dtype
+
 BASELINES = ("none", "ngram")
 # A drafter entry `name=path`: the name is a plain word, so Hub ids (`org/model`), paths and
 # `asset:` names, which never have `=` before a `/` or `:`, are left whole.
@@ -119,7 +121,7 @@ class EvalConfig(BaseModel):
         description="Length limit (prompt + new tokens); default: the smallest "
         "max_position_embeddings of target and drafters.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         default="auto",
         description="Weights dtype for both backends. `auto`: transformers loads the checkpoint's "
         "dtype; vLLM picks its own (bf16 for float32 checkpoints), except on a CPU without bf16 "

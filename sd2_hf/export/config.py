@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2_hf.utils.models import Dtype
+
 METADATA_FILE = "sd2_drafter.json"
 DEFAULT_NUM_DRAFT_TOKENS = 4
 ExportFormat = Literal["dense", "w8a8", "w4a16", "fp8"]
@@ -62,7 +64,7 @@ class ExportConfig(BaseModel):
         description="`assistant_confidence_threshold` for transformers assisted generation; 0 "
         "drafts all K tokens every step (as vLLM does and as MAL is measured)",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="dtype of the written (non-quantized) weights; `auto`: as stored"
     )
     targets: list[str] = Field(

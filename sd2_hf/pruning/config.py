@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sd2_hf.utils.models import Dtype
+
 DEFAULT_RECIPE = "sparsegpt-50"
 
 
@@ -72,9 +74,7 @@ class PruneConfig(BaseModel):
         description="cheaper head: prune the (untied) head to this unstructured sparsity with "
         "SparseGPT, calibrated on `dataset` like the other layers",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype to load the model in (`auto`: as stored)"
-    )
+    dtype: Dtype = Field("auto", description="dtype to load the model in (`auto`: as stored)")
     overwrite: bool = Field(False, description="replace an existing output directory")
 
     @model_validator(mode="after")

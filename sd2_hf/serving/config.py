@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sd2_hf.utils.models import Dtype
 
 
 class ServeConfig(BaseModel):
@@ -25,7 +25,7 @@ class ServeConfig(BaseModel):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int | None = Field(None, gt=0, lt=65536, description="port; default: a free one")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    dtype: Dtype = Field(
         "auto",
         description="weight and activation dtype; `auto`: vLLM's choice, but a float32 "
         "checkpoint stays float32 on a CPU without bf16 instructions (vLLM would emulate bf16)",

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sd2_hf.utils import environment
+
+# The dtypes a model can be loaded or served in; `auto` keeps the checkpoint's own.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 WHAT_TO_PASS = (
     "pass an existing checkpoint directory (config.json, weights, tokenizer), an `asset:` name "
