@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.schema_cli import add_command, model_from_args
 
 
 def _run(args: argparse.Namespace) -> int:
+    """regenerate a seed dataset with the target model (self-data distillation)
+
+    The target model regenerates the assistant turns of a seed dataset (multi-turn on-policy),
+    on the transformers or the vLLM backend. Rerunning the same command resumes an interrupted
+    run.
+    """
     from sd2_hf.data.config import DistillConfig
     from sd2_hf.data.distill import run_distill
 
@@ -24,12 +30,4 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sd2_hf.data.config import DistillConfig
 
-    parser = subparsers.add_parser(
-        "distill",
-        help="regenerate a seed dataset with the target model (self-data distillation)",
-        description="The target model regenerates the assistant turns of a seed dataset "
-        "(multi-turn on-policy), on the transformers or the vLLM backend. Rerunning the same "
-        "command resumes an interrupted run.",
-    )
-    add_model_arguments(parser, DistillConfig)
-    parser.set_defaults(func=_run)
+    add_command(subparsers, "distill", _run, DistillConfig)

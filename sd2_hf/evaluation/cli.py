@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sd2_hf.evaluation.config import BASELINES, EvalConfig
-from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.schema_cli import add_command, model_from_args
 
 
 def _baselines(value: str) -> list[str]:
@@ -20,6 +20,7 @@ def _baselines(value: str) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """mean accepted length, MACs and speed of drafters (transformers or vLLM)"""
     from sd2_hf.evaluation.runner import run_eval
 
     run_eval(model_from_args(EvalConfig, args))
@@ -27,12 +28,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="mean accepted length, MACs and speed of drafters (transformers or vLLM)",
-        description=EvalConfig.__doc__,
+    skip = ("drafters", "baselines")
+    parser = add_command(
+        subparsers, "eval", _run, EvalConfig, description=EvalConfig.__doc__, skip=skip
     )
-    add_model_arguments(parser, EvalConfig, skip=("drafters", "baselines"))
     parser.add_argument(
         "--drafter",
         dest="drafters",
@@ -49,4 +48,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated baselines from none (target alone) and ngram (prompt lookup); "
         "'' for no baseline (default: none,ngram)",
     )
-    parser.set_defaults(func=_run)

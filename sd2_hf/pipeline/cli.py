@@ -6,9 +6,16 @@ import argparse
 
 from sd2_hf.pipeline.run import run_pipeline
 from sd2_hf.pipeline.summary import summary
+from sd2_hf.utils.schema_cli import add_command
 
 
 def _run(args: argparse.Namespace) -> int:
+    """run a pipeline recipe: distill -> prune -> train -> export -> eval
+
+    Run the stages of a recipe YAML in order, each into <output>/<stage>/. Complete stages whose
+    section and inputs are unchanged are skipped; an interrupted stage resumes (distill, train)
+    or starts over; a changed stage is redone with every stage after it that uses its output.
+    """
     from sd2_hf.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -40,14 +47,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sd2_hf.stages import STAGE_NAMES
 
-    parser = subparsers.add_parser(
-        "run",
-        help="run a pipeline recipe: distill -> prune -> train -> export -> eval",
-        description="Run the stages of a recipe YAML in order, each into <output>/<stage>/. "
-        "Complete stages whose section and inputs are unchanged are skipped; an interrupted "
-        "stage resumes (distill, train) or starts over; a changed stage is redone with every "
-        "stage after it that uses its output.",
-    )
+    parser = add_command(subparsers, "run", _run)
     parser.add_argument("recipe", help="recipe YAML (e.g. recipes/sd2/smollm2-demo.yaml)")
     parser.add_argument(
         "overrides",
@@ -78,4 +78,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="validate the recipe and show which stages would run, without running them",
     )
-    parser.set_defaults(func=_run)

@@ -9,7 +9,7 @@ import sys
 from pydantic import BaseModel, ConfigDict, Field
 
 from sd2_hf.pruning.config import PruneConfig
-from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.schema_cli import add_command, model_from_args
 
 
 class MacsOptions(BaseModel):
@@ -22,29 +22,19 @@ class MacsOptions(BaseModel):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    prune = subparsers.add_parser(
-        "prune",
-        help="one-shot pruning with an llm-compressor recipe, or the layer-dropping baseline",
-        description="Prune a model with an llm-compressor recipe (SparseGPT, Wanda, magnitude; "
-        "shipped: recipes/pruning/) or drop consecutive decoder blocks by angular distance "
-        "(--method layers --drop N | --target-macs-fraction F).",
-    )
-    add_model_arguments(prune, PruneConfig, positional=("model",))
-    prune.set_defaults(func=_prune)
-
-    macs = subparsers.add_parser(
-        "macs",
-        help="MACs of one decoding step (sparse-aware), from a checkpoint",
-        description="Count multiply-accumulates of one decoding step at a context length: "
-        "linear layers as in x out x (1 - sparsity), plus attention; per decoder block.",
-    )
-    add_model_arguments(macs, MacsOptions, positional=("model",))
+    add_command(subparsers, "prune", _prune, PruneConfig, positional=("model",))
+    macs = add_command(subparsers, "macs", _macs, MacsOptions, positional=("model",))
     # Output format only, not an option of the count: kept out of the schema.
     macs.add_argument("--json", action="store_true", help="print the full report as JSON")
-    macs.set_defaults(func=_macs)
 
 
 def _prune(args: argparse.Namespace) -> int:
+    """one-shot pruning with an llm-compressor recipe, or the layer-dropping baseline
+
+    Prune a model with an llm-compressor recipe (SparseGPT, Wanda, magnitude; shipped:
+    recipes/pruning/) or drop consecutive decoder blocks by angular distance (--method layers
+    --drop N | --target-macs-fraction F).
+    """
     from sd2_hf.pruning.runner import run_prune
 
     config = model_from_args(PruneConfig, args)
@@ -54,6 +44,11 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _macs(args: argparse.Namespace) -> int:
+    """MACs of one decoding step (sparse-aware), from a checkpoint
+
+    Count multiply-accumulates of one decoding step at a context length: linear layers as in x
+    out x (1 - sparsity), plus attention; per decoder block.
+    """
     from sd2_hf.evaluation.macs import count_macs
 
     options = model_from_args(MacsOptions, args)

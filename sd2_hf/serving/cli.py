@@ -10,7 +10,7 @@ import time
 
 from sd2_hf.serving.config import ServeConfig
 from sd2_hf.serving.metrics import SpecDecodeCounters
-from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.schema_cli import add_command, model_from_args
 from sd2_hf.utils.signals import sigterm_as_interrupt
 
 
@@ -76,6 +76,12 @@ def run_serve(config: ServeConfig) -> SpecDecodeCounters:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    """serve a target with its drafter (vLLM speculative decoding, OpenAI API)
+
+    Start a vLLM OpenAI-compatible server in the vLLM environment with the drafter as draft
+    model (heterogeneous vocabularies handled automatically); on Ctrl-C/SIGTERM stop it and
+    print the mean accepted length (MAL) from its counters.
+    """
     config = model_from_args(ServeConfig, args)
     # httpx logs every request at INFO: the health polls would bury the server's address.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -84,14 +90,4 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve a target with its drafter (vLLM speculative decoding, OpenAI API)",
-        description=(
-            "Start a vLLM OpenAI-compatible server in the vLLM environment with the drafter as "
-            "draft model (heterogeneous vocabularies handled automatically); on Ctrl-C/SIGTERM "
-            "stop it and print the mean accepted length (MAL) from its counters."
-        ),
-    )
-    add_model_arguments(parser, ServeConfig)
-    parser.set_defaults(func=_serve_command)
+    add_command(subparsers, "serve", _serve_command, ServeConfig)

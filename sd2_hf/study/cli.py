@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sd2_hf.utils.schema_cli import add_command
+
 
 def _run(args: argparse.Namespace) -> int:
+    """run a study: several drafters built and evaluated against one target, one report
+
+    Build every drafter of a study YAML (each a chain of prune/train/export sections, through
+    the same stages as `sd2 run`, resumably: complete stages are skipped), evaluate them side by
+    side (finished rows are reused) and write study.json, study.md and plots into the study's
+    output directory.
+    """
     from sd2_hf.study.config import load_study
     from sd2_hf.study.report import rewrite_from_json, write_study_report
     from sd2_hf.study.run import plan_study, run_study
@@ -34,14 +43,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="run a study: several drafters built and evaluated against one target, one report",
-        description="Build every drafter of a study YAML (each a chain of prune/train/export "
-        "sections, through the same stages as `sd2 run`, resumably: complete stages are "
-        "skipped), evaluate them side by side (finished rows are reused) and write "
-        "study.json, study.md and plots into the study's output directory.",
-    )
+    parser = add_command(subparsers, "compare", _run)
     parser.add_argument("study", help="study YAML (e.g. recipes/studies/smollm2-small.yaml)")
     parser.add_argument(
         "overrides",
@@ -68,4 +70,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the report again from the finished evaluations (or from the study.json in "
         "the study's `results` directory) without building or measuring anything",
     )
-    parser.set_defaults(func=_run)

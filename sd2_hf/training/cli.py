@@ -5,24 +5,21 @@ from __future__ import annotations
 import argparse
 
 from sd2_hf.training.config import TrainStageConfig
-from sd2_hf.utils.schema_cli import add_model_arguments, model_from_args
+from sd2_hf.utils.schema_cli import add_command, model_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="fine-tune a pruned drafter on (self-distilled) conversations, masks held fixed",
-        description="Sparse fine-tuning with SD2Trainer (TRL SFTTrainer + SparsityMaskCallback). "
-        "Resumes from the newest checkpoint in OUTPUT/checkpoints. For several processes or GPUs "
-        "run it under `accelerate launch -m sd2_hf.cli train ...`.",
-    )
-    add_model_arguments(
-        parser, TrainStageConfig, positional=("model",), skip=("trainer_args", "peft.lora_args")
-    )
-    parser.set_defaults(func=_train)
+    skip = ("trainer_args", "peft.lora_args")
+    add_command(subparsers, "train", _train, TrainStageConfig, positional=("model",), skip=skip)
 
 
 def _train(args: argparse.Namespace) -> int:
+    """fine-tune a pruned drafter on (self-distilled) conversations, masks held fixed
+
+    Sparse fine-tuning with SD2Trainer (TRL SFTTrainer + SparsityMaskCallback). Resumes from the
+    newest checkpoint in OUTPUT/checkpoints. For several processes or GPUs run it under
+    `accelerate launch -m sd2_hf.cli train ...`.
+    """
     from sd2_hf.training.stage import run_train
 
     report = run_train(model_from_args(TrainStageConfig, args))

@@ -12,8 +12,10 @@ sub-field turns the section on too (recipe overrides spell the same `train.peft.
 from __future__ import annotations
 
 import argparse
+import inspect
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -100,6 +102,31 @@ def add_model_arguments(
         else:
             kwargs["default"] = None
             parser.add_argument(flag, **kwargs)
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    model: type[BaseModel] | None = None,
+    *,
+    description: str | None = None,
+    **options: Any,
+) -> argparse.ArgumentParser:
+    """Add the subcommand `name` that runs `func(args)`, with one option per field of `model`
+    (`options`: `positional`, `skip`, as in `add_model_arguments`); returns its parser.
+
+    As in click, `func`'s docstring documents the command: its first paragraph is the help
+    line of `sd2 --help`, the rest the description of `sd2 NAME --help` (unless `description`).
+    """
+    summary, _, body = inspect.getdoc(func).partition("\n\n")
+    parser = subparsers.add_parser(
+        name, help=" ".join(summary.split()), description=description or body or None
+    )
+    if model is not None:
+        add_model_arguments(parser, model, **options)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> BaseModel:
