@@ -129,16 +129,34 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     # Report the recipe's own patterns, which select the same layers in any later stage.
     report["targets"], report["ignore"] = loaded.targets, loaded.ignore
     model.save_pretrained(str(staging), save_compressed=True)
+    details = {
+        "recipe_source": str(loaded.path),
+        "recipe": loaded.yaml(),
+        "modifiers": [type(m).__name__ for m in loaded.modifiers],
+        **report,
+    }
+    result = {
+        "num_layers": model.config.get_text_config().num_hidden_layers,
+        "global_sparsity": report["global_sparsity"],
+        "structure": report["structure"],
+        "recipe": str(loaded.path),
+    }
+    path = staging / "sparsity_report.json"
+    return _report_and_result(path, config, model_path, head, samples, seconds, details, result)
+
+
+def _report_and_result(
+    path: Path, config: PruneConfig, model_path, head, samples, seconds, details: dict, result: dict
+) -> PruneResult:
+    """Write the method's report JSON to `path` (`details` between the fields every method
+    records) and return the stage's result (`result`: the method's own fields)."""
     atomic_write_json(
-        staging / "sparsity_report.json",
+        path,
         {
             "model": config.model,
             "model_path": str(model_path),
-            "method": "oneshot",
-            "recipe_source": str(loaded.path),
-            "recipe": loaded.yaml(),
-            "modifiers": [type(m).__name__ for m in loaded.modifiers],
-            **report,
+            "method": config.method,
+            **details,
             "head": head,
             "calibration": _calibration_info(config, samples),
             "prune_seconds": seconds,
@@ -147,14 +165,11 @@ def _prune_oneshot(config, loaded, model, tokenizer, model_path, staging: Path) 
     )
     return PruneResult(
         output=config.output,
-        method="oneshot",
+        method=config.method,
         head=head_summary(head),
         prune_seconds=seconds,
-        num_layers=model.config.get_text_config().num_hidden_layers,
-        global_sparsity=report["global_sparsity"],
-        structure=report["structure"],
-        recipe=str(loaded.path),
         calibration_samples=len(samples),
+        **result,
     )
 
 
@@ -205,41 +220,28 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
     after = count_macs(model, MACS_CONTEXT_LENGTH)
     model.save_pretrained(str(staging))
     plot_distances(distances, n, start, staging / "layer_distances.png")
-    atomic_write_json(
-        staging / "layer_distances.json",
-        {
-            "model": config.model,
-            "model_path": str(model_path),
-            "method": "layers",
-            "metric": "arccos(cos_sim(h_l, h_l+n)) / pi, last token, mean over samples",
-            "num_layers_before": num_layers,
-            "num_layers_after": num_layers - n,
-            "drop": n,
-            "start": start,
-            "dropped_layers": dropped,
-            "distances": distances[n],
-            "all_distances": {str(k): v for k, v in distances.items()},
-            "target_macs_fraction": config.target_macs_fraction,
-            "macs_context_length": MACS_CONTEXT_LENGTH,
-            "macs_before": before.total,
-            "macs_after": after.total,
-            "macs_fraction": after.total / before.total,
-            "head": head,
-            "calibration": _calibration_info(config, samples),
-            "prune_seconds": seconds,
-            "versions": versions(),
-        },
-    )
-    return PruneResult(
-        output=config.output,
-        method="layers",
-        head=head_summary(head),
-        prune_seconds=seconds,
-        num_layers=num_layers - n,
-        dropped_layers=dropped,
-        macs_fraction=after.total / before.total,
-        calibration_samples=len(samples),
-    )
+    details = {
+        "metric": "arccos(cos_sim(h_l, h_l+n)) / pi, last token, mean over samples",
+        "num_layers_before": num_layers,
+        "num_layers_after": num_layers - n,
+        "drop": n,
+        "start": start,
+        "dropped_layers": dropped,
+        "distances": distances[n],
+        "all_distances": {str(k): v for k, v in distances.items()},
+        "target_macs_fraction": config.target_macs_fraction,
+        "macs_context_length": MACS_CONTEXT_LENGTH,
+        "macs_before": before.total,
+        "macs_after": after.total,
+        "macs_fraction": after.total / before.total,
+    }
+    result = {
+        "num_layers": num_layers - n,
+        "dropped_layers": dropped,
+        "macs_fraction": after.total / before.total,
+    }
+    path = staging / "layer_distances.json"
+    return _report_and_result(path, config, model_path, head, samples, seconds, details, result)
 
 
 def versions() -> dict[str, str]:
