@@ -266,18 +266,29 @@ def plot_mal_per_category(report: dict[str, Any]) -> Figure:
     categories = report["categories"]
     fig = Figure(figsize=(max(6.0, 1.1 * len(categories) + 3), 4.5))
     ax = fig.subplots()
-    width = 0.8 / max(len(drafters), 1)
-    for i, d in enumerate(drafters):
-        xs = [c + (i - (len(drafters) - 1) / 2) * width for c in range(len(categories))]
-        values = [d["mal_per_category"].get(c) or 0.0 for c in categories]
-        ax.bar(xs, values, width=width, label=d["name"])
+    bars = [
+        (d["name"], [d["mal_per_category"].get(c) or 0.0 for c in categories]) for d in drafters
+    ]
+    k = report["num_draft_tokens"]
+    _grouped_mal_bars(ax, k, bars, categories, rotation=30, ha="right")
+    ax.set(xlabel="Prompt category", title=f"Mean accepted length per category (K = {k})")
+    return _finish(fig, ax, legend=bool(drafters))
+
+
+def _grouped_mal_bars(ax, k: int, bars: list[tuple[str, list[float]]], ticks: list[str], **options):
+    """MALs (up to K + 1) side by side at every tick, one bar per (label, values) of `bars`, and
+    a dashed line at MAL 1 (no speed-up); `options` for the tick labels."""
+    width = 0.8 / max(len(bars), 1)
+    for j, (label, values) in enumerate(bars):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(ticks))]
+        ax.bar(xs, values, width=width, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
-    ax.set_xlabel("Prompt category")
-    ax.set_ylabel("MAL (tokens per verification step)")
-    ax.set_title(f"Mean accepted length per category (K = {report['num_draft_tokens']})")
-    ax.set_ylim(0, report["num_draft_tokens"] + 1.2)
-    if drafters:
+    ax.set_xticks(range(len(ticks)), ticks, **options)
+    ax.set(ylabel="MAL (tokens per verification step)", ylim=(0, k + 1.2))
+
+
+def _finish(fig: Figure, ax, legend: bool) -> Figure:
+    if legend:
         ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -289,15 +300,14 @@ def plot_acceptance_per_position(report: dict[str, Any]) -> Figure:
     for d in _drafted(report):
         rates = d["acceptance_per_position"]
         ax.plot(range(1, len(rates) + 1), rates, marker="o", label=d["name"])
-    ax.set_xlabel("Draft position")
-    ax.set_ylabel("Acceptance rate (fraction of draft steps)")
-    ax.set_title("Acceptance rate per draft position")
-    ax.set_ylim(0, 1.05)
+    ax.set(
+        xlabel="Draft position",
+        ylabel="Acceptance rate (fraction of draft steps)",
+        title="Acceptance rate per draft position",
+        ylim=(0, 1.05),
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if _drafted(report):
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, legend=bool(_drafted(report)))
 
 
 def plot_mal_vs_macs(report: dict[str, Any]) -> Figure:
@@ -311,14 +321,15 @@ def plot_mal_vs_macs(report: dict[str, Any]) -> Figure:
         ax.annotate(
             d["name"], (d["relative_macs"], d["mal"]), textcoords="offset points", xytext=(5, 4)
         )
-    ax.set_xlabel("Drafter MACs / target MACs")
-    ax.set_ylabel("MAL (tokens per verification step)")
-    ax.set_title("Mean accepted length vs relative drafter cost")
-    ax.set_ylim(0.9, report["num_draft_tokens"] + 1.2)
+    ax.set(
+        xlabel="Drafter MACs / target MACs",
+        ylabel="MAL (tokens per verification step)",
+        title="Mean accepted length vs relative drafter cost",
+        ylim=(0.9, report["num_draft_tokens"] + 1.2),
+    )
     ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, legend=False)
 
 
 def plot_mal_by_temperature(report: dict[str, Any]) -> Figure:
@@ -331,19 +342,11 @@ def plot_mal_by_temperature(report: dict[str, Any]) -> Figure:
     ]
     fig = Figure(figsize=(max(6.0, 1.4 * len(drafters) + 3), 4.5))
     ax = fig.subplots()
-    width = 0.8 / len(runs)
-    for j, (label, value) in enumerate(runs):
-        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(drafters))]
-        ax.bar(xs, [value(d) or 0.0 for d in drafters], width=width, label=label)
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(drafters)), [d["name"] for d in drafters])
-    ax.set_xlabel("Drafter")
-    ax.set_ylabel("MAL (tokens per verification step)")
-    ax.set_title(f"MAL greedy and sampled (K = {report['num_draft_tokens']})")
-    ax.set_ylim(0, report["num_draft_tokens"] + 1.2)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    bars = [(label, [value(d) or 0.0 for d in drafters]) for label, value in runs]
+    k = report["num_draft_tokens"]
+    _grouped_mal_bars(ax, k, bars, [d["name"] for d in drafters])
+    ax.set(xlabel="Drafter", title=f"MAL greedy and sampled (K = {k})")
+    return _finish(fig, ax, legend=True)
 
 
 def _save_png(fig: Figure, path: Path) -> None:
