@@ -6,7 +6,12 @@ import argparse
 
 from sd2_hf.pipeline.run import run_pipeline
 from sd2_hf.pipeline.summary import summary
-from sd2_hf.utils.schema_cli import add_command
+from sd2_hf.utils.schema_cli import add_command, add_file_arguments
+
+RECIPE_HELP = "recipe YAML (e.g. recipes/sd2/smollm2-demo.yaml)"
+OVERRIDES_HELP = """recipe overrides section.key=value (value parsed as YAML, e.g.
+train.max_steps=3, eval.drafters=[a=dir]); section=null drops a stage; paths relative to the
+current dir. Put them before the options"""
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -48,15 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from sd2_hf.stages import STAGE_NAMES
 
     parser = add_command(subparsers, "run", _run)
-    parser.add_argument("recipe", help="recipe YAML (e.g. recipes/sd2/smollm2-demo.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="recipe overrides section.key=value (value parsed as YAML, e.g. train.max_steps=3, "
-        "eval.drafters=[a=dir]); section=null drops a stage; paths relative to the current dir. Put them before "
-        "the options",
-    )
+    add_file_arguments(parser, "recipe", RECIPE_HELP, OVERRIDES_HELP)
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--from",

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sd2_hf.utils.schema_cli import add_command
+from sd2_hf.utils.schema_cli import add_command, add_file_arguments
+
+STUDY_HELP = "study YAML (e.g. recipes/studies/smollm2-small.yaml)"
+OVERRIDES_HELP = """overrides such as drafters.sd2.train.max_steps=3 or
+evaluations.mtbench.limit=4 (values parsed as YAML; paths relative to the current dir). Put
+them before the options"""
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -44,14 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "compare", _run)
-    parser.add_argument("study", help="study YAML (e.g. recipes/studies/smollm2-small.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="overrides such as drafters.sd2.train.max_steps=3 or evaluations.mtbench.limit=4 "
-        "(values parsed as YAML; paths relative to the current dir). Put them before the options",
-    )
+    add_file_arguments(parser, "study", STUDY_HELP, OVERRIDES_HELP)
     parser.add_argument(
         "--only",
         metavar="DRAFTER",

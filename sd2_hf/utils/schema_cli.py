@@ -129,6 +129,13 @@ def add_command(
     return parser
 
 
+def add_file_arguments(parser: argparse.ArgumentParser, name: str, help: str, overrides: str):
+    """The positionals of a command on a YAML file, `NAME [KEY=VALUE ...]`: the file, then
+    `overrides` of its keys (`sd2 run`, `sd2 compare`); `help` and `overrides` are their help."""
+    parser.add_argument(name, help=help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
+
+
 def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> BaseModel:
     """Validate the parsed options into `model`; unset options keep the schema's defaults."""
     values: dict[str, Any] = {}
