@@ -7,10 +7,8 @@
    model needs, at batch 1 and 8.
 3. The same drafter with its 2:4 weights through PyTorch's semi-structured sparse kernels
    (`torch.sparse.to_sparse_semi_structured`; cuSPARSELt on compute capability 8.x/9.x, CUTLASS
-   on 8.x only), measured against its dense time. A semi-structured weight only takes 2-D input
-   (inside `nn.Linear` a 3-D input fails: "SparseSemiStructuredTensorCUSPARSELT only supports a
-   specific set of operations ... expand.default"), so each swapped layer is a `FlatLinear`:
-   leading dims flattened, linear, reshaped back.
+   on 8.x only), measured against its dense time; each swapped layer is a `FlatLinear` (2-D
+   input only, see there).
 
 Each part's result is written (atomically) to the JSON and Markdown files as soon as it is
 measured; a part that fails is recorded with its error and the script goes on to the next one
@@ -19,13 +17,14 @@ measured; a part that fails is recorded with its error and the script goes on to
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes)
     python bench/gpu_check.py --tiny --device cpu   # the same code on tiny shapes (tests)
 
-Writes bench/results/gpu_check.{json,md} (or --output).
+Writes bench/results/gpu_check.{json,md} (or --output; the trainer's scratch under gpu_check/).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import platform
 import statistics
 import sys
@@ -55,62 +54,65 @@ _SHAPE_FIELDS = (
     "num_key_value_heads", "tie_word_embeddings",
 )  # fmt: skip
 SHAPES = {
-    name: dict(zip(_SHAPE_FIELDS, values))
-    for name, values in {
-        "llama-3.2-1b": (2048, 8192, 16, 32, 8, True),
-        "llama-3.1-8b": (4096, 14336, 32, 32, 8, False),
-        "tiny-drafter": (128, 256, 2, 2, 1, True),
-        "tiny-target": (256, 512, 2, 4, 2, False),
-    }.items()
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, True),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, False),
+    "tiny-drafter": (128, 256, 2, 2, 1, True),
+    "tiny-target": (256, 512, 2, 4, 2, False),
 }
 FULL_VOCAB = 128256
 BATCHES = (1, 8)
 BACKENDS = ("auto", "cusparselt", "cutlass")
+# The timing table's columns after the batch: (header, step_timings key, format).
+COLUMNS = (
+    ("drafter dense ms", "drafter_dense_ms", "{:.3f}"),
+    ("drafter 2:4 ms", "drafter_2of4_ms", "{:.3f}"),
+    ("2:4 speed-up", "speedup_2of4_vs_dense", "{:.2f}x"),
+    ("target ms", "target_dense_ms", "{:.3f}"),
+    ("drafter/target", "drafter_vs_target_cost", "{:.3f}"),
+)
+# Derived step_timings keys: numerator / denominator, set as soon as both times are in.
+RATIOS = {
+    "drafter_vs_target_cost": ("drafter_dense_ms", "target_dense_ms"),
+    "speedup_2of4_vs_dense": ("drafter_dense_ms", "drafter_2of4_ms"),
+}
 
 
 def build(shape: str, vocab_size: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    shape_config = dict(zip(_SHAPE_FIELDS, SHAPES[shape], strict=True))
     config = LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape]
+        vocab_size=vocab_size, max_position_embeddings=4096, rope_theta=500000.0, **shape_config
     )
     with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def zero_masks(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    return {n: (m.weight == 0).cpu() for n, m in find_target_linears(model).items()}
 
 
 def train_check(drafter: LlamaForCausalLM, tokenizer, steps: int, bf16: bool, out: Path) -> dict:
     """SD2Trainer steps on the 2:4 drafter; zeros compared before/after, exactly."""
-    before = {n: (m.weight == 0).cpu() for n, m in find_target_linears(drafter).items()}
+    before = zero_masks(drafter)
     args = SD2Config(
         **tiny.trainer_kwargs(
-            out / "train",
-            max_steps=steps,
-            learning_rate=1e-4,
-            weight_decay=0.1,
-            bf16=bf16,
-            logging_steps=1,
-            max_length=128,
-            mask_check_interval=1,
+            out / "train", max_steps=steps, learning_rate=1e-4, weight_decay=0.1, bf16=bf16,
+            logging_steps=1, max_length=128, mask_check_interval=1,
             use_cpu=not torch.cuda.is_available(),
         )
-    )
-    trainer = SD2Trainer(
-        drafter.train(),
-        args=args,
-        train_dataset=Dataset.from_list(tiny.conversations(64)),
-        processing_class=tokenizer,
-    )
+    )  # fmt: skip
+    data = Dataset.from_list(tiny.conversations(64))
+    trainer = SD2Trainer(drafter.train(), args=args, train_dataset=data, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    after = {n: (m.weight == 0).cpu() for n, m in find_target_linears(drafter).items()}
-    two_four = all(is_n_m_sparse(m.weight) for m in find_target_linears(drafter).values())
+    after = zero_masks(drafter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 2),
         "bf16": bf16,
         "zeros_exact": all(torch.equal(before[n], after[n]) for n in before),
-        "still_2of4": two_four,
+        "still_2of4": all(is_n_m_sparse(m.weight) for m in find_target_linears(drafter).values()),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
     }
@@ -133,10 +135,10 @@ def choose_backend(
         return None, "cuSPARSELt is not available in this torch build"
     if major == 8:
         return "cutlass", None
+    why = "was not requested" if cusparselt_available else "is not available in this build"
     return None, (
         f"the CUTLASS 2:4 kernels run only on compute capability 8.x (this GPU is "
-        f"{major}.{minor}) and cuSPARSELt "
-        + ("was not requested" if cusparselt_available else "is not available in this build")
+        f"{major}.{minor}) and cuSPARSELt {why}"
     )
 
 
@@ -149,20 +151,17 @@ def semi_structured_backend(device: str, requested: str = "auto") -> tuple[str |
 
 
 def semi_structured_converter(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The dense -> compressed 2:4 conversion of one backend (no global `_FORCE_CUTLASS`)."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-    cls = {
-        "cusparselt": SparseSemiStructuredTensorCUSPARSELT,
-        "cutlass": SparseSemiStructuredTensorCUTLASS,
-    }[backend]
-    return cls.from_dense
+    """The dense -> compressed 2:4 conversion of one backend: `from_dense` of
+    `torch.sparse.SparseSemiStructuredTensorCUSPARSELT` or `...CUTLASS` (no global
+    `_FORCE_CUTLASS`)."""
+    return getattr(torch.sparse, f"SparseSemiStructuredTensor{backend.upper()}").from_dense
 
 
 class FlatLinear(torch.nn.Module):
     """A linear layer that gives its weight 2-D input only: leading dims flattened, `F.linear`,
     reshaped back. Torch's semi-structured weights support 2-D matmuls only; a 3-D input through
-    `nn.Linear` reaches ops they lack (`expand`)."""
+    `nn.Linear` reaches ops they lack ("SparseSemiStructuredTensorCUSPARSELT only supports a
+    specific set of operations ... expand.default")."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -181,53 +180,50 @@ def to_semi_structured(
 ) -> int:
     """Replace every 2:4 decoder linear by a `FlatLinear` over its converted weight (by default
     `to_sparse_semi_structured`); returns how many were replaced."""
-    if convert is None:
-        from torch.sparse import to_sparse_semi_structured as convert
+    convert = convert or torch.sparse.to_sparse_semi_structured
     swapped = 0
     for name, module in find_target_linears(model).items():
-        if not is_n_m_sparse(module.weight):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FlatLinear(convert(module.weight.detach()), module.bias))
-        swapped += 1
+        if is_n_m_sparse(module.weight):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FlatLinear(convert(module.weight.detach()), module.bias))
+            swapped += 1
     return swapped
 
 
 @torch.no_grad()
 def step_seconds(model, batch: int, context: int, repeats: int, device: str) -> float:
     """Median time of one decoding step: `batch` sequences, one new token each, over a cached
-    context of `context` tokens."""
+    context of `context` tokens (a fresh copy of the cache per step; 3 warm-up steps)."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, context), device=device)
     past = model(input_ids=ids, use_cache=True).past_key_values
     step = torch.randint(0, vocab, (batch, 1), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
-    for i in range(repeats + 3):
-        cache = _copy_cache(past)
+    for _ in range(repeats + 3):
+        cache = copy.deepcopy(past)
         sync()
         start = time.perf_counter()
         model(input_ids=step, past_key_values=cache, use_cache=True)
         sync()
-        if i >= 3:  # warm-up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _copy_cache(past):
-    import copy
-
-    return copy.deepcopy(past)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
 
 
 class Report:
-    """The report, written to `out/gpu_check.{json,md}` after every part (atomic writes)."""
+    """The report, written to `out/gpu_check.{json,md}` (atomic writes) at the start and after
+    every part, with each timing row's RATIOS as soon as both of their times are in."""
 
     def __init__(self, out: Path, data: dict):
         self.out, self.data = out, data
+        self.save()
 
     def save(self) -> None:
+        for row in self.data["step_timings"].values():
+            row.update(
+                {k: row[a] / row[b] for k, (a, b) in RATIOS.items() if a in row and b in row}
+            )
         atomic_write_json(self.out / "gpu_check.json", self.data)
         atomic_write_text(self.out / "gpu_check.md", render(self.data))
 
@@ -268,26 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = len(tokenizer) if args.tiny else FULL_VOCAB
     torch.manual_seed(0)
     backend, unsupported = semi_structured_backend(args.device, args.backend)
+    semi = {"backend": backend, "unsupported": unsupported, "layers_swapped": 0}
     timings: dict[int, dict] = {batch: {} for batch in BATCHES}
-    report = Report(
-        out,
-        {
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "shapes": {"drafter": drafter_shape, "target": target_shape, "vocab": vocab},
-            "dtype": str(dtype).removeprefix("torch."),
-            "context": args.context,
-            "train": None,
-            "semi_structured": {
-                "backend": backend,
-                "unsupported": unsupported,
-                "layers_swapped": 0,
-            },
-            "step_timings": timings,
-            "errors": {},
-        },
-    )
-    report.save()
+    report = Report(out, {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "shapes": {"drafter": drafter_shape, "target": target_shape, "vocab": vocab},
+        "dtype": str(dtype).removeprefix("torch."), "context": args.context,
+        "train": None, "semi_structured": semi, "step_timings": timings, "errors": {},
+    })  # fmt: skip
+
+    def time_step(model: LlamaForCausalLM, name: str, batch: int, key: str) -> None:
+        with report.part(f"{name} step, batch {batch}"):
+            seconds = step_seconds(model, batch, args.context, args.repeats, args.device)
+            timings[batch][key] = seconds * 1e3
 
     # 1. Training: fp32 master weights (Trainer's bf16 is autocast), 2:4 by magnitude.
     drafter = build(drafter_shape, vocab, torch.float32, args.device)
@@ -302,78 +292,48 @@ def main(argv: list[str] | None = None) -> dict:
     target = None
     with report.part("target build"):
         target = build(target_shape, vocab, dtype, args.device)
-    for batch, row in timings.items():
-        with report.part(f"drafter dense step, batch {batch}"):
-            ms = step_seconds(drafter, batch, args.context, args.repeats, args.device) * 1e3
-            row["drafter_dense_ms"] = ms
+    for batch in BATCHES:
+        time_step(drafter, "drafter dense", batch, "drafter_dense_ms")
         if target is not None:
-            with report.part(f"target dense step, batch {batch}"):
-                ms = step_seconds(target, batch, args.context, args.repeats, args.device) * 1e3
-                row["target_dense_ms"] = ms
-        if "drafter_dense_ms" in row and "target_dense_ms" in row:
-            row["drafter_vs_target_cost"] = row["drafter_dense_ms"] / row["target_dense_ms"]
+            time_step(target, "target dense", batch, "target_dense_ms")
     del target
 
     # 3. The same drafter through the semi-structured 2:4 kernels (same weights).
     if backend is not None:
         with report.part("2:4 swap"):
-            swapped = to_semi_structured(drafter, semi_structured_converter(backend))
-            report.data["semi_structured"]["layers_swapped"] = swapped
-        for batch, row in timings.items():
-            if not report.data["semi_structured"]["layers_swapped"]:
-                break
-            with report.part(f"drafter 2:4 step, batch {batch}"):
-                ms = step_seconds(drafter, batch, args.context, args.repeats, args.device) * 1e3
-                row["drafter_2of4_ms"] = ms
-                if "drafter_dense_ms" in row:
-                    row["speedup_2of4_vs_dense"] = row["drafter_dense_ms"] / ms
+            semi["layers_swapped"] = to_semi_structured(drafter, semi_structured_converter(backend))
+        for batch in BATCHES if semi["layers_swapped"] else ():
+            time_step(drafter, "drafter 2:4", batch, "drafter_2of4_ms")
     print(render(report.data))
     return report.data
 
 
-def _ms(row: dict, key: str, fmt: str = "{:.3f}") -> str:
-    return fmt.format(row[key]) if key in row else "-"
-
-
 def render(report: dict) -> str:
-    train = report["train"]
+    train, semi, shapes = report["train"], report["semi_structured"], report["shapes"]
     lines = [
         f"# GPU check ({report['device']}, torch {report['torch']}, {report['dtype']})",
         "",
-        f"Drafter {report['shapes']['drafter']}, target {report['shapes']['target']} "
-        f"(random weights, vocab {report['shapes']['vocab']}); one decoding step over a cached "
-        f"context of {report['context']} tokens, median.",
+        f"Drafter {shapes['drafter']}, target {shapes['target']} (random weights, vocab "
+        f"{shapes['vocab']}); one decoding step over a cached context of {report['context']} "
+        "tokens, median.",
         "",
-    ]
-    if train:
-        lines.append(
-            f"- SD2Trainer: {train['steps']} steps (bf16 {train['bf16']}) in {train['seconds']} "
-            f"s, loss {train['first_loss']} -> {train['last_loss']}; zeros exact: "
-            f"{train['zeros_exact']}; still 2:4: {train['still_2of4']}"
-        )
-    else:
-        lines.append("- SD2Trainer: not measured (yet)")
-    semi = report["semi_structured"]
-    if semi["unsupported"]:
-        lines.append(f"- 2:4 semi-structured kernels not measured: {semi['unsupported']}")
-    else:
-        lines.append(
-            f"- 2:4 semi-structured kernels: {semi['backend']}, {semi['layers_swapped']} layers "
-            "swapped (`FlatLinear`: 2-D input)"
-        )
-    for part, error in report.get("errors", {}).items():
-        lines.append(f"- FAILED: {part}: {error}")
-    lines += [
+        f"- SD2Trainer: {train['steps']} steps (bf16 {train['bf16']}) in {train['seconds']} s, "
+        f"loss {train['first_loss']} -> {train['last_loss']}; zeros exact: "
+        f"{train['zeros_exact']}; still 2:4: {train['still_2of4']}"
+        if train
+        else "- SD2Trainer: not measured (yet)",
+        f"- 2:4 semi-structured kernels not measured: {semi['unsupported']}"
+        if semi["unsupported"]
+        else f"- 2:4 semi-structured kernels: {semi['backend']}, {semi['layers_swapped']} layers "
+        "swapped (`FlatLinear`: 2-D input)",
+        *(f"- FAILED: {part}: {error}" for part, error in report.get("errors", {}).items()),
         "",
-        "| batch | drafter dense ms | drafter 2:4 ms | 2:4 speed-up | target ms | drafter/target |",
-        "|---|---|---|---|---|---|",
+        "| batch | " + " | ".join(header for header, _, _ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
     ]
     for batch, row in report["step_timings"].items():
-        lines.append(
-            f"| {batch} | {_ms(row, 'drafter_dense_ms')} | {_ms(row, 'drafter_2of4_ms')} | "
-            f"{_ms(row, 'speedup_2of4_vs_dense', '{:.2f}x')} | {_ms(row, 'target_dense_ms')} | "
-            f"{_ms(row, 'drafter_vs_target_cost')} |"
-        )
+        cells = [fmt.format(row[key]) if key in row else "-" for _, key, fmt in COLUMNS]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,10 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 TINY = ["--tiny", "--train-steps", "3", "--repeats", "2", "--context", "16"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: the semi-structured 2:4 path; a CUDA machine runs it (tests/test_gpu_check.py)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +34,15 @@ def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thr
     assert report["train"]["zeros_exact"] is True and report["train"]["still_2of4"] is True
     assert report["train"]["first_loss"] is not None
     assert report["semi_structured"]["unsupported"].startswith("needs CUDA")
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
     for batch in (1, 8):
         row = report["step_timings"][batch]
         assert row["drafter_dense_ms"] > 0 and row["target_dense_ms"] > 0
+        assert row["drafter_vs_target_cost"] == row["drafter_dense_ms"] / row["target_dense_ms"]
         assert "drafter_2of4_ms" not in row
-    assert (
-        json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]["drafter"] == "tiny-drafter"
-    )
+        # The file holds every result, the last ratio included (not only the returned report).
+        assert saved["step_timings"][str(batch)] == row
+    assert saved["shapes"]["drafter"] == "tiny-drafter"
     assert "not measured: needs CUDA" in (tmp_path / "gpu_check.md").read_text()
     assert "not measured: needs CUDA" in capsys.readouterr().out
 
@@ -102,6 +107,15 @@ def test_backend_choice_keeps_cutlass_off_sm90(
         assert "8.x" in reason
 
 
+def test_the_converter_is_the_backends_own(gpu_check):
+    """Each backend converts with its own tensor class (no global `_FORCE_CUTLASS` switch)."""
+    for backend, cls in (
+        ("cusparselt", torch.sparse.SparseSemiStructuredTensorCUSPARSELT),
+        ("cutlass", torch.sparse.SparseSemiStructuredTensorCUTLASS),
+    ):
+        assert gpu_check.semi_structured_converter(backend) == cls.from_dense
+
+
 def test_a_failing_part_keeps_the_results_before_it(
     gpu_check, tmp_path, monkeypatch, single_torch_thread
 ):
@@ -125,6 +139,7 @@ def test_a_failing_part_keeps_the_results_before_it(
     assert saved["train"]["steps"] == 3
     assert saved["semi_structured"]["layers_swapped"] == 14
     assert saved["step_timings"]["1"]["drafter_2of4_ms"] > 0
+    assert saved["step_timings"]["1"]["speedup_2of4_vs_dense"] > 0
     assert saved["step_timings"]["8"]["drafter_dense_ms"] > 0
     assert "drafter_2of4_ms" not in saved["step_timings"]["8"]
     assert saved["errors"] == {"drafter 2:4 step, batch 8": f"NotImplementedError: {message}"}
@@ -176,6 +191,11 @@ def test_gpu_check_end_to_end_on_cuda(gpu_check, tmp_path):
     semi = report["semi_structured"]
     if semi["backend"] is None:
         pytest.skip(f"semi-structured 2:4 kernels: {semi['unsupported']}")
+    if torch.cuda.get_device_capability()[0] >= 9:  # CUTLASS's 2:4 kernels are 8.x only
+        assert semi["backend"] == "cusparselt"
     assert semi["layers_swapped"] == 14
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
     for batch in (1, 8):
         assert report["step_timings"][batch]["drafter_2of4_ms"] > 0
+        assert report["step_timings"][batch]["speedup_2of4_vs_dense"] > 0
+        assert saved["step_timings"][str(batch)] == report["step_timings"][batch]
