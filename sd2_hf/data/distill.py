@@ -26,7 +26,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -401,34 +401,19 @@ def _open_backend(
     if config.backend == "transformers":
         from sd2_hf.data.backends import TransformersBackend
 
-        backend = TransformersBackend(
-            target_path,
-            batch_size=config.batch_size,
-            dtype=config.dtype,
-            device=config.device,
-            max_prompt_tokens=config.max_prompt_tokens,
-        )
-        try:
+        options = config.model_dump(include={"batch_size", "dtype", "device", "max_prompt_tokens"})
+        with closing(TransformersBackend(target_path, **options)) as backend:
             yield backend
-        finally:
-            backend.close()
         return
 
     from sd2_hf.data.backends import VLLMBackend
 
-    options = {
-        "concurrency": config.concurrency,
-        "request_timeout": config.request_timeout,
-        "max_retries": config.max_retries,
-        "backoff": config.backoff,
-        "max_prompt_tokens": config.max_prompt_tokens,
-    }
+    options = config.model_dump(
+        include={"concurrency", "request_timeout", "max_retries", "backoff", "max_prompt_tokens"}
+    )
     if config.server_urls:
-        backend = VLLMBackend(target_path, config.server_urls, **options)
-        try:
+        with closing(VLLMBackend(target_path, config.server_urls, **options)) as backend:
             yield backend
-        finally:
-            backend.close()
         return
 
     from sd2_hf.serving import VLLMServer
@@ -443,10 +428,8 @@ def _open_backend(
     )
     with server:
         backend = VLLMBackend(target_path, [server.url], model_name=server.model_name, **options)
-        try:
+        with closing(backend):
             yield backend
-        finally:
-            backend.close()
 
 
 def _now() -> str:
@@ -560,14 +543,7 @@ def _run(
     wall = time.perf_counter() - wall_start
     result = DistillResult(
         output=str(output),
-        input=counts["input"],
-        written=counts["written"],
-        filtered=counts["filtered"],
-        failed=counts["failed"],
-        filtered_by_reason=counts["filtered_by_reason"],
-        failed_by_reason=counts["failed_by_reason"],
-        kept_original_by_reason=counts["kept_original_by_reason"],
-        loader_skipped=counts["loader_skipped"],
+        **{k: v for k, v in counts.items() if k in DistillResult.__dataclass_fields__},
         resumed=resumed,
         generated_tokens=generated,
         tokens_per_second=tokens_per_second,
