@@ -31,7 +31,7 @@ from sd2_hf.evaluation.config import parse_drafter
 from sd2_hf.stages import STAGE_NAMES, PlanContext
 from sd2_hf.stages import STAGES as STAGE_DESCRIPTIONS
 from sd2_hf.utils.schema_cli import submodel
-from sd2_hf.utils.yamlfile import YAMLFileError, load_yaml_file
+from sd2_hf.utils.yamlfile import YAMLFileError, load_yaml_file, read_yaml_file
 
 STAGES = STAGE_NAMES
 # File suffixes that mark a value as a path even before the file exists.
@@ -393,12 +393,7 @@ def check_named_yaml_files(data: dict[str, Any], source: str = "recipe") -> None
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML, apply `section.key=value` overrides, resolve paths, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        data = load_yaml_file(path, "recipe")
-    except YAMLFileError as err:
-        raise RecipeError(str(err)) from None
+    data = read_yaml_file(path, "recipe", RecipeError)
     if data is None:
         data = {}
     if isinstance(data, dict):

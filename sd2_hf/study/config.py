@@ -28,7 +28,7 @@ from sd2_hf.recipe import (
     resolve_path,
     resolve_paths,
 )
-from sd2_hf.utils.yamlfile import YAMLFileError, load_yaml_file
+from sd2_hf.utils.yamlfile import read_yaml_file
 
 BUILD_STAGES = ("prune", "train", "export")
 # Keys of an evaluation section the study fills itself.
@@ -241,12 +241,7 @@ def apply_study_overrides(data: dict[str, Any], overrides: list[str], base: Path
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
     """Read a study YAML, resolve its paths, apply `key=value` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
-    try:
-        data = load_yaml_file(path, "study")
-    except YAMLFileError as err:
-        raise StudyError(str(err)) from None
+    data = read_yaml_file(path, "study", StudyError)
     if not isinstance(data, dict):
         raise StudyError(
             f"{path}: a study is a YAML mapping with keys {', '.join(Study.model_fields)}"

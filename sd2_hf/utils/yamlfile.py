@@ -47,3 +47,14 @@ def load_yaml_file(path: str | Path, what: str = "") -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise YAMLFileError(yaml_error_message(f"{what} {path}".strip(), err)) from None
+
+
+def read_yaml_file(path: Path, what: str, error: type[Exception] = YAMLFileError) -> Any:
+    """`load_yaml_file` of the `what` file (e.g. "recipe") at `path`; a missing file or a syntax
+    error raises `error` (the caller's own error type)."""
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    try:
+        return load_yaml_file(path, what)
+    except YAMLFileError as err:
+        raise error(str(err)) from None
