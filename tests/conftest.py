@@ -62,6 +62,13 @@ def tiny_drafter_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def noisy_drafter_dir(tmp_path_factory, tiny_tokenizer):
+    """The target's weights plus 5% noise: a drafter that agrees with the target part of the time."""
+    path = tmp_path_factory.mktemp("noisy-drafter")
+    return tiny.save_model(tiny.noisy_model(tiny_tokenizer), tiny_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
 def other_family_dir(tmp_path_factory, other_tokenizer):
     """A saved tiny model with a different tokenizer (cross-family drafter)."""
     path = tmp_path_factory.mktemp("tiny-other-family")

@@ -47,6 +47,22 @@ def seed_file(tmp_path, chat_rows):
     return write_jsonl(tmp_path / "seed.jsonl", rows)
 
 
+@pytest.fixture()
+def on_tiny(tmp_path, tiny_model_dir, seed_file):
+    """`on_tiny(name, **options)`: the `DistillConfig` of the tiny target (transformers backend)
+    on `seed_file` into `tmp_path / name`, truncated replies kept unless `options` say so."""
+
+    def config(name: str, **options) -> DistillConfig:
+        values = {
+            "target": str(tiny_model_dir),
+            "source": str(seed_file),
+            "filter_truncated": False,
+        }
+        return DistillConfig(**(values | {"output": str(tmp_path / name)} | options))
+
+    return config
+
+
 def read_seed(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -133,16 +149,8 @@ def test_config_rejects_bad_combinations(tmp_path):
         DistillConfig(**base, max_new_tokens=0)
 
 
-def test_transformers_backend_distills_and_loads(tmp_path, tiny_model_dir, seed_file):
-    cfg = DistillConfig(
-        target=str(tiny_model_dir),
-        source=str(seed_file),
-        output=str(tmp_path / "out"),
-        max_new_tokens=12,
-        filter_truncated=False,
-        batch_size=4,
-        shard_size=8,
-    )
+def test_transformers_backend_distills_and_loads(tiny_model_dir, seed_file, on_tiny):
+    cfg = on_tiny("out", max_new_tokens=12, batch_size=4, shard_size=8)
     result = run_distill(cfg)
     out = Path(cfg.output)
     manifest = assert_accounting_closes(out, 20)
@@ -184,20 +192,9 @@ def test_transformers_backend_distills_and_loads(tmp_path, tiny_model_dir, seed_
     assert len(read_rows(out)) == 20
 
 
-def test_sampling_is_reproducible_per_seed(tmp_path, tiny_model_dir, seed_file):
+def test_sampling_is_reproducible_per_seed(tmp_path, on_tiny):
     def sampled(name: str, seed: int) -> list[dict]:
-        cfg = DistillConfig(
-            target=str(tiny_model_dir),
-            source=str(seed_file),
-            output=str(tmp_path / name),
-            limit=4,
-            max_new_tokens=8,
-            filter_truncated=False,
-            temperature=1.0,
-            top_p=0.9,
-            seed=seed,
-        )
-        run_distill(cfg)
+        run_distill(on_tiny(name, limit=4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed))
         return read_rows(tmp_path / name)
 
     first, again, other = sampled("a", 1), sampled("b", 1), sampled("c", 2)
@@ -205,22 +202,14 @@ def test_sampling_is_reproducible_per_seed(tmp_path, tiny_model_dir, seed_file):
     assert first != other
 
 
-def test_sampled_rows_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, seed_file):
+def test_sampled_rows_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, on_tiny):
     """Each row samples with its own seed: batch neighbours and batch_size (which a resume may
     change) do not change its reply."""
 
     def sampled(batch_size: int) -> list[dict]:
-        cfg = DistillConfig(
-            target=str(tiny_model_dir),
-            source=str(seed_file),
-            output=str(tmp_path / f"batch-{batch_size}"),
-            max_new_tokens=8,
-            filter_truncated=False,
-            temperature=1.0,
-            batch_size=batch_size,
-        )
-        run_distill(cfg)
-        return sorted(read_rows(tmp_path / f"batch-{batch_size}"), key=lambda r: r["id"])
+        name = f"batch-{batch_size}"
+        run_distill(on_tiny(name, max_new_tokens=8, temperature=1.0, batch_size=batch_size))
+        return sorted(read_rows(tmp_path / name), key=lambda r: r["id"])
 
     one, four = sampled(1), sampled(4)
     assert len(one) == 20  # 16 one-turn and 4 two-turn conversations
@@ -259,14 +248,8 @@ def test_per_row_sampler_draws_from_the_warped_distribution():
         assert paired(None, batch.clone())[1].argmax() == alone(None, batch[1:].clone()).argmax()
 
 
-def test_token_limit_filter_is_counted(tmp_path, tiny_model_dir, seed_file):
-    cfg = DistillConfig(
-        target=str(tiny_model_dir),
-        source=str(seed_file),
-        output=str(tmp_path / "out"),
-        max_new_tokens=2,
-        limit=6,
-    )
+def test_token_limit_filter_is_counted(tiny_model_dir, seed_file, on_tiny):
+    cfg = on_tiny("out", max_new_tokens=2, limit=6, filter_truncated=True)
     result = run_distill(cfg)
     manifest = assert_accounting_closes(Path(cfg.output), 6)
     # A random tiny model rarely emits EOS within 2 tokens: (almost) every row hits the limit.
@@ -454,7 +437,7 @@ def test_uncommitted_shard_is_discarded(tmp_path):
     ]
 
 
-def test_kill_and_resume_gives_the_uninterrupted_rows(tmp_path, tiny_model_dir, seed_file):
+def test_kill_and_resume_gives_the_uninterrupted_rows(tmp_path, tiny_model_dir, seed_file, on_tiny):
     args = [
         "--target", str(tiny_model_dir), "--source", str(seed_file),
         "--max-new-tokens", "24", "--no-filter-truncated", "--shard-size", "2", "--batch-size", "2",
@@ -493,16 +476,7 @@ def test_kill_and_resume_gives_the_uninterrupted_rows(tmp_path, tiny_model_dir, 
     assert manifest["this_run"]["rows_resumed"] == 2 * commits
 
     # The reference runs in this process, also with one thread (the `single_torch_thread` mark).
-    reference = DistillConfig(
-        target=str(tiny_model_dir),
-        source=str(seed_file),
-        output=str(tmp_path / "reference"),
-        max_new_tokens=24,
-        filter_truncated=False,
-        shard_size=2,
-        batch_size=2,
-    )
-    run_distill(reference)
+    run_distill(on_tiny("reference", max_new_tokens=24, shard_size=2, batch_size=2))
     got, want = read_rows(killed_out), read_rows(tmp_path / "reference")
     assert len({r["id"] for r in got}) == len(got) == 20
     key = lambda r: r["id"]  # noqa: E731

@@ -9,7 +9,6 @@ import tiny
 
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.evaluation.runner import run_eval
-from sd2_hf.export.export import ExportConfig, run_export
 from sd2_hf.utils.io import read_json
 
 K = 3
@@ -24,31 +23,15 @@ def prompts_file(tmp_path_factory):
     return tiny.write_questions(tmp_path_factory.mktemp("prompts") / "question.jsonl")
 
 
-@pytest.fixture(scope="module")
-def noisy_dir(tmp_path_factory, tiny_tokenizer):
-    """The target's weights plus noise: it agrees with the target part of the time."""
-    return tiny.save_model(
-        tiny.noisy_model(tiny_tokenizer), tiny_tokenizer, tmp_path_factory.mktemp("noisy")
-    )
-
-
 def _config(target, prompts, output, **overrides) -> EvalConfig:
-    values = dict(
-        target=str(target),
-        prompts=str(prompts),
-        num_draft_tokens=K,
-        max_new_tokens=MAX_NEW,
-        baselines=["none"],
-        output=str(output),
-    )
-    values.update(overrides)
-    return EvalConfig(**values)
+    options = {"num_draft_tokens": K, "max_new_tokens": MAX_NEW, "baselines": ["none"]}
+    return tiny.eval_config(target, prompts, output, **(options | overrides))
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_model_dir, noisy_dir, other_family_dir, prompts_file):
+def swept(tmp_path_factory, tiny_model_dir, noisy_drafter_dir, other_family_dir, prompts_file):
     out = tmp_path_factory.mktemp("eval-sweep")
-    drafters = [f"noisy={noisy_dir}", f"self={tiny_model_dir}", f"uag={other_family_dir}"]
+    drafters = [f"noisy={noisy_drafter_dir}", f"self={tiny_model_dir}", f"uag={other_family_dir}"]
     config = _config(tiny_model_dir, prompts_file, out, drafters=drafters, draft_length_sweep=SWEEP)
     return run_eval(config), out
 
@@ -58,7 +41,7 @@ def _row(report, name):
 
 
 def test_sweep_equals_assisted_generation_at_every_k(
-    swept, tmp_path, tiny_model_dir, noisy_dir, prompts_file
+    swept, tmp_path, tiny_model_dir, noisy_drafter_dir, prompts_file
 ):
     report, _ = swept
     noisy = _row(report, "noisy")
@@ -71,7 +54,7 @@ def test_sweep_equals_assisted_generation_at_every_k(
                 tiny_model_dir,
                 prompts_file,
                 tmp_path / f"k{k}",
-                drafters=[f"noisy={noisy_dir}"],
+                drafters=[f"noisy={noisy_drafter_dir}"],
                 num_draft_tokens=k,
                 draft_length_sweep=[],
             )
@@ -119,13 +102,13 @@ def test_report_shows_the_table_behind_the_choice(swept):
         assert cell.startswith("**") == (s["num_draft_tokens"] == noisy["best_num_draft_tokens"])
 
 
-def test_sampled_runs_have_no_sweep(tmp_path, tiny_model_dir, noisy_dir, prompts_file):
+def test_sampled_runs_have_no_sweep(tmp_path, tiny_model_dir, noisy_drafter_dir, prompts_file):
     report = run_eval(
         _config(
             tiny_model_dir,
             prompts_file,
             tmp_path / "t1",
-            drafters=[f"noisy={noisy_dir}"],
+            drafters=[f"noisy={noisy_drafter_dir}"],
             temperature=1.0,
             baselines=[],
         )
@@ -133,17 +116,15 @@ def test_sampled_runs_have_no_sweep(tmp_path, tiny_model_dir, noisy_dir, prompts
     assert "draft_length_sweep" not in _row(report, "noisy")
 
 
-def test_export_writes_the_best_k_of_the_sweep(swept, tmp_path, noisy_dir):
+def test_export_writes_the_best_k_of_the_sweep(swept, tmp_path, noisy_drafter_dir):
     report, out = swept
     noisy = _row(report, "noisy")
     best = noisy["best_num_draft_tokens"]
-    result = run_export(
-        ExportConfig(
-            drafter=str(noisy_dir),
-            output=str(tmp_path / "export"),
-            eval_json=[str(out / "eval.json")],
-            eval_drafter="noisy",
-        )
+    result = tiny.export(
+        noisy_drafter_dir,
+        tmp_path / "export",
+        eval_json=[str(out / "eval.json")],
+        eval_drafter="noisy",
     )
     assert result.num_draft_tokens == best
     written = read_json(tmp_path / "export" / "generation_config.json")

@@ -35,23 +35,9 @@ def mtbench_file(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def noisy_drafter_dir(tmp_path_factory, tiny_tokenizer):
-    """The target's weights plus 5% noise: a drafter that agrees with the target part of the time."""
-    model = tiny.noisy_model(tiny_tokenizer)
-    return tiny.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("noisy-drafter"))
-
-
 def _config(target, mtbench_file, output, **overrides) -> EvalConfig:
-    values = dict(
-        target=str(target),
-        prompts=str(mtbench_file),
-        num_draft_tokens=K,
-        max_new_tokens=MAX_NEW,
-        output=str(output),
-    )
-    values.update(overrides)
-    return EvalConfig(**values)
+    options = {"num_draft_tokens": K, "max_new_tokens": MAX_NEW} | overrides
+    return tiny.eval_config(target, mtbench_file, output, **options)
 
 
 @pytest.fixture(scope="module")

@@ -54,18 +54,10 @@ def sparse_drafter_dir(tmp_path_factory, tiny_tokenizer):
 def exports(tmp_path_factory, sparse_drafter_dir, trained_target_dir):
     """One export per format (K=3), shared by the tests of this module."""
     root = tmp_path_factory.mktemp("exports")
-    results = {}
-    for fmt in FORMATS:
-        results[fmt] = run_export(
-            ExportConfig(
-                drafter=str(sparse_drafter_dir),
-                output=str(root / fmt),
-                format=fmt,
-                target=str(trained_target_dir),
-                num_draft_tokens=K,
-            )
-        )
-    return results
+    options = {"target": str(trained_target_dir), "num_draft_tokens": K}
+    return {
+        fmt: tiny.export(sparse_drafter_dir, root / fmt, format=fmt, **options) for fmt in FORMATS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +159,8 @@ def test_generate_drafts_k_tokens_per_step_same_family(tmp_path, tiny_model_dir,
     """The target drafting for itself: every draft is accepted, so each target forward pass
     commits K drafts + 1 bonus token, and `new / (K+1)` passes produce `new` tokens; the
     drafter runs K forward passes (one per drafted token) before each verification."""
-    result = run_export(
-        ExportConfig(
-            drafter=str(tiny_model_dir),
-            output=str(tmp_path / "self"),
-            target=str(tiny_model_dir),
-            num_draft_tokens=K,
-        )
+    result = tiny.export(
+        tiny_model_dir, tmp_path / "self", target=str(tiny_model_dir), num_draft_tokens=K
     )
     generation = read_json(tmp_path / "self" / "generation_config.json")
     assert generation["num_assistant_tokens"] == K
@@ -202,13 +189,8 @@ def test_generate_uses_the_export_settings_cross_family(
 ):
     """UAG: a drafter with another tokenizer. Output equals the target's greedy output and the
     drafter runs exactly K forward passes (K drafted tokens) before every verification."""
-    result = run_export(
-        ExportConfig(
-            drafter=str(other_family_dir),
-            output=str(tmp_path / "uag"),
-            target=str(tiny_model_dir),
-            num_draft_tokens=K,
-        )
+    result = tiny.export(
+        other_family_dir, tmp_path / "uag", target=str(tiny_model_dir), num_draft_tokens=K
     )
     assert result.uag is True
     assert read_json(tmp_path / "uag" / "sd2_drafter.json")["uag"] is True
@@ -280,15 +262,13 @@ def test_eval_json_sets_k_and_the_card_shows_the_measured_mal(
         _eval_json(tmp_path / "k2.json", tiny_model_dir, sparse_drafter_dir, 2, 2.31, 1.54),
         _eval_json(tmp_path / "k3.json", tiny_model_dir, sparse_drafter_dir, 3, 2.47, 1.41),
     ]
-    result = run_export(
-        ExportConfig(
-            drafter=str(sparse_drafter_dir),
-            output=str(tmp_path / "card"),
-            eval_json=[str(p) for p in runs],
-            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-            datasets=["anon8231489123/ShareGPT_Vicuna_unfiltered"],
-            model_name="SmolLM2-135M-SD2-drafter",
-        )
+    result = tiny.export(
+        sparse_drafter_dir,
+        tmp_path / "card",
+        eval_json=[str(p) for p in runs],
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        datasets=["anon8231489123/ShareGPT_Vicuna_unfiltered"],
+        model_name="SmolLM2-135M-SD2-drafter",
     )
     # Best K by improvement factor (K=2: 1.54 > 1.41), not by raw MAL (K=3).
     assert result.num_draft_tokens == 2

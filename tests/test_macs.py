@@ -6,7 +6,6 @@ import json
 
 import pytest
 import tiny
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from sd2_hf.cli import main as sd2_main
 from sd2_hf.evaluation.macs import count_macs
@@ -52,19 +51,8 @@ def test_half_sparse_model_halves_decoder_linear_macs(
 
 
 def test_sliding_window_layers_see_their_window(tmp_path):
-    config = Gemma3TextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=8,
-        tie_word_embeddings=True,
-    )
-    model = Gemma3ForCausalLM(config)
+    types = ["sliding_attention", "full_attention"]
+    model = tiny.gemma3_model(types, sliding_window=8, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
     report = count_macs(tmp_path, context_length=100)
     attention = {k: v for k, v in report.per_module.items() if k.endswith(":attention")}

@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def write_recipe(directory: Path, target: Path, **changes) -> Path:
     """A recipe on the tiny target, its data next to it and referred to by relative paths."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "seed.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in tiny.conversations(8))
-    )
-    tiny.write_questions(directory / "question.jsonl")
+    tiny.write_seed_data(directory)
     recipe = {
         "name": "tiny",
         "description": "every stage on a tiny model",

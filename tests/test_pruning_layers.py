@@ -7,7 +7,7 @@ import json
 import pytest
 import tiny
 import torch
-from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM
 
 from sd2_hf.evaluation.macs import count_macs
 from sd2_hf.pruning.config import PruneConfig, PruneInputError
@@ -28,19 +28,19 @@ def six_layer_dir(tmp_path_factory, tiny_tokenizer):
     return tiny.save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("six-layers"))
 
 
+def prune_layers(model_dir, dataset, out, **options):
+    """`sd2 prune --method layers` of `model_dir` into `out`, calibrated on `dataset`; `options`
+    are further `PruneConfig` fields (drop or target_macs_fraction, num_samples)."""
+    config = PruneConfig(
+        model=str(model_dir), output=str(out), method="layers", dataset=dataset, **options
+    )
+    return run_prune(config)
+
+
 @pytest.fixture(scope="module")
 def dropped_dir(six_layer_dir, chat_rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("dropped") / "out"
-    result = run_prune(
-        PruneConfig(
-            model=str(six_layer_dir),
-            output=str(out),
-            method="layers",
-            drop=2,
-            dataset=chat_rows_file,
-            num_samples=8,
-        )
-    )
+    result = prune_layers(six_layer_dir, chat_rows_file, out, drop=2, num_samples=8)
     assert result.dropped_layers == list(IDENTITY_BLOCKS)
     return out
 
@@ -100,60 +100,31 @@ def test_target_macs_fraction_picks_the_fewest_blocks(six_layer_dir, chat_rows_f
     blocks = macs.per_block()
     share = sum(blocks[f"block {i}"] for i in IDENTITY_BLOCKS)
     fraction = (macs.total - share) / macs.total + 1e-9  # dropping one block is not enough
-    result = run_prune(
-        PruneConfig(
-            model=str(six_layer_dir),
-            output=str(tmp_path / "out"),
-            method="layers",
-            target_macs_fraction=fraction,
-            dataset=chat_rows_file,
-            num_samples=4,
-        )
+    result = prune_layers(
+        six_layer_dir,
+        chat_rows_file,
+        tmp_path / "out",
+        target_macs_fraction=fraction,
+        num_samples=4,
     )
     assert result.dropped_layers == list(IDENTITY_BLOCKS)
     assert result.macs_fraction <= fraction
 
 
 def test_drop_too_many(six_layer_dir, chat_rows_file, tmp_path):
-    config = PruneConfig(
-        model=str(six_layer_dir),
-        output=str(tmp_path / "o"),
-        method="layers",
-        drop=6,
-        dataset=chat_rows_file,
-    )
+    out = tmp_path / "o"
     with pytest.raises(PruneInputError, match=r"drop = 6 .* 6 decoder layers; allowed: 1\.\.5"):
-        run_prune(config)
-    config = PruneConfig(
-        model=str(six_layer_dir),
-        output=str(tmp_path / "o"),
-        method="layers",
-        target_macs_fraction=0.01,
-        dataset=chat_rows_file,
-        num_samples=2,
-    )
+        prune_layers(six_layer_dir, chat_rows_file, out, drop=6)
     with pytest.raises(PruneInputError, match="target_macs_fraction = 0.01 cannot be reached"):
-        run_prune(config)
+        prune_layers(six_layer_dir, chat_rows_file, out, target_macs_fraction=0.01, num_samples=2)
     assert not (tmp_path / "o").exists()
 
 
 def test_hybrid_attention_config_is_trimmed(tmp_path):
     """Gemma-3: per-layer `layer_types` follow the kept blocks; the KV cache still lines up."""
     types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-    config = Gemma3TextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        layer_types=types,
-        sliding_window=4,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny.gemma3_model(types, sliding_window=4, max_position_embeddings=64).eval()
     assert drop_layers(model, 1, 2) == [1, 2]
     assert model.config.layer_types == [types[0], types[3]]
     assert model.config.num_hidden_layers == 2

@@ -134,10 +134,15 @@ def minimal(**changes) -> dict:
     return data
 
 
-def test_misspelled_key_names_key_section_and_allowed_keys():
+def refusal(**changes) -> str:
+    """The message of the `RecipeError` that `minimal(**changes)` is refused with."""
     with pytest.raises(RecipeError) as err:
-        recipe_from_dict(minimal(prune={"sparsty": 0.5}))
-    message = str(err.value)
+        recipe_from_dict(minimal(**changes))
+    return str(err.value)
+
+
+def test_misspelled_key_names_key_section_and_allowed_keys():
+    message = refusal(prune={"sparsty": 0.5})
     assert "unknown key 'sparsty' in section 'prune'" in message
     assert "Did you mean 'sparsity'?" in message
     assert "Allowed keys: model, method, recipe, sparsity" in message
@@ -146,17 +151,13 @@ def test_misspelled_key_names_key_section_and_allowed_keys():
 
 
 def test_misspelled_section_and_top_level_key():
-    with pytest.raises(RecipeError) as err:
-        recipe_from_dict(minimal(evaluation={"limit": 2}))
-    message = str(err.value)
+    message = refusal(evaluation={"limit": 2})
     assert "unknown key 'evaluation' in the top level of the recipe" in message
     assert "distill, prune, train, export, eval" in message
 
 
 def test_wrong_type_says_what_was_expected():
-    with pytest.raises(RecipeError) as err:
-        recipe_from_dict(minimal(train={"max_steps": "many"}))
-    message = str(err.value)
+    message = refusal(train={"max_steps": "many"})
     assert "train.max_steps" in message and "'many'" in message and "expected int" in message
     with pytest.raises(RecipeError, match=r"eval.num_draft_tokens: .*greater than 0.*> 0"):
         recipe_from_dict(minimal(eval={"num_draft_tokens": 0}))

@@ -17,11 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_study(directory: Path, target: Path, **changes) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "seed.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in tiny.conversations(8))
-    )
-    tiny.write_questions(directory / "question.jsonl")
+    tiny.write_seed_data(directory)
     train = {"max_steps": 4, "learning_rate": 1e-2, "max_length": 64, "save_steps": 2}
     study = {
         "description": "tiny study",

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -102,6 +104,18 @@ def build_model(
     return model.eval()
 
 
+def gemma3_model(layer_types: list[str], sliding_window: int, **config):
+    """A tiny Gemma-3 (hybrid attention): one decoder block per entry of `layer_types`
+    ("sliding_attention" / "full_attention"); `config`: further `Gemma3TextConfig` fields."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    sizes = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "head_dim": 16}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    layers = {"num_hidden_layers": len(layer_types), "layer_types": layer_types}
+    config = Gemma3TextConfig(**sizes, **heads, **layers, sliding_window=sliding_window, **config)
+    return Gemma3ForCausalLM(config)
+
+
 def save_model(model, tokenizer, path: str | Path) -> Path:
     path = Path(path)
     model.save_pretrained(path)
@@ -127,6 +141,15 @@ def write_questions(path: str | Path, *later_turns: str) -> Path:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_seed_data(directory: Path) -> None:
+    """The data a tiny recipe or study names by relative paths: `seed.jsonl` (8 conversations)
+    and `question.jsonl` (`QUESTIONS`), in `directory` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = conversations(8)
+    (directory / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_questions(directory / "question.jsonl")
 
 
 def noisy_model(tokenizer, scale: float = 0.05, seed: int = 5):
@@ -288,6 +311,48 @@ def prune(model_dir, out, dataset, **options):
     result = run_prune(config)
     assert result.output == str(out)
     return result
+
+
+def distilling_trainer(model, tokenizer, output_dir, trainer_class=None, **args):
+    """An `SD2Trainer` (or `trainer_class`) of `model` distilled from the seed-1 tiny model on 32
+    conversations; `args` are `SD2Config` fields over `trainer_kwargs`."""
+    from datasets import Dataset
+
+    from sd2_hf import SD2Config, SD2Trainer
+
+    return (trainer_class or SD2Trainer)(
+        model,
+        args=SD2Config(**trainer_kwargs(output_dir, **args)),
+        teacher_model=build_model(tokenizer, seed=1),
+        train_dataset=Dataset.from_list(conversations(32)),
+        processing_class=tokenizer,
+    )
+
+
+def export(drafter, out, **options):
+    """`sd2 export` of the checkpoint `drafter` to `out`; `options` are further `ExportConfig`
+    fields (format, target, num_draft_tokens, ...). Returns the `ExportResult`."""
+    from sd2_hf.export.config import ExportConfig
+    from sd2_hf.export.export import run_export
+
+    return run_export(ExportConfig(drafter=str(drafter), output=str(out), **options))
+
+
+def eval_config(target, prompts, output, **options):
+    """`EvalConfig` of `target` on the prompt file `prompts`, written to `output`; `options` are
+    further `EvalConfig` fields."""
+    from sd2_hf.evaluation.config import EvalConfig
+
+    values = {"target": str(target), "prompts": str(prompts), "output": str(output)}
+    return EvalConfig(**(values | options))
+
+
+def load_script(path: Path) -> ModuleType:
+    """The Python file `path` (a bench script, not a package module) imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def conversations(n: int = 16, seed: int = 0) -> list[dict]:

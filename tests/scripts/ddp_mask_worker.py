@@ -13,9 +13,7 @@ from pathlib import Path
 
 import tiny
 import torch
-from datasets import Dataset
 
-from sd2_hf import SD2Config, SD2Trainer
 from sd2_hf.pruning.masks import find_target_linears
 from sd2_hf.utils.distributed import destroy_process_groups, gloo_worker_threads
 
@@ -25,26 +23,19 @@ def train(out: Path) -> tuple[int, dict]:
     model = tiny.magnitude_sparsify(tiny.build_model(tok, seed=0), 0.5)
     before = {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
     w0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    args = SD2Config(
-        **tiny.trainer_kwargs(
-            out / "run",
-            max_steps=12,
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=2,
-            learning_rate=1e-2,
-            mask_check_interval=3,
-            ddp_backend="gloo",
-            distill_loss="fkl",
-            distill_alpha=0.5,
-            logging_steps=4,
-        )
-    )
-    trainer = SD2Trainer(
+    trainer = tiny.distilling_trainer(
         model,
-        args=args,
-        teacher_model=tiny.build_model(tok, seed=1),
-        train_dataset=Dataset.from_list(tiny.conversations(32)),
-        processing_class=tok,
+        tok,
+        out / "run",
+        max_steps=12,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        mask_check_interval=3,
+        ddp_backend="gloo",
+        distill_loss="fkl",
+        distill_alpha=0.5,
+        logging_steps=4,
     )
     trainer.train()
     after = {n: (m.weight == 0) for n, m in find_target_linears(model).items()}

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import tiny
 import torch
-from datasets import Dataset
 
-from sd2_hf import SD2Config, SD2Trainer
+from sd2_hf import SD2Trainer
 from sd2_hf.pruning.masks import find_target_linears
 from sd2_hf.utils.distributed import destroy_process_groups
 
@@ -63,29 +62,23 @@ def train(out: Path) -> tuple[int, dict]:
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] *= EOS_LOGIT_SCALE
     before = {n: (m.weight == 0).clone() for n, m in find_target_linears(model).items()}
-    args = SD2Config(
-        **tiny.trainer_kwargs(
-            out / "run",
-            max_steps=6,
-            per_device_train_batch_size=1,
-            learning_rate=1e-4,
-            weight_decay=0.1,
-            lr_scheduler_type="constant",
-            mask_check_interval=1,
-            ddp_backend="gloo",
-            distill_loss="tvd",
-            on_policy_fraction=1.0,
-            on_policy_max_new_tokens=MAX_NEW_TOKENS,
-            on_policy_temperature=1.0,
-            logging_steps=1,
-        )
-    )
-    trainer = RecordingTrainer(
+    trainer = tiny.distilling_trainer(
         model,
-        args=args,
-        teacher_model=tiny.build_model(tok, seed=1),
-        train_dataset=Dataset.from_list(tiny.conversations(32)),
-        processing_class=tok,
+        tok,
+        out / "run",
+        RecordingTrainer,
+        max_steps=6,
+        per_device_train_batch_size=1,
+        learning_rate=1e-4,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        mask_check_interval=1,
+        ddp_backend="gloo",
+        distill_loss="tvd",
+        on_policy_fraction=1.0,
+        on_policy_max_new_tokens=MAX_NEW_TOKENS,
+        on_policy_temperature=1.0,
+        logging_steps=1,
     )
     trainer.train()
     # Each rank's (local shard of the) weights against the masks it recorded, then the whole
