@@ -239,6 +239,36 @@ def test_sparse_head_mask_is_held_in_fine_tuning(
     assert torch.equal(head[:, channel], floor["head"])
 
 
+@pytest.mark.parametrize("loss", ["none", "fkl"])
+def test_a_draft_vocabulary_drafter_trains_on_its_own_vocabulary(
+    tiny_tokenizer, chat_rows, chat_rows_file, tmp_path, loss
+):
+    # Dropped labels and the teacher's mass on dropped tokens meet logits below -1e4: without
+    # restricting the targets to the kept vocabulary the loss is in the thousands and the
+    # drafter is wrecked in a few steps.
+    model = build_model(tiny_tokenizer)
+    model_dir = save_model(model, tiny_tokenizer, tmp_path / "dense")
+    out = tmp_path / "vocab"
+    prune(model_dir, out, chat_rows_file, recipe="sparsegpt-50", draft_vocab_size=20)
+    drafter = AutoModelForCausalLM.from_pretrained(out)
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir) if loss != "none" else None
+    kwargs = trainer_kwargs(tmp_path / "run", max_steps=4, learning_rate=1e-3, logging_steps=1)
+    trainer = SD2Trainer(
+        drafter,
+        args=SD2Config(**kwargs, distill_loss=loss),
+        teacher_model=teacher,
+        train_dataset=Dataset.from_list(chat_rows[:16]),
+        processing_class=tiny_tokenizer,
+    )
+    dropped = set(trainer._dropped_ids.tolist())
+    assert dropped == set(range(drafter.config.vocab_size)) - set(
+        kept_rows(drafter).nonzero().flatten().tolist()
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses), losses
+
+
 def test_train_stage_reports_the_held_head_zeros(tiny_model_dir, chat_rows_file, tmp_path):
     """`sd2 train`'s sparsity report counts what the trainer holds: the sparse head too."""
     from sd2_hf.training.config import TrainStageConfig

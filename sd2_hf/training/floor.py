@@ -14,14 +14,40 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
-from sd2_hf.pruning.head import final_norm, find_floor_channel
+from sd2_hf.pruning.head import LOGIT_FLOOR, final_norm, find_floor_channel
+
+
+def _base(model):
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
 
 
 def floor_channel_of(model) -> int | None:
-    model = extract_model_from_parallel(model)
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return find_floor_channel(model)
+    return find_floor_channel(_base(model))
+
+
+def dropped_token_ids(model, channel: int) -> torch.Tensor:
+    """The token ids a draft-vocabulary drafter can never propose: the head rows with a negative
+    weight on the floor channel."""
+    head = _base(model).get_output_embeddings().weight
+    return (head.detach()[:, channel] < 0).nonzero().flatten()
+
+
+def restrict_targets(
+    labels: torch.Tensor, teacher_logits: torch.Tensor | None, dropped: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training targets of a draft-vocabulary drafter, on its own vocabulary: labels that are
+    dropped tokens are ignored (-100), and the teacher's distribution is renormalized over the
+    kept tokens (their logits set to `LOGIT_FLOOR`, probability exactly 0 in float32). Without
+    this a dropped label, or the teacher's mass on dropped tokens, meets the drafter's logit
+    below -1e4: losses of thousands whose gradients wreck the drafter in a few steps (measured:
+    top-1 agreement with the target 0.73 -> 0.08 after 20 steps of SFT + forward KL)."""
+    labels = labels.masked_fill(torch.isin(labels, dropped.to(labels.device)), -100)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.index_fill(
+            -1, dropped.to(teacher_logits.device), LOGIT_FLOOR
+        )
+    return labels, teacher_logits
 
 
 class FloorChannelCallback(TrainerCallback):
@@ -33,9 +59,7 @@ class FloorChannelCallback(TrainerCallback):
         self._held: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model = extract_model_from_parallel(model)
-        if hasattr(model, "get_base_model"):  # PEFT
-            model = model.get_base_model()
+        model = _base(model)
         j = self.channel
         places = [
             (model.get_input_embeddings().weight, (slice(None), j)),

@@ -18,7 +18,12 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from sd2_hf.training.callbacks import ZERO3_MESSAGE, SparsityMaskCallback
-from sd2_hf.training.floor import FloorChannelCallback, floor_channel_of
+from sd2_hf.training.floor import (
+    FloorChannelCallback,
+    dropped_token_ids,
+    floor_channel_of,
+    restrict_targets,
+)
 from sd2_hf.training.losses import token_divergence
 from sd2_hf.training.sd2_config import SD2Config
 from sd2_hf.training.sparse_lora import check_sparse_adapters, sparse_lora_config
@@ -95,8 +100,11 @@ class SD2Trainer(SFTTrainer):
             check_interval=args.mask_check_interval,
         )
         self.add_callback(self.mask_callback)
+        # A draft-vocabulary drafter trains on its own vocabulary (`restrict_targets`).
+        self._dropped_ids = None
         if (channel := floor_channel_of(self.model)) is not None:
             self.add_callback(FloorChannelCallback(channel))
+            self._dropped_ids = dropped_token_ids(self.model, channel)
 
         self.teacher_model = None
         if teacher_model is not None and args.distill_loss != "none":
@@ -300,6 +308,9 @@ class SD2Trainer(SFTTrainer):
             self._on_policy_batch = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._dropped_ids is not None:
+            labels, _ = restrict_targets(inputs["labels"], None, self._dropped_ids)
+            inputs = {**inputs, "labels": labels}
         if self.teacher_model is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -323,6 +334,8 @@ class SD2Trainer(SFTTrainer):
         with torch.no_grad(), self.accelerator.autocast():
             teacher_outputs = self.teacher_model(**model_inputs)
             teacher_logits = teacher_outputs.logits[:, :-1]
+            if self._dropped_ids is not None:
+                _, teacher_logits = restrict_targets(labels, teacher_logits, self._dropped_ids)
         shift_labels = labels[:, first:]
         mask = shift_labels != -100
         on_policy = self._on_policy_batch and self.model.training
