@@ -38,6 +38,7 @@ from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
 
 RESULTS = Path(__file__).parent / "results"
 FORMATS = ("dense", "w8a8", "w4a16", "fp8")
+EXPORT_MEASURES = ("checkpoint_bytes", "sparsity_before", "sparsity_after", "zeros_kept")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,12 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    questions = load_mtbench()[:n]
     return [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True, tokenize=True
         )["input_ids"]
-        for q in questions
+        for q in load_mtbench()[:n]
     ]
 
 
@@ -83,6 +83,11 @@ def greedy(model, ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+def mismatches(outputs: list[list[int]], reference: list[list[int]]) -> int:
+    """How many greedy outputs differ from the reference's (0: lossless)."""
+    return sum(got != expected for got, expected in zip(outputs, reference, strict=True))
+
+
 def transformers_check(target, drafter_dir: str, prompts, reference, max_new_tokens) -> dict:
     """Assisted generation with the export as loaded by plain `from_pretrained`."""
     from transformers import AutoModelForCausalLM
@@ -92,19 +97,16 @@ def transformers_check(target, drafter_dir: str, prompts, reference, max_new_tok
     load_seconds = time.perf_counter() - started
     steps = []
     hook = target.register_forward_hook(lambda *_: steps.append(1))
-    mismatches = new_tokens = 0
     started = time.perf_counter()
     try:
-        for ids, expected in zip(prompts, reference, strict=True):
-            got = greedy(target, ids, max_new_tokens, assistant_model=drafter)
-            mismatches += got != expected
-            new_tokens += len(got)
+        outputs = [greedy(target, ids, max_new_tokens, assistant_model=drafter) for ids in prompts]
     finally:
         hook.remove()
     seconds = time.perf_counter() - started
+    new_tokens = sum(map(len, outputs))
     return {
         "load_seconds": load_seconds,
-        "lossless_mismatches": mismatches,
+        "lossless_mismatches": mismatches(outputs, reference),
         "target_steps": len(steps),
         "new_tokens": new_tokens,
         # Every target forward pass verifies one draft (the prefill is part of the first).
@@ -122,14 +124,9 @@ def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, lo
     try:
         with server, OpenAIClient(server.url, server.model_name) as client:
             before = server.spec_counters() if drafter_dir else None
+            opts = {"max_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
             outputs = [
-                client.completion(
-                    ids,
-                    max_tokens=max_new_tokens,
-                    temperature=0,
-                    ignore_eos=True,
-                    return_token_ids=True,
-                )["choices"][0]["token_ids"]
+                client.completion(ids, **opts, return_token_ids=True)["choices"][0]["token_ids"]
                 for ids in prompts
             ]
             delta = server.spec_counters() - before if drafter_dir else None
@@ -152,6 +149,10 @@ def root_cause(log_text: str) -> str | None:
     lines = [line for line in log_text.splitlines() if " WARNING " not in line]
     causes = re.findall(r"\b\w+(?:Error|Exception): .*", "\n".join(lines))
     return causes[0].strip() if causes else None
+
+
+def lossless(mismatches: int) -> str:
+    return "yes" if mismatches == 0 else f"no ({mismatches} differ)"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -178,22 +179,15 @@ def to_markdown(report: dict[str, Any]) -> str:
             row["compressed_tensors_format"] or "–",
             f"{row['checkpoint_bytes'] / 2**20:.1f}",
             f"{row['size_vs_dense']:.3f}",
-            f"{row['sparsity_before']:.2%}",
-            f"{row['sparsity_after']:.2%}",
-            f"{row['zeros_kept']:.2%}",
+            *(f"{row[key]:.2%}" for key in ("sparsity_before", "sparsity_after", "zeros_kept")),
             f"{hf['load_seconds']:.1f}",
-            "yes" if hf["lossless_mismatches"] == 0 else f"no ({hf['lossless_mismatches']} differ)",
+            lossless(hf["lossless_mismatches"]),
             f"{hf['mal']:.2f}",
         ]
         if report["vllm"]:
             served = row["vllm"]
             if served["ok"]:
-                lossless = served["lossless_mismatches"] == 0
-                cells += [
-                    "serves",
-                    "yes" if lossless else f"no ({served['lossless_mismatches']} differ)",
-                    f"{served['mal']:.2f}",
-                ]
+                cells += ["serves", lossless(served["lossless_mismatches"]), f"{served['mal']:.2f}"]
             else:
                 cells += [f"fails: `{served['error'][:160]}`", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -237,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompt_ids(tokenizer, args.prompts)
     reference = [greedy(target, ids, args.max_new_tokens) for ids in tqdm(prompts, desc="target")]
 
-    vllm_reference = None
-    if args.vllm:
-        vllm_reference = vllm_check(
-            target_path, None, prompts, args.max_new_tokens, work / "vllm-target.log"
-        )
+    def serve(drafter: str | None, name: str) -> dict:
+        log = work / f"vllm-{name}.log"
+        return vllm_check(target_path, drafter, prompts, args.max_new_tokens, log)
+
+    vllm_reference = serve(None, "target") if args.vllm else None
     rows = []
     for fmt in args.formats:
         result = run_export(
@@ -254,33 +248,22 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=True,
             )
         )
-        metadata = read_json(work / fmt / "sd2_drafter.json")
+        quantization = read_json(work / fmt / "sd2_drafter.json")["quantization"] or {}
         row = {
             "format": fmt,
-            "compressed_tensors_format": (metadata["quantization"] or {}).get(
-                "compressed_tensors_format"
-            ),
-            "checkpoint_bytes": result.checkpoint_bytes,
-            "sparsity_before": result.sparsity_before,
-            "sparsity_after": result.sparsity_after,
-            "zeros_kept": result.zeros_kept,
+            "compressed_tensors_format": quantization.get("compressed_tensors_format"),
+            **{measure: getattr(result, measure) for measure in EXPORT_MEASURES},
             "transformers": transformers_check(
                 target, result.output, prompts, reference, args.max_new_tokens
             ),
         }
         if args.vllm:
-            served = vllm_check(
-                target_path, result.output, prompts, args.max_new_tokens, work / f"vllm-{fmt}.log"
-            )
+            row["vllm"] = served = serve(result.output, fmt)
             if served["ok"] and vllm_reference and vllm_reference["ok"]:
-                served["lossless_mismatches"] = sum(
-                    a != b
-                    for a, b in zip(served.pop("outputs"), vllm_reference["outputs"], strict=True)
-                )
-            rows.append({**row, "vllm": served})
-        else:
-            rows.append(row)
-        print(json.dumps(rows[-1], default=str))
+                outputs = served.pop("outputs")
+                served["lossless_mismatches"] = mismatches(outputs, vllm_reference["outputs"])
+        rows.append(row)
+        print(json.dumps(row, default=str))
     dense_bytes = next((r["checkpoint_bytes"] for r in rows if r["format"] == "dense"), None)
     for row in rows:
         row["size_vs_dense"] = row["checkpoint_bytes"] / dense_bytes if dense_bytes else None
@@ -300,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["bench/export_formats.py", *(argv or sys.argv[1:])]),
         "versions": versions(),
     }
-    RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "export_formats.json", report)
     markdown = to_markdown(report)
     atomic_write_text(RESULTS / "export_formats.md", markdown)
