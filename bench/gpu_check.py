@@ -8,7 +8,7 @@
 3. The same drafter with its 2:4 weights through PyTorch's semi-structured sparse kernels
    (`torch.sparse.to_sparse_semi_structured`; cuSPARSELt on compute capability 8.x/9.x, CUTLASS
    on 8.x only), measured against its dense time; each swapped layer is a `FlatLinear` (2-D
-   input only, see there).
+   input only): `sd2_hf.pruning.semi_structured`, the library code a user runs a 2:4 drafter with.
 
 Each part's result is written (atomically) to the JSON and Markdown files as soon as it is
 measured; a part that fails is recorded with its error and the script goes on to the next one
@@ -30,11 +30,9 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,6 +42,12 @@ import tiny  # noqa: E402
 
 from sd2_hf import SD2Config, SD2Trainer  # noqa: E402
 from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse  # noqa: E402
+from sd2_hf.pruning.semi_structured import (  # noqa: E402
+    BACKENDS,
+    semi_structured_backend,
+    semi_structured_converter,
+    to_semi_structured,
+)
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # (hidden, intermediate, layers, heads, kv heads, tied embeddings) of the public configs
@@ -61,7 +65,6 @@ SHAPES = {
 }
 FULL_VOCAB = 128256
 BATCHES = (1, 8)
-BACKENDS = ("auto", "cusparselt", "cutlass")
 # The timing table's columns after the batch: (header, step_timings key, format).
 COLUMNS = (
     ("drafter dense ms", "drafter_dense_ms", "{:.3f}"),
@@ -116,79 +119,6 @@ def train_check(drafter: LlamaForCausalLM, tokenizer, steps: int, bf16: bool, ou
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
     }
-
-
-def choose_backend(
-    capability: tuple[int, int], cusparselt_available: bool, requested: str = "auto"
-) -> tuple[str | None, str | None]:
-    """(backend, None) for the semi-structured kernels on a GPU of this compute capability, or
-    (None, why not). CUTLASS's 2:4 kernels refuse 9.x ("Supported only on GPUs with compute
-    capability 8.x"), so 9.x and later take cuSPARSELt."""
-    major, minor = capability
-    if major < 8:
-        return None, f"needs compute capability 8.x or later, this GPU is {major}.{minor}"
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown semi-structured backend {requested!r}: one of {BACKENDS}")
-    if requested in ("auto", "cusparselt") and cusparselt_available:
-        return "cusparselt", None
-    if requested == "cusparselt":
-        return None, "cuSPARSELt is not available in this torch build"
-    if major == 8:
-        return "cutlass", None
-    why = "was not requested" if cusparselt_available else "is not available in this build"
-    return None, (
-        f"the CUTLASS 2:4 kernels run only on compute capability 8.x (this GPU is "
-        f"{major}.{minor}) and cuSPARSELt {why}"
-    )
-
-
-def semi_structured_backend(device: str, requested: str = "auto") -> tuple[str | None, str | None]:
-    """(backend, None) if the 2:4 kernels can run here, else (None, why not)."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return None, "needs CUDA (torch's semi-structured sparse kernels are CUDA-only)"
-    cusparselt = bool(torch.backends.cusparselt.is_available())
-    return choose_backend(torch.cuda.get_device_capability(), cusparselt, requested)
-
-
-def semi_structured_converter(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The dense -> compressed 2:4 conversion of one backend: `from_dense` of
-    `torch.sparse.SparseSemiStructuredTensorCUSPARSELT` or `...CUTLASS` (no global
-    `_FORCE_CUTLASS`)."""
-    return getattr(torch.sparse, f"SparseSemiStructuredTensor{backend.upper()}").from_dense
-
-
-class FlatLinear(torch.nn.Module):
-    """A linear layer that gives its weight 2-D input only: leading dims flattened, `F.linear`,
-    reshaped back. Torch's semi-structured weights support 2-D matmuls only; a 3-D input through
-    `nn.Linear` reaches ops they lack ("SparseSemiStructuredTensorCUSPARSELT only supports a
-    specific set of operations ... expand.default")."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-@torch.no_grad()
-def to_semi_structured(
-    model: LlamaForCausalLM, convert: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> int:
-    """Replace every 2:4 decoder linear by a `FlatLinear` over its converted weight (by default
-    `to_sparse_semi_structured`); returns how many were replaced."""
-    convert = convert or torch.sparse.to_sparse_semi_structured
-    swapped = 0
-    for name, module in find_target_linears(model).items():
-        if is_n_m_sparse(module.weight):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FlatLinear(convert(module.weight.detach()), module.bias))
-            swapped += 1
-    return swapped
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """bench/gpu_check.py: its training and timing code on tiny shapes on CPU (the CUDA-only 2:4
-kernels are reported as not measured, with the reason); the `FlatLinear` 2-D reshape with a dense
-stand-in; results written part by part; and, on a CUDA machine, the semi-structured path."""
+kernels are reported as not measured, with the reason); results written part by part; the library
+code it runs the 2:4 kernels with (`sd2_hf.pruning.semi_structured`): the `FlatLinear` 2-D reshape
+and the swap with a dense stand-in, the backend choice; and, on a CUDA machine, the
+semi-structured path."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sd2_hf.pruning import semi_structured
+from sd2_hf.pruning.semi_structured import (
+    FlatLinear,
+    choose_backend,
+    semi_structured_backend,
+    semi_structured_converter,
+    to_semi_structured,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 TINY = ["--tiny", "--train-steps", "3", "--repeats", "2", "--context", "16"]
@@ -47,11 +58,11 @@ def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thr
     assert "not measured: needs CUDA" in capsys.readouterr().out
 
 
-def test_flat_linear_gives_its_weight_2d_input_only(gpu_check, monkeypatch):
+def test_flat_linear_gives_its_weight_2d_input_only(monkeypatch):
     """What semi-structured weights need: F.linear sees (tokens, features), never 3-D input; the
     result is nn.Linear's, in the input's leading shape."""
     dense = torch.nn.Linear(16, 8)
-    flat = gpu_check.FlatLinear(dense.weight.detach().clone(), dense.bias.detach().clone())
+    flat = FlatLinear(dense.weight.detach().clone(), dense.bias.detach().clone())
     seen = []
     linear = torch.nn.functional.linear
 
@@ -62,7 +73,7 @@ def test_flat_linear_gives_its_weight_2d_input_only(gpu_check, monkeypatch):
     x = torch.randn(8, 3, 16)
     with torch.no_grad():
         expected = dense(x)
-        monkeypatch.setattr(gpu_check.F, "linear", spy)
+        monkeypatch.setattr(semi_structured.F, "linear", spy)
         got = flat(x)
     assert seen == [2]
     assert got.shape == (8, 3, 8)
@@ -79,9 +90,9 @@ def test_the_swap_keeps_the_function_with_a_dense_stand_in(gpu_check, single_tor
     ids = torch.randint(0, 384, (8, 16))
     with torch.no_grad():
         dense = drafter(input_ids=ids).logits
-        assert gpu_check.to_semi_structured(drafter, convert=lambda w: w.clone()) == 14
+        assert to_semi_structured(drafter, convert=lambda w: w.clone()) == 14
         flat = drafter(input_ids=ids).logits
-    assert sum(isinstance(m, gpu_check.FlatLinear) for m in drafter.modules()) == 14
+    assert sum(isinstance(m, FlatLinear) for m in drafter.modules()) == 14
     torch.testing.assert_close(flat, dense)
 
 
@@ -97,23 +108,31 @@ def test_the_swap_keeps_the_function_with_a_dense_stand_in(gpu_check, single_tor
         ((7, 5), True, "auto", None),
     ],
 )
-def test_backend_choice_keeps_cutlass_off_sm90(
-    gpu_check, capability, cusparselt, requested, backend
-):
-    chosen, reason = gpu_check.choose_backend(capability, cusparselt, requested)
+def test_backend_choice_keeps_cutlass_off_sm90(capability, cusparselt, requested, backend):
+    chosen, reason = choose_backend(capability, cusparselt, requested)
     assert chosen == backend
     assert (reason is None) == (backend is not None)
     if capability == (9, 0) and backend is None:
         assert "8.x" in reason
 
 
-def test_the_converter_is_the_backends_own(gpu_check):
+def test_the_converter_is_the_backends_own():
     """Each backend converts with its own tensor class (no global `_FORCE_CUTLASS` switch)."""
     for backend, cls in (
         ("cusparselt", torch.sparse.SparseSemiStructuredTensorCUSPARSELT),
         ("cutlass", torch.sparse.SparseSemiStructuredTensorCUTLASS),
     ):
-        assert gpu_check.semi_structured_converter(backend) == cls.from_dense
+        assert semi_structured_converter(backend) == cls.from_dense
+
+
+def test_the_kernels_need_cuda_and_a_known_backend():
+    """Off CUDA the library says why (the reason gpu_check reports); a backend name it does not
+    know is an error, not a silent fallback."""
+    for device in ("cpu", torch.device("cpu")):
+        backend, reason = semi_structured_backend(device)
+        assert backend is None and reason.startswith("needs CUDA")
+    with pytest.raises(ValueError, match="unknown semi-structured backend"):
+        choose_backend((8, 0), True, "cusparse")
 
 
 def test_a_failing_part_keeps_the_results_before_it(
@@ -128,7 +147,7 @@ def test_a_failing_part_keeps_the_results_before_it(
     message = "SparseSemiStructuredTensorCUSPARSELT only supports ... (expand.default)"
 
     def failing_step(model, batch, *args):
-        swapped = any(isinstance(m, gpu_check.FlatLinear) for m in model.modules())
+        swapped = any(isinstance(m, FlatLinear) for m in model.modules())
         if swapped and batch == 8:
             raise NotImplementedError(message)
         return step_seconds(model, batch, *args)
@@ -166,7 +185,7 @@ def test_results_are_on_disk_as_soon_as_measured(
 def test_the_sparse_swap_keeps_the_function(gpu_check, single_torch_thread):
     """Where the kernels exist, swapping weights must not change the drafter's outputs, on the
     3-D input of a batch of 8 (the shape that failed inside nn.Linear)."""
-    backend, unsupported = gpu_check.semi_structured_backend("cuda")
+    backend, unsupported = semi_structured_backend("cuda")
     if backend is None:
         pytest.skip(f"semi-structured 2:4 kernels: {unsupported}")
     import tiny
@@ -176,8 +195,8 @@ def test_the_sparse_swap_keeps_the_function(gpu_check, single_torch_thread):
     ids = torch.randint(0, 384, (8, 16), device="cuda")
     with torch.no_grad():
         dense = drafter(input_ids=ids).logits
-        convert = gpu_check.semi_structured_converter(backend)
-        assert gpu_check.to_semi_structured(drafter, convert) == 14
+        convert = semi_structured_converter(backend)
+        assert to_semi_structured(drafter, convert) == 14
         sparse = drafter(input_ids=ids).logits
     torch.testing.assert_close(sparse, dense, atol=5e-2, rtol=5e-2)
 
