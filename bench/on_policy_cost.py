@@ -47,18 +47,17 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     path = resolve_model_path(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = load_conversations("asset:sharegpt", limit=4 * spec["steps"]).rows
-    rows = [{"messages": r["messages"][:2]} for r in rows]
+    loaded = load_conversations("asset:sharegpt", limit=4 * spec["steps"])
+    rows = [{"messages": r["messages"][:2]} for r in loaded.rows]
 
     class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
+        times: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.times.append(-time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
+            self.times[-1] += time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
         args = SD2Config(
@@ -67,10 +66,7 @@ def worker(spec: dict) -> dict:
             per_device_train_batch_size=4,
             max_length=256,
             learning_rate=1e-5,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
+            **dict(save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True),
             chat_template_path=TEMPLATE,
             distill_loss="fkl",
             on_policy_fraction=spec["on_policy_fraction"],
@@ -85,8 +81,7 @@ def worker(spec: dict) -> dict:
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
         )
-        timer = StepTimer()
-        trainer.add_callback(timer)
+        trainer.add_callback(timer := StepTimer())
         trainer.train()
     return {"step_seconds": timer.times[1:]}
 
