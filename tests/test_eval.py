@@ -497,6 +497,22 @@ def test_rows_served_in_another_dtype_are_not_reused(
     assert journal().key["served_dtype"] == "float32" and not earlier.exists()
 
 
+def test_settings_at_their_defaults_do_not_enter_the_reuse_key(
+    tmp_path, tiny_model_dir, mtbench_file
+):
+    """A field added to EvalConfig with a default (as `offset` was) must not make every finished
+    row of an earlier evaluation stale: the key holds only settings that differ from defaults."""
+    import sd2_hf.evaluation.runner as runner
+
+    def key(**changes):
+        config = _config(tiny_model_dir, mtbench_file, tmp_path / "eval", **changes)
+        return runner._EvalJournal(tmp_path / "eval", config, str(tiny_model_dir), "auto").key
+
+    assert "offset" not in key()["settings"]
+    assert key(offset=3)["settings"]["offset"] == 3
+    assert key()["settings"] == key(offset=0)["settings"]
+
+
 def test_eval_split_over_workers_reuses_every_row(
     tmp_path, monkeypatch, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
 ):

@@ -423,7 +423,11 @@ class _EvalJournal:
     def __init__(self, output: Path, config: EvalConfig, target_path: str, served: str):
         self.output = output
         self.dir = output / "partial"
-        settings = config.model_dump(exclude={"output", "drafters", "baselines"})
+        # Only the settings that differ from their defaults: a field added to EvalConfig later
+        # (with a default that keeps today's behaviour) leaves finished rows reusable.
+        settings = config.model_dump(
+            exclude={"output", "drafters", "baselines"}, exclude_defaults=True
+        )
         self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
         if served != config.dtype:
             # `auto` computes in another dtype on this machine than on one with bf16
