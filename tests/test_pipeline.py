@@ -231,11 +231,11 @@ def test_bad_stage_input_is_a_message_not_a_traceback(tmp_path, tiny_model_dir, 
 
 
 def test_threads_are_set_for_the_stages_and_restored(monkeypatch):
-    from sd2_hf.pipeline.run import _threads
+    from sd2_hf.pipeline.run import stage_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    with _threads(before + 1):
+    with stage_threads(before + 1):
         assert torch.get_num_threads() == before + 1
         assert os.environ["OMP_NUM_THREADS"] == str(before + 1)
     assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in os.environ

@@ -85,7 +85,7 @@ def run_pipeline(
     records: dict[str, dict[str, Any]] = {}
     provenance = None if dry_run else _Provenance(root, recipe, plans, command or sys.argv)
     try:
-        with _threads(None if dry_run else recipe.threads):
+        with stage_threads(None if dry_run else recipe.threads):
             for index, plan in enumerate(plans, 1):
                 outcome = run_stage(
                     plan, selected, records, plans, force, dry_run, index, len(plans)
@@ -104,7 +104,7 @@ def run_pipeline(
 
 
 @contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def stage_threads(count: int | None) -> Iterator[None]:
     """torch's CPU threads (and OMP_NUM_THREADS for processes the stages start) while the
     stages run; restored afterwards for a caller that goes on in this process."""
     if not count:

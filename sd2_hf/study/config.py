@@ -31,8 +31,8 @@ from sd2_hf.recipe import (
 from sd2_hf.utils.yamlfile import read_yaml_file
 
 BUILD_STAGES = ("prune", "train", "export")
-# Keys of an evaluation section the study fills itself.
-EVAL_FILLED = ("target", "drafters", "output")
+# Keys of an evaluation section the study fills itself (its `drafters` picks a subset).
+EVAL_FILLED = ("target", "output")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _COMPARISON = re.compile(r"^\s*(?P<a>\S+)\s+vs\s+(?P<b>\S+)\s*$")
 # Override keys (their last part) whose values are paths, resolved against the current dir.
@@ -166,7 +166,7 @@ class Study(BaseModel):
         """The `EvalConfig` of evaluation `name` over `drafters` (name -> final path)."""
         section = dict(self.evaluations[name])
         for key in EVAL_FILLED:
-            if key in section and key != "drafters":
+            if key in section:
                 raise StudyError(f"evaluations.{name}.{key}: set by the study; remove it")
         chosen = section.pop("drafters", None) or list(drafters)
         unknown = [d for d in chosen if d not in drafters]
@@ -203,10 +203,10 @@ def _resolve_study_paths(data: dict[str, Any], base: Path) -> None:
         top["distill"] = data["distill"]
     resolve_paths(top, base)
     data.update({k: v for k, v in top.items() if k != "distill"})
+    names = set(data.get("drafters") or {})
     for spec in (data.get("drafters") or {}).values():
         if not isinstance(spec, dict):
             continue
-        names = set(data.get("drafters") or {})
         if isinstance(spec.get("model"), str) and spec["model"] not in names:
             spec["model"] = resolve_path(spec["model"], base)
         resolve_paths(spec, base)

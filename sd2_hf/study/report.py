@@ -244,7 +244,7 @@ def write_files(report: dict[str, Any], directory: Path) -> list[Path]:
     ]
     for name, ev in report["evaluations"].items():
         path = directory / f"{name}-mal-vs-macs.png"
-        _save_png(plot_mal_vs_macs({**ev, "drafters": ev["drafters"]}), path)
+        _save_png(plot_mal_vs_macs(ev), path)
         written.append(path)
     return written
 

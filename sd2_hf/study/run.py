@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd2_hf.pipeline.run import _threads, run_stage
+from sd2_hf.pipeline.run import run_stage, stage_threads
 from sd2_hf.recipe import RecipeError, StagePlan, recipe_from_dict
 from sd2_hf.study.config import Study, StudyError, public
 from sd2_hf.training.stage import CHECKPOINTS_DIR
@@ -184,7 +184,7 @@ def run_study(
     if not dry_run:
         atomic_write_json(root / STUDY_FILE, study.model_dump(mode="json"))
     started = time.perf_counter()
-    with _threads(None if dry_run else study.threads):
+    with stage_threads(None if dry_run else study.threads):
         for index, plan in enumerate(plans, 1):
             outcome = run_stage(plan, selected, records, plans, force, dry_run, index, len(plans))
             outcomes.append(outcome)

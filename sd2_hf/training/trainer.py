@@ -22,7 +22,8 @@ from sd2_hf.training.floor import (
     FloorChannelCallback,
     dropped_token_ids,
     floor_channel_of,
-    restrict_targets,
+    ignore_dropped_labels,
+    renormalize_teacher,
 )
 from sd2_hf.training.losses import token_divergence
 from sd2_hf.training.sd2_config import SD2Config
@@ -100,7 +101,7 @@ class SD2Trainer(SFTTrainer):
             check_interval=args.mask_check_interval,
         )
         self.add_callback(self.mask_callback)
-        # A draft-vocabulary drafter trains on its own vocabulary (`restrict_targets`).
+        # A draft-vocabulary drafter trains on its own vocabulary (`sd2_hf.training.floor`).
         self._dropped_ids = None
         if (channel := floor_channel_of(self.model)) is not None:
             self.add_callback(FloorChannelCallback(channel))
@@ -309,7 +310,7 @@ class SD2Trainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._dropped_ids is not None:
-            labels, _ = restrict_targets(inputs["labels"], None, self._dropped_ids)
+            labels = ignore_dropped_labels(inputs["labels"], self._dropped_ids)
             inputs = {**inputs, "labels": labels}
         if self.teacher_model is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -335,7 +336,7 @@ class SD2Trainer(SFTTrainer):
             teacher_outputs = self.teacher_model(**model_inputs)
             teacher_logits = teacher_outputs.logits[:, :-1]
             if self._dropped_ids is not None:
-                _, teacher_logits = restrict_targets(labels, teacher_logits, self._dropped_ids)
+                teacher_logits = renormalize_teacher(teacher_logits, self._dropped_ids)
         shift_labels = labels[:, first:]
         mask = shift_labels != -100
         on_policy = self._on_policy_batch and self.model.training
