@@ -253,3 +253,17 @@ def test_load_mtbench(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["x"]}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_mtbench(str(tmp_path / "bad.jsonl"))
+
+
+def test_gzip_compressed_jsonl_and_json_array_load_like_the_plain_files(tmp_path):
+    import gzip
+
+    records = [sharegpt_record(i) for i in range(3)]
+    plain = load_conversations(write_jsonl(tmp_path / "rows.jsonl", records))
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with gzip.open(tmp_path / "rows.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(records, f)
+    for name in ("rows.jsonl.gz", "rows.json.gz"):
+        loaded = load_conversations(str(tmp_path / name))
+        assert loaded.rows == plain.rows and len(loaded.rows) == 3

@@ -1,7 +1,7 @@
 """Load seed conversations and evaluation prompts into the one conversation form.
 
 Sources: ``asset:<name>``, a JSON array file (streamed, and recovered when truncated), a JSONL
-file, a ``datasets`` directory saved with ``save_to_disk``, a directory of data files, or a
+file (or a gzip-compressed ``.jsonl.gz``/``.json.gz``, as committed distilled sets are), a ``datasets`` directory saved with ``save_to_disk``, a directory of data files, or a
 Parquet/Arrow file. Row forms (detected per row with ``format="auto"``):
 
 - ``sharegpt``: ``{"conversations": [{"from": "human", "value": ...}, ...]}``
@@ -15,6 +15,7 @@ Malformed rows are skipped and counted by reason (`sd2_hf.data.schema.REASONS`),
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 import logging
 from collections import Counter
@@ -112,7 +113,8 @@ def iter_json_array(path: str | Path) -> Iterator[Any]:
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as f:
+    path = Path(path)
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
 
         def more() -> str:
             return utf8.decode(f.read(_CHUNK_CHARS))
@@ -158,8 +160,15 @@ def iter_json_array(path: str | Path) -> Iterator[Any]:
             pos = end
 
 
+def _open_text(path: Path):
+    """A text handle on `path`, decompressing a `.gz` file on the fly."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
 def _iter_jsonl(path: Path) -> Iterator[Any]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -170,7 +179,7 @@ def _iter_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[0]
