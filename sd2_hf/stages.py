@@ -193,6 +193,9 @@ def _run_prune(plan: StagePlan) -> dict[str, Any]:
 
 
 def _note_prune(result: dict[str, Any]) -> str:
+    if result.get("method") == "width":
+        before, after = result["intermediate_size"]
+        return f"MLP channels {after} of {before}, MACs kept {_pct(result['macs_fraction'])}"
     if result.get("method") == "layers":
         return (
             f"dropped blocks {result['dropped_layers']}, MACs kept {_pct(result['macs_fraction'])}"

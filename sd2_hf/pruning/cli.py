@@ -29,11 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    """one-shot pruning with an llm-compressor recipe, or the layer-dropping baseline
+    """one-shot pruning with an llm-compressor recipe, layer dropping, or MLP width pruning
 
     Prune a model with an llm-compressor recipe (SparseGPT, Wanda, magnitude; shipped:
-    recipes/pruning/) or drop consecutive decoder blocks by angular distance (--method layers
-    --drop N | --target-macs-fraction F).
+    recipes/pruning/), drop consecutive decoder blocks by angular distance (--method layers
+    --drop N | --target-macs-fraction F), or keep the MLP channels with the largest
+    activations, a smaller dense config (--method width --mlp-keep F).
     """
     from sd2_hf.pruning.runner import run_prune
 

@@ -25,10 +25,11 @@ class PruneConfig(BaseModel):
         description="model to prune: Hub id, local checkpoint dir or `asset:<name>`",
     )
     output: str = Field(description="output directory (checkpoint + reports)")
-    method: Literal["oneshot", "layers"] = Field(
+    method: Literal["oneshot", "layers", "width"] = Field(
         "oneshot",
         description="`oneshot`: llm-compressor recipe (SparseGPT, Wanda, magnitude, ...); "
-        "`layers`: drop consecutive decoder blocks chosen by angular distance",
+        "`layers`: drop consecutive decoder blocks chosen by angular distance; `width`: keep "
+        "the MLP channels with the largest activations (Minitron-style), a smaller dense config",
     )
     recipe: str = Field(
         DEFAULT_RECIPE,
@@ -57,6 +58,13 @@ class PruneConfig(BaseModel):
         lt=1,
         description="method `layers`: drop the fewest blocks that bring MACs (one decoding "
         "step at context 512) down to at most this fraction of the original",
+    )
+    mlp_keep: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="method `width`: fraction of every MLP's intermediate channels to keep "
+        "(rounded to a multiple of 32)",
     )
     draft_vocab_size: int | None = Field(
         None,
@@ -107,6 +115,20 @@ class PruneConfig(BaseModel):
                 "`drop` and `target_macs_fraction` apply to method 'layers' only "
                 "(use `method: layers`)"
             )
+        if self.method == "width":
+            if self.mlp_keep is None or self.dataset is None:
+                raise ValueError(
+                    "method 'width' needs `mlp_keep` (fraction of MLP channels kept, 0 < F <= 1) "
+                    "and `dataset` (calibration conversations to rank the channels on)"
+                )
+            set_for_oneshot = {"recipe", "sparsity"} & self.model_fields_set
+            if set_for_oneshot:
+                raise ValueError(
+                    f"{sorted(set_for_oneshot)} apply to method 'oneshot' only; "
+                    "method 'width' takes `mlp_keep`"
+                )
+        elif self.mlp_keep is not None:
+            raise ValueError("`mlp_keep` applies to method 'width' only (use `method: width`)")
         return self
 
 
@@ -125,6 +147,7 @@ class PruneResult:
     calibration_samples: int = 0
     dropped_layers: list[int] = field(default_factory=list)
     macs_fraction: float | None = None
+    intermediate_size: list[int] = field(default_factory=list)  # width: [before, after]
     head: dict = field(default_factory=dict)  # what draft_vocab_size / head_sparsity did
 
     def to_dict(self) -> dict:
@@ -136,6 +159,12 @@ class PruneResult:
             lines += [
                 f"  recipe            {self.recipe}",
                 f"  global sparsity   {self.global_sparsity:.2%} ({self.structure})",
+            ]
+        elif self.method == "width":
+            before, after = self.intermediate_size
+            lines += [
+                f"  MLP channels      {after} of {before} kept per block",
+                f"  MACs kept         {self.macs_fraction:.2%}",
             ]
         else:
             lines += [

@@ -7,7 +7,9 @@ only when complete):
   calibration settings, times, versions);
 - method `layers`: the smaller checkpoint + tokenizer, `layer_distances.json` (distance of
   every candidate start block for every block count, the choice, MACs before/after) and
-  `layer_distances.png`.
+  `layer_distances.png`;
+- method `width`: the smaller checkpoint + tokenizer and `width_report.json` (the kept MLP
+  channels of every block, MACs before/after).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def _run_prune(config: PruneConfig) -> PruneResult:
     try:
         if loaded is not None:
             result = _prune_oneshot(config, loaded, model, tokenizer, model_path, staging)
+        elif config.method == "width":
+            result = _prune_width(config, model, tokenizer, model_path, staging)
         else:
             result = _prune_layers(config, model, tokenizer, model_path, staging)
         tokenizer.save_pretrained(staging)
@@ -241,6 +245,42 @@ def _prune_layers(config, model, tokenizer, model_path, staging: Path) -> PruneR
         "macs_fraction": after.total / before.total,
     }
     path = staging / "layer_distances.json"
+    return _report_and_result(path, config, model_path, head, samples, seconds, details, result)
+
+
+def _prune_width(config, model, tokenizer, model_path, staging: Path) -> PruneResult:
+    from sd2_hf.evaluation.macs import count_macs
+    from sd2_hf.pruning.width import kept_channels, mlp_channel_importance, prune_mlp_channels
+
+    text_config = model.config.get_text_config()
+    width = text_config.intermediate_size
+    keep = kept_channels(width, config.mlp_keep)
+    samples = _calibration(config, tokenizer)
+    before = count_macs(model, MACS_CONTEXT_LENGTH)
+    began = time.perf_counter()
+    importance = mlp_channel_importance(model, samples)
+    kept = prune_mlp_channels(model, importance, keep)
+    head = apply_head_options(config, model, tokenizer, samples)
+    seconds = time.perf_counter() - began
+    after = count_macs(model, MACS_CONTEXT_LENGTH)
+    model.save_pretrained(str(staging))
+    details = {
+        "metric": "mean |act(gate(x)) * up(x)| per MLP channel over the calibration tokens",
+        "mlp_keep": config.mlp_keep,
+        "intermediate_size_before": width,
+        "intermediate_size_after": keep,
+        "kept_channels": kept,
+        "macs_context_length": MACS_CONTEXT_LENGTH,
+        "macs_before": before.total,
+        "macs_after": after.total,
+        "macs_fraction": after.total / before.total,
+    }
+    result = {
+        "num_layers": text_config.num_hidden_layers,
+        "intermediate_size": [width, keep],
+        "macs_fraction": after.total / before.total,
+    }
+    path = staging / "width_report.json"
     return _report_and_result(path, config, model_path, head, samples, seconds, details, result)
 
 
