@@ -180,6 +180,30 @@ def test_baselines_and_costs(hf_report):
     for row in report["drafters"]:
         assert row["tokens_per_second"] > 0
     assert set(report["categories"]) == {"writing", "math"}
+
+
+def test_measured_step_cost_beside_the_macs_ratio(hf_report):
+    report, _ = hf_report
+    reference_lengths = [MAX_NEW] * report["num_prompts"]  # no prompt stops early (above)
+    for name in ("self", "random", "noisy"):
+        row = _row(report, name)
+        step = row["step_cost"]
+        # Both models decoded the first 4 prompts for exactly the reference's lengths.
+        assert step["tokens"] == sum(reference_lengths[:4])
+        assert step["drafter_seconds_per_token"] > 0 and step["target_seconds_per_token"] > 0
+        cost = step["drafter_seconds_per_token"] / step["target_seconds_per_token"]
+        assert row["measured_cost"] == pytest.approx(cost)
+        assert row["measured_improvement_factor"] == pytest.approx(row["mal"] / (K * cost + 1))
+        best = max(
+            row["draft_length_sweep"],
+            key=lambda s: s["mal"] / (s["num_draft_tokens"] * cost + 1),
+        )
+        assert row["best_num_draft_tokens_measured"] == best["num_draft_tokens"]
+    # Not measured where a drafter has no step of its own to time (ngram) or another tokenizer.
+    for name in ("ngram", "uag"):
+        row = _row(report, name)
+        assert row["step_cost"] is None and row["measured_cost"] is None
+        assert row["measured_improvement_factor"] is None
     assert report["num_prompts"] == len(QUESTIONS)
 
 

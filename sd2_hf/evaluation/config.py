@@ -131,6 +131,15 @@ class EvalConfig(BaseModel):
         default=True,
         description="Compare each greedy output with the target's plain greedy output.",
     )
+    step_cost_prompts: int = Field(
+        default=4,
+        ge=0,
+        description="transformers: also time each model drafter decoding alone, and the target "
+        "alone, on the first N prompts (greedy, batch 1, as many tokens as the target's "
+        "reference output, EOS ignored): the measured cost ratio c = drafter seconds per token / "
+        "target seconds per token, reported beside the MACs ratio with the improvement factor "
+        "MAL / (K c + 1) it implies. 0 turns it off.",
+    )
     macs_context_length: int = Field(
         default=512,
         gt=0,

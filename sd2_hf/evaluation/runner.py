@@ -310,6 +310,47 @@ def sweep_draft_lengths(
     return [{"num_draft_tokens": k, "mal": _mal_or_none(c)} for k, c in by_k.items()]
 
 
+def measure_step_cost(
+    backend: Backend,
+    plan: DrafterPlan,
+    prompts: list[Prompt],
+    reference: list[Generation] | None,
+    config: EvalConfig,
+) -> dict[str, float] | None:
+    """Seconds per token of the drafter decoding alone and of the target decoding alone on the
+    first `config.step_cost_prompts` prompts, measured one after the other in this process (the
+    row's measured cost ratio is their quotient). None where it does not apply: the vLLM backend,
+    no reference lengths, baselines and cross-tokenizer drafters.
+
+    Written here because neither transformers nor vLLM reports a model's own step time beside
+    an assisted run; timing plain decoding of both models is the closest measurement of the c
+    in MAL / (K c + 1) (it leaves out the verify step's extra cost of K + 1 tokens, which the
+    measured speed-up includes)."""
+    decode_seconds = getattr(backend, "decode_seconds", None)
+    if (
+        decode_seconds is None
+        or not config.step_cost_prompts
+        or reference is None
+        or plan.kind != "model"
+        or plan.uag
+    ):
+        return None
+    runs = [
+        (p.input_ids, len(r.token_ids))
+        for p, r in zip(prompts, reference, strict=True)
+        if len(r.token_ids) > 1
+    ][: config.step_cost_prompts]
+    if not runs:
+        return None
+    drafter_s, tokens = decode_seconds(plan, runs)
+    target_s, _ = decode_seconds(None, runs)
+    return {
+        "tokens": tokens,
+        "drafter_seconds_per_token": drafter_s / tokens,
+        "target_seconds_per_token": target_s / tokens,
+    }
+
+
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
     """The target alone: MAL 1 by definition (one token per target step, nothing drafted)."""
     new_tokens = sum(len(r.token_ids) for r in reference)
@@ -340,23 +381,36 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
     """MACs, relative MACs c and the improvement factor MAL / (K·c + 1), also of each sampled
     run of the row."""
     if row["kind"] == "none":
-        row.update(macs=None, relative_macs=None, improvement_factor=1.0)
+        row.update(
+            macs=None,
+            relative_macs=None,
+            improvement_factor=1.0,
+            measured_cost=None,
+            measured_improvement_factor=1.0,
+        )
         return
     c = drafter_macs / target_macs
     row.update(macs=drafter_macs, relative_macs=c)
-
-    def improvement(mal: float, draft_length: int) -> float:
-        return mal / (draft_length * c + 1)
-
-    for run in (row, *row.get("sampled", {}).values()):
-        run["improvement_factor"] = None if run["mal"] is None else improvement(run["mal"], k)
+    step = row.get("step_cost")
+    measured = (
+        step["drafter_seconds_per_token"] / step["target_seconds_per_token"] if step else None
+    )
+    row["measured_cost"] = measured
     sweep = [s for s in row.get("draft_length_sweep") or [] if s["mal"] is not None]
-    for s in sweep:
-        s["improvement_factor"] = improvement(s["mal"], s["num_draft_tokens"])
-    if sweep:
-        row["best_num_draft_tokens"] = max(sweep, key=lambda s: s["improvement_factor"])[
-            "num_draft_tokens"
-        ]
+    # The improvement factor with the MACs ratio, and with the measured time ratio as c.
+    for cost, field, best in (
+        (c, "improvement_factor", "best_num_draft_tokens"),
+        (measured, "measured_improvement_factor", "best_num_draft_tokens_measured"),
+    ):
+        for run in (row, *row.get("sampled", {}).values()):
+            mal = run["mal"]
+            run[field] = None if mal is None or cost is None else mal / (k * cost + 1)
+        if cost is None:
+            continue
+        for s in sweep:
+            s[field] = s["mal"] / (s["num_draft_tokens"] * cost + 1)
+        if sweep:
+            row[best] = max(sweep, key=lambda s: s[field])["num_draft_tokens"]
 
 
 def _versions(backend: Backend) -> dict[str, str]:
@@ -402,6 +456,9 @@ DERIVED_ROW_FIELDS = (
     "improvement_factor",
     "best_num_draft_tokens",
     "speedup",
+    "measured_cost",
+    "measured_improvement_factor",
+    "best_num_draft_tokens_measured",
 )
 
 
@@ -666,6 +723,7 @@ def _measure_rows(
             sweep = sweep_draft_lengths(plan, prompts, reference, config)
             if sweep is not None:
                 row["draft_length_sweep"] = sweep
+            row["step_cost"] = measure_step_cost(backend, plan, prompts, reference, config)
             journal.save_row(plan, row)
         rows.append(row)
         # The ngram drafter does no multiply-accumulates: relative cost 0.
