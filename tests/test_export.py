@@ -235,6 +235,9 @@ def _eval_json(path, target_path, drafter_path, k, mal, improvement):
         "macs": 1000,
         "relative_macs": 0.25,
         "tokens_per_second": 10.0,
+        "speedup": 1.25,
+        "measured_cost": 0.4,
+        "measured_improvement_factor": 1.1,
         "lossless_checked": True,
         "lossless_mismatches": 0,
     }
@@ -293,6 +296,8 @@ def test_eval_json_sets_k_and_the_card_shows_the_measured_mal(
     assert "| **sd2-sparse** (this model) | model | no | 2.31 |" in text
     assert "| **sd2-sparse** (this model) | model | no | 2.47 |" in text
     assert "| layer-pruned | model | no | 1.50 |" in text
+    # The measured step-time ratio and speed-up beside the MACs ratio.
+    assert "| 0.250 | 1.54 | 0.400 | 1.10 | 10.0 | 1.25 | 0 |" in text
     assert "coding 2.41" in text and "1: 0.90" in text
     assert "| global sparsity of the targeted linear layers (before export) | 50.00% |" in text
     assert "SparseGPTModifier" in text

@@ -130,6 +130,9 @@ def test_run_every_stage_then_skip_then_redo_train(
     table = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     sparsity = f"{first['prune']['result']['global_sparsity']:.1%}"
     assert sparsity in table["pruned"] and sparsity in table["sd2"]
+    # ... and each drafter's measured step time against the target's, and its speed-up.
+    assert f"{rows['sd2']['measured_cost']:.1%}" in table["sd2"]
+    assert f"{rows['sd2']['speedup']:.2f}x" in table["sd2"]
 
     provenance = json.loads((root / PROVENANCE_FILE).read_text())
     run = provenance["run"]

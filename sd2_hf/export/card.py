@@ -94,7 +94,12 @@ def _runs(metadata: dict[str, Any]) -> list[dict[str, Any]]:
                         "mal": _num(row["mal"], 2),
                         "relative_macs": _num(row["relative_macs"], 3),
                         "improvement_factor": _num(row["improvement_factor"], 2),
+                        "measured_cost": _num(row.get("measured_cost"), 3),
+                        "measured_improvement_factor": _num(
+                            row.get("measured_improvement_factor"), 2
+                        ),
                         "tokens_per_second": _num(row["tokens_per_second"], 1),
+                        "speedup": _num(row.get("speedup"), 2),
                         "mismatches": row["lossless_mismatches"]
                         if row.get("lossless_checked")
                         else "not checked",

@@ -24,6 +24,8 @@ KEPT_DRAFTER_KEYS = (
     "macs",
     "relative_macs",
     "improvement_factor",
+    "measured_cost",
+    "measured_improvement_factor",
     "tokens_per_second",
     "speedup",
     "lossless_checked",

@@ -52,7 +52,8 @@ def summary(result: PipelineResult) -> str:
             f"  MAL on {report['num_prompts']} prompts of {report['prompts']['source']} "
             f"(K={report['num_draft_tokens']}, {report['backend']}, target {report['target']})",
             f"  {'drafter':<12}{'MAL':>7}{'MACs vs target':>16}{'sparsity':>10}"
-            f"{'improvement':>13}{'lossless':>10}",
+            f"{'improvement':>13}{'time vs target':>16}{'tokens/s':>10}{'speedup':>9}"
+            f"{'lossless':>10}",
         ]
         for row in report["drafters"]:
             mal = f"{row['mal']:.3f}" if row["mal"] is not None else "-"
@@ -65,8 +66,15 @@ def summary(result: PipelineResult) -> str:
                 if row.get("lossless_checked")
                 else "-"
             )
+            cost = row.get("measured_cost")
+            cost_text = f"{cost:.1%}" if cost is not None else "-"
+            speed = row.get("tokens_per_second")
+            speed_text = f"{speed:.1f}" if speed else "-"
+            speedup = row.get("speedup")
+            speedup_text = f"{speedup:.2f}x" if speedup else "-"
             lines.append(
-                f"  {row['name']:<12}{mal:>7}{rel:>16}{sparsity:>10}{gain_text:>13}{lossless:>10}"
+                f"  {row['name']:<12}{mal:>7}{rel:>16}{sparsity:>10}{gain_text:>13}"
+                f"{cost_text:>16}{speed_text:>10}{speedup_text:>9}{lossless:>10}"
             )
         by_name = {row["name"]: row for row in report["drafters"]}
         sd2, pruned = by_name.get("sd2"), by_name.get("pruned")
