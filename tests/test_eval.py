@@ -199,6 +199,16 @@ def test_measured_step_cost_beside_the_macs_ratio(hf_report):
             key=lambda s: s["mal"] / (s["num_draft_tokens"] * cost + 1),
         )
         assert row["best_num_draft_tokens_measured"] == best["num_draft_tokens"]
+    # The target is timed once per process, the same measurement for every drafter.
+    assert (
+        len(
+            {
+                _row(report, n)["step_cost"]["target_seconds_per_token"]
+                for n in ("self", "random", "noisy")
+            }
+        )
+        == 1
+    )
     # Not measured where a drafter has no step of its own to time (ngram) or another tokenizer.
     for name in ("ngram", "uag"):
         row = _row(report, name)

@@ -275,8 +275,8 @@ def _accounting_section(report: dict[str, Any]) -> list[str]:
         f"- {report['mal_accounting']}",
         "- Improvement factor = MAL / (K · relative MACs + 1) (Leviathan et al. cost model).",
         "- Measured cost = seconds per token of the drafter decoding alone / of the target "
-        "decoding alone (greedy, batch 1, the same prompts and lengths, measured one after the "
-        "other); improvement (measured cost) = MAL / (K · measured cost + 1). Unlike the MACs "
+        "decoding alone (greedy, batch 1, the same prompts and lengths, in the same process; the "
+        "target once per process); improvement (measured cost) = MAL / (K · measured cost + 1). Unlike the MACs "
         "ratio it counts what the hardware does with zeros, the head and attention; like it, it "
         "leaves out the verify step's extra cost (the speedup column includes everything).",
         "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run.",

@@ -318,8 +318,8 @@ def measure_step_cost(
     config: EvalConfig,
 ) -> dict[str, float] | None:
     """Seconds per token of the drafter decoding alone and of the target decoding alone on the
-    first `config.step_cost_prompts` prompts, measured one after the other in this process (the
-    row's measured cost ratio is their quotient). None where it does not apply: the vLLM backend,
+    first `config.step_cost_prompts` prompts, measured in the same process (the row's measured
+    cost ratio is their quotient). None where it does not apply: the vLLM backend,
     no reference lengths, baselines and cross-tokenizer drafters.
 
     Written here because neither transformers nor vLLM reports a model's own step time beside
@@ -343,7 +343,13 @@ def measure_step_cost(
     if not runs:
         return None
     drafter_s, tokens = decode_seconds(plan, runs)
-    target_s, _ = decode_seconds(None, runs)
+    # The target's time on these runs, measured once per backend (process): it is the same
+    # measurement for every drafter, and on a 1.5B target it costs minutes.
+    cache = backend.__dict__.setdefault("_target_decode_seconds", {})
+    key = tuple((tuple(p), n) for p, n in runs)
+    if key not in cache:
+        cache[key] = decode_seconds(None, runs)[0]
+    target_s = cache[key]
     return {
         "tokens": tokens,
         "drafter_seconds_per_token": drafter_s / tokens,
