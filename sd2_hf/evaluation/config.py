@@ -134,9 +134,10 @@ class EvalConfig(BaseModel):
     step_cost_prompts: int = Field(
         default=4,
         ge=0,
-        description="transformers: also time each model drafter decoding alone, and the target "
-        "alone, on the first N prompts (greedy, batch 1, as many tokens as the target's "
-        "reference output, EOS ignored): the measured cost ratio c = drafter seconds per token / "
+        description="Also time each model drafter decoding alone, and the target alone, on "
+        "the first N prompts (greedy, batch 1, as many tokens as the target's reference output, "
+        "EOS ignored; transformers: in-process; vllm: each model served alone by a server of the "
+        "same settings, one request at a time): the measured cost ratio c = drafter seconds per token / "
         "target seconds per token, reported beside the MACs ratio with the improvement factor "
         "MAL / (K c + 1) it implies. 0 turns it off.",
     )

@@ -319,8 +319,9 @@ def measure_step_cost(
 ) -> dict[str, float] | None:
     """Seconds per token of the drafter decoding alone and of the target decoding alone on the
     first `config.step_cost_prompts` prompts, measured in the same process (the row's measured
-    cost ratio is their quotient). None where it does not apply: the vLLM backend,
-    no reference lengths, baselines and cross-tokenizer drafters.
+    cost ratio is their quotient): in-process with transformers, each model served alone by a
+    vLLM server of the same settings with vLLM. None where it does not apply: no reference
+    lengths, baselines and cross-tokenizer drafters.
 
     Written here because neither transformers nor vLLM reports a model's own step time beside
     an assisted run; timing plain decoding of both models is the closest measurement of the c

@@ -119,17 +119,17 @@ class TransformersBackend:
     def decode_seconds(
         self, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
     ) -> tuple[float, int]:
-        """Seconds and tokens of `drafter`'s model (the target with None) decoding alone,
+        """Seconds and new tokens of `drafter`'s model (the target with None) decoding alone,
         greedily at batch 1, `n` new tokens after each `prompt_ids` of `runs` (EOS ignored, so
         every model takes the same steps at the same context lengths); one untimed warm-up."""
         model = self.target if drafter is None else load_causal_lm(drafter.path, self.config.dtype)
         pad = self.target.generation_config.pad_token_id
 
-        def decode(prompt_ids: list[int], n: int) -> float:
+        def decode(prompt_ids: list[int], n: int) -> tuple[float, int]:
             input_ids = torch.tensor([prompt_ids], device=model.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                model.generate(
+                out = model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     do_sample=False,
@@ -137,10 +137,11 @@ class TransformersBackend:
                     max_new_tokens=n,
                     pad_token_id=pad,
                 )
-            return time.perf_counter() - start
+            return time.perf_counter() - start, out.shape[1] - len(prompt_ids)
 
         decode(runs[0][0], min(4, runs[0][1]))
-        return sum(decode(p, n) for p, n in runs), sum(n for _, n in runs)
+        timed = [decode(p, n) for p, n in runs]
+        return sum(s for s, _ in timed), sum(n for _, n in timed)
 
     def _generate_kwargs(self, temperature: float) -> dict:
         kwargs = {"max_new_tokens": self.config.max_new_tokens}

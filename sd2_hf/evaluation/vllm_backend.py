@@ -82,6 +82,43 @@ class VLLMBackend:
             **common,
         )
 
+    def decode_seconds(
+        self, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
+    ) -> tuple[float, int]:
+        """Seconds and tokens of `drafter`'s model (the target with None) served alone by a
+        vLLM server of the evaluation's settings, one request at a time: `n` new tokens after
+        each `prompt_ids` of `runs` (`min_tokens` = `max_tokens` = n, EOS ignored); one untimed
+        warm-up request."""
+        from sd2_hf.serving import OpenAIClient, VLLMServer
+
+        path = self.target_path if drafter is None else drafter.path
+        name = "target-alone" if drafter is None else f"{drafter.name}-alone"
+        server = VLLMServer(
+            path,
+            dtype=self.config.dtype,
+            max_model_len=self.max_model_len,
+            extra_args=list(self.config.vllm_extra_args),
+            log_path=str(self.log_dir / f"vllm-{name}.log"),
+        )
+        with server, OpenAIClient(server.url, server.model_name) as client:
+
+            def decode(prompt_ids: list[int], n: int) -> tuple[float, int]:
+                start = time.perf_counter()
+                response = client.completion(
+                    prompt_ids,
+                    max_tokens=n,
+                    min_tokens=n,
+                    ignore_eos=True,
+                    temperature=0.0,
+                    return_token_ids=True,
+                )
+                seconds = time.perf_counter() - start
+                return seconds, len(response["choices"][0]["token_ids"])
+
+            decode(runs[0][0], min(4, runs[0][1]))
+            timed = [decode(p, n) for p, n in runs]
+            return sum(s for s, _ in timed), sum(n for _, n in timed)
+
     @contextmanager
     def session(self, drafter: DrafterPlan | None) -> Iterator[Generate]:
         from sd2_hf.serving import OpenAIClient
