@@ -177,3 +177,15 @@ def test_dry_run_lists_every_stage(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "sd2/train" in out and "would run" in out
     assert not (tmp_path / "s" / "out").exists()
+
+
+def test_a_null_drafter_is_left_out_with_its_comparisons(tmp_path, tiny_model_dir, sd2_fails):
+    path = write_study(tmp_path / "s", tiny_model_dir)
+    study = load_study(path, ["drafters.sd2-step2=null"])
+    assert list(study.drafters) == ["pruned", "sd2"] and study.comparisons == ["sd2 vs pruned"]
+    plans, _ = plan_study(load_study(path, ["drafters.sd2=null", "drafters.sd2-step2=null"]))
+    assert [p.key for p in plans] == ["distill", "pruned/prune"]
+    assert load_study(path, ["drafters.sd2=null", "drafters.sd2-step2=null"]).comparisons == []
+    # A drafter another one starts from cannot be left out alone.
+    err = sd2_fails(["compare", path, "drafters.pruned=null", "--dry-run"])
+    assert "drafters.pruned is left out (null) but drafters.sd2 starts from it" in err

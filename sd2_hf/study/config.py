@@ -238,6 +238,35 @@ def apply_study_overrides(data: dict[str, Any], overrides: list[str], base: Path
         holder[keys[-1]] = value
 
 
+def _drop_null_drafters(data: dict[str, Any]) -> None:
+    """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
+    run, with the comparisons and evaluation subsets naming it: a study built over several
+    sessions runs the part that fits. Refused while another drafter starts from it."""
+    drafters = data.get("drafters")
+    if not isinstance(drafters, dict):
+        return
+    dropped = {name for name, spec in drafters.items() if spec is None}
+    if not dropped:
+        return
+    for name, spec in drafters.items():
+        if isinstance(spec, dict) and spec.get("model") in dropped:
+            raise StudyError(
+                f"drafters.{spec['model']} is left out (null) but drafters.{name} starts from "
+                f"it; leave {name} out too, or keep {spec['model']}"
+            )
+    data["drafters"] = {n: spec for n, spec in drafters.items() if n not in dropped}
+
+    def keeps(text: Any) -> bool:
+        match = _COMPARISON.match(text) if isinstance(text, str) else None
+        return not match or not {match["a"], match["b"]} & dropped
+
+    if isinstance(data.get("comparisons"), list):
+        data["comparisons"] = [c for c in data["comparisons"] if keeps(c)]
+    for section in (data.get("evaluations") or {}).values():
+        if isinstance(section, dict) and isinstance(section.get("drafters"), list):
+            section["drafters"] = [d for d in section["drafters"] if d not in dropped]
+
+
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
     """Read a study YAML, resolve its paths, apply `key=value` overrides, validate."""
     path = Path(path)
@@ -249,6 +278,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     data.setdefault("name", path.stem)
     _resolve_study_paths(data, path.resolve().parent)
     apply_study_overrides(data, list(overrides), Path.cwd())
+    _drop_null_drafters(data)
     try:
         study = Study.model_validate(data)
     except ValidationError as err:
