@@ -70,3 +70,13 @@ def test_every_dataset_format_the_cli_offers_is_one_the_loaders_read(conversatio
     assert sorted(offered) == sorted(ROW_FORMATS)
     for form in offered:  # raises "unknown format" for a value the loaders do not know
         load_conversations(str(conversations_file), format=form)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: this machine has CUDA")
+def test_bf16_on_a_machine_without_an_accelerator_trains_on_the_cpu(tmp_path):
+    from sd2_hf.training.stage import _trainer_args
+
+    # TrainingArguments alone refuse bf16 here ("Your setup doesn't support bf16/gpu").
+    config = TrainStageConfig(model="m", dataset="d", output=str(tmp_path), bf16=True)
+    args = _trainer_args(config, tmp_path / "checkpoints")
+    assert args.bf16 and args.use_cpu

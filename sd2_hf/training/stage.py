@@ -153,6 +153,10 @@ def _trainer_args(config: TrainStageConfig, ckpt_dir: Path) -> SD2Config:
     cpu_processes = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         cpu_processes = {"use_cpu": True, "ddp_backend": "gloo"}
+    # bf16 (autocast) on a machine without an accelerator: TrainingArguments refuse it ("Your
+    # setup doesn't support bf16/gpu") unless told to use the CPU, which is what is meant.
+    if config.bf16 and not torch.cuda.is_available():
+        cpu_processes["use_cpu"] = True
     return SD2Config(
         output_dir=str(ckpt_dir),
         num_train_epochs=config.num_train_epochs,
