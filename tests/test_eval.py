@@ -199,6 +199,16 @@ def test_measured_step_cost_beside_the_macs_ratio(hf_report):
             key=lambda s: s["mal"] / (s["num_draft_tokens"] * cost + 1),
         )
         assert row["best_num_draft_tokens_measured"] == best["num_draft_tokens"]
+        # The cost model on these times: the verify step's ratio at every swept K and the
+        # run's K, and the projected speed-up from it.
+        ratios = {int(k): r for k, r in step["verify_ratio"].items()}
+        assert set(ratios) == {s["num_draft_tokens"] for s in row["draft_length_sweep"]} | {K}
+        assert all(r > 0 for r in ratios.values())
+        verify = ratios[K] * step["target_seconds_per_token"]
+        expected = row["mal"] * step["target_seconds_per_token"]
+        expected /= K * step["drafter_seconds_per_token"] + verify
+        assert row["projected_speedup"] == pytest.approx(expected)
+        assert row["best_num_draft_tokens_projected"] in ratios
     # The target is timed once per process, the same measurement for every drafter.
     assert (
         len(

@@ -112,6 +112,7 @@ def _summary_table(drafters: list[dict[str, Any]]) -> list[str]:
         "improvement (measured cost)",
         "tokens/s",
         "speedup",
+        "projected speedup",
         "lossless mismatches",
     ]
     rows = [
@@ -128,6 +129,7 @@ def _summary_table(drafters: list[dict[str, Any]]) -> list[str]:
             fmt(d.get("measured_improvement_factor")),
             fmt(d["tokens_per_second"], 1),
             fmt(d["speedup"]),
+            fmt(d.get("projected_speedup")),
             fmt(d["lossless_mismatches"]) if d["lossless_checked"] else "not checked",
         ]
         for d in drafters
@@ -219,6 +221,7 @@ def _draft_length_section(drafters: list[dict[str, Any]], k: int) -> list[str]:
             d["name"],
             fmt(d.get("best_num_draft_tokens")),
             fmt(d.get("best_num_draft_tokens_measured")),
+            fmt(d.get("best_num_draft_tokens_projected")),
             fmt(d["mal"]),
         ]
         for kk in ks:
@@ -227,10 +230,10 @@ def _draft_length_section(drafters: list[dict[str, Any]], k: int) -> list[str]:
                 "-"
                 if s is None or s["mal"] is None
                 else f"{fmt(s['mal'])} / {fmt(s.get('improvement_factor'))}"
-                + (
-                    f" / {fmt(s['measured_improvement_factor'])}"
-                    if s.get("measured_improvement_factor") is not None
-                    else ""
+                + "".join(
+                    f" / {fmt(s[field])}"
+                    for field in ("measured_improvement_factor", "projected_speedup")
+                    if s.get(field) is not None
                 )
             )
             best = kk == d.get("best_num_draft_tokens")
@@ -246,13 +249,15 @@ def _draft_length_section(drafters: list[dict[str, Any]], k: int) -> list[str]:
         "with the best improvement factor (`best K`, which `sd2 export --eval-json` writes "
         f"into generation_config.json). `measured` is this report's run at K = {k}. Where "
         "the drafter's step time was measured, a third number is the improvement factor with "
-        "the measured cost ratio, and `best K (time)` the K that maximizes it.",
+        "the measured cost ratio, and `best K (time)` the K that maximizes it; a fourth, the "
+        "cost model's projected speed-up with the measured verify step (`best K (projected)`).",
         "",
         *_table(
             [
                 "drafter",
                 "best K",
                 "best K (time)",
+                "best K (projected)",
                 f"MAL measured (K = {k})",
                 *(f"K={kk} MAL / IF" for kk in ks),
             ],
@@ -279,7 +284,10 @@ def _accounting_section(report: dict[str, Any]) -> list[str]:
         "target once per process); improvement (measured cost) = MAL / (K · measured cost + 1). Unlike the MACs "
         "ratio it counts what the hardware does with zeros, the head and attention; like it, it "
         "leaves out the verify step's extra cost (the speedup column includes everything).",
-        "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run.",
+        "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run. "
+        "Projected speedup = MAL · t_target / (K · t_draft + t_verify(K + 1)), the cost model "
+        "(`sd2_hf.evaluation.cost_model`) on the measured step times, with the target's forward "
+        "over K + 1 tokens timed against its one-token forward on the same prompts.",
         "",
     ]
 

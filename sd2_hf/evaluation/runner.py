@@ -351,11 +351,21 @@ def measure_step_cost(
     if key not in cache:
         cache[key] = decode_seconds(None, runs)[0]
     target_s = cache[key]
-    return {
+    step = {
         "tokens": tokens,
         "drafter_seconds_per_token": drafter_s / tokens,
         "target_seconds_per_token": target_s / tokens,
     }
+    verify_ratios = getattr(backend, "verify_ratios", None)
+    if verify_ratios is not None:
+        # The target's verify step over K + 1 tokens against its one-token step, for the cost
+        # model (`sd2_hf.evaluation.cost_model`): measured once per process, like its time.
+        ks = sorted({*config.draft_length_sweep, config.num_draft_tokens})
+        ratio_key = ("verify", key, tuple(ks))
+        if ratio_key not in cache:
+            cache[ratio_key] = verify_ratios(runs, ks)
+        step["verify_ratio"] = {str(k): r for k, r in cache[ratio_key].items()}
+    return step
 
 
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
@@ -386,7 +396,7 @@ def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[st
 
 def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, k: int) -> None:
     """MACs, relative MACs c and the improvement factor MAL / (K·c + 1), also of each sampled
-    run of the row."""
+    run of the row; the same with the measured time ratio, and the cost model's speed-up."""
     if row["kind"] == "none":
         row.update(
             macs=None,
@@ -394,6 +404,7 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
             improvement_factor=1.0,
             measured_cost=None,
             measured_improvement_factor=1.0,
+            projected_speedup=1.0,
         )
         return
     c = drafter_macs / target_macs
@@ -404,6 +415,7 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
     )
     row["measured_cost"] = measured
     sweep = [s for s in row.get("draft_length_sweep") or [] if s["mal"] is not None]
+    _add_projection(row, step, sweep, k)
     # The improvement factor with the MACs ratio, and with the measured time ratio as c.
     for cost, field, best in (
         (c, "improvement_factor", "best_num_draft_tokens"),
@@ -418,6 +430,36 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
             s[field] = s["mal"] / (s["num_draft_tokens"] * cost + 1)
         if sweep:
             row[best] = max(sweep, key=lambda s: s[field])["num_draft_tokens"]
+
+
+def _add_projection(
+    row: dict[str, Any], step: dict[str, Any] | None, sweep: list[dict[str, Any]], k: int
+) -> None:
+    """The cost model's speed-up (`sd2_hf.evaluation.cost_model`) from the measured step times
+    and verify ratios: at the run's K (beside the measured speed-up) and at each swept K, with
+    the K it ranks best. None without step times."""
+    from sd2_hf.evaluation.cost_model import projected_speedup
+
+    ratios = {int(kk): r for kk, r in ((step or {}).get("verify_ratio") or {}).items()}
+    row["projected_speedup"] = None
+    if not ratios:
+        return
+    target, draft = step["target_seconds_per_token"], step["drafter_seconds_per_token"]
+
+    def project(mal: float | None, draft_length: int) -> float | None:
+        if mal is None or draft_length not in ratios:
+            return None
+        verify = ratios[draft_length] * target
+        return projected_speedup(mal, draft_length, draft, target, verify)
+
+    row["projected_speedup"] = project(row["mal"], k)
+    for s in sweep:
+        s["projected_speedup"] = project(s["mal"], s["num_draft_tokens"])
+    projected = [s for s in sweep if s.get("projected_speedup") is not None]
+    if projected:
+        row["best_num_draft_tokens_projected"] = max(
+            projected, key=lambda s: s["projected_speedup"]
+        )["num_draft_tokens"]
 
 
 def _versions(backend: Backend) -> dict[str, str]:
@@ -466,6 +508,8 @@ DERIVED_ROW_FIELDS = (
     "measured_cost",
     "measured_improvement_factor",
     "best_num_draft_tokens_measured",
+    "projected_speedup",
+    "best_num_draft_tokens_projected",
 )
 
 

@@ -28,6 +28,7 @@ output. `target_steps` (all forward passes during decoding) gives the plain toke
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,6 +143,36 @@ class TransformersBackend:
         decode(runs[0][0], min(4, runs[0][1]))
         timed = [decode(p, n) for p, n in runs]
         return sum(s for s, _ in timed), sum(n for _, n in timed)
+
+    def verify_ratios(self, runs: list[tuple[list[int], int]], ks: list[int]) -> dict[int, float]:
+        """The target's forward time over K + 1 new tokens / over one new token, after the
+        prompt of each of `runs` (its KV cache filled, untimed), for every K of `ks`: median
+        over the runs of the mean of two timed passes (one untimed warm-up pass first)."""
+        ratios: dict[int, list[float]] = {k: [] for k in ks}
+        widths = [1, *(k + 1 for k in ks)]
+        for prompt_ids, _ in runs:
+            seconds = self._forward_seconds(prompt_ids, widths)
+            for k in ks:
+                ratios[k].append(seconds[k + 1] / seconds[1])
+        return {k: statistics.median(r) for k, r in ratios.items()}
+
+    @torch.inference_mode()
+    def _forward_seconds(self, prompt_ids: list[int], widths: list[int]) -> dict[int, float]:
+        """Mean of two timed target forwards of `width` new tokens over the cached prompt, per
+        width (the cache cropped back to the prompt after each)."""
+        input_ids = torch.tensor([prompt_ids], device=self.target.device)
+        cache = self.target(input_ids=input_ids, use_cache=True).past_key_values
+        new = input_ids[:, -1:].repeat(1, max(widths))  # the values do not matter
+
+        def forward(width: int) -> float:
+            start = time.perf_counter()
+            self.target(input_ids=new[:, :width], past_key_values=cache, use_cache=True)
+            seconds = time.perf_counter() - start
+            cache.crop(len(prompt_ids))
+            return seconds
+
+        forward(max(widths))
+        return {w: (forward(w) + forward(w)) / 2 for w in widths}
 
     def _generate_kwargs(self, temperature: float) -> dict:
         kwargs = {"max_new_tokens": self.config.max_new_tokens}

@@ -31,6 +31,8 @@ ROW_FIELDS = (
     "measured_cost",
     "measured_improvement_factor",
     "best_num_draft_tokens_measured",
+    "projected_speedup",
+    "best_num_draft_tokens_projected",
     "tokens_per_second",
     "speedup",
     "lossless_checked",
@@ -178,7 +180,7 @@ def _evaluation_table(ev: dict[str, Any]) -> list[str]:
     temps = ev["sampled_temperatures"]
     header = ["drafter", "rel. MACs", f"MAL (K={ev['num_draft_tokens']})", "impr. factor"]
     header += ["best K (MAL)"] + [f"MAL T={t:g}" for t in temps]
-    header += ["time cost", "impr. (time)", "tokens/s", "speed-up", "lossless"]
+    header += ["time cost", "impr. (time)", "tokens/s", "speed-up", "projected", "lossless"]
     rows = []
     for r in ev["drafters"]:
         sweep = {s["num_draft_tokens"]: s["mal"] for s in r.get("draft_length_sweep") or []}
@@ -194,7 +196,8 @@ def _evaluation_table(ev: dict[str, Any]) -> list[str]:
             [r["name"], fmt(r["relative_macs"]), fmt(r["mal"]), fmt(r["improvement_factor"])]
             + [best_text, *sampled]
             + [fmt(r.get("measured_cost")), fmt(r.get("measured_improvement_factor"))]
-            + [fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2), lossless]
+            + [fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2)]
+            + [fmt(r.get("projected_speedup"), 2), lossless]
         )
     return _table(header, rows)
 
