@@ -95,10 +95,15 @@ def test_report_shows_the_table_behind_the_choice(swept):
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
     noisy = _row(report, "noisy")
     assert int(cells[1]) == noisy["best_num_draft_tokens"]
-    for cell, s in zip(cells[3:], noisy["draft_length_sweep"], strict=True):
-        mal, factor = cell.strip("*").split(" / ")
+    assert int(cells[2]) == noisy["best_num_draft_tokens_measured"]
+    assert int(cells[3]) == noisy["best_num_draft_tokens_projected"]
+    for cell, s in zip(cells[5:], noisy["draft_length_sweep"], strict=True):
+        # MAL / improvement factor / the same with the measured cost / projected speed-up.
+        mal, factor, timed, projected = cell.strip("*").split(" / ")
         assert float(mal) == pytest.approx(s["mal"], abs=5e-4)
         assert float(factor) == pytest.approx(s["improvement_factor"], abs=5e-4)
+        assert float(timed) == pytest.approx(s["measured_improvement_factor"], abs=5e-4)
+        assert float(projected) == pytest.approx(s["projected_speedup"], abs=5e-4)
         assert cell.startswith("**") == (s["num_draft_tokens"] == noisy["best_num_draft_tokens"])
 
 

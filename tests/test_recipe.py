@@ -373,3 +373,10 @@ def test_a_pruning_recipe_yaml_syntax_error_names_the_file(tmp_path, tiny_model_
     )
     message = sd2_fails(["prune", tiny_model_dir, "--recipe", bad, "--output", tmp_path / "out"])
     _one_located_message(message, bad, 5, 14)
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "distill").glob("*.yaml")), ids=lambda p: p.stem)
+def test_distill_only_recipes_validate(path, tmp_path):
+    recipe = load_recipe(path, [f"output={tmp_path}"])
+    assert recipe.description and recipe.stages() == ["distill"]
+    assert [p.name for p in recipe.plan()] == ["distill"]
