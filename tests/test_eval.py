@@ -443,13 +443,13 @@ def test_concurrent_vllm_requests_keep_mal_exact_per_category(backend_reports):
 def test_vllm_times_a_model_served_alone_for_the_measured_cost(
     vllm_python, tmp_path, tiny_model_dir, mtbench_file, tiny_tokenizer
 ):
-    from sd2_hf.evaluation.runner import make_backend
+    from sd2_hf.evaluation.runner import decode_seconds, make_backend
 
     config = _config(tiny_model_dir, mtbench_file, tmp_path, backend="vllm", dtype="float32")
     backend = make_backend(config, str(tiny_model_dir), tiny_tokenizer, 512, tmp_path)
     prompt = tiny_tokenizer("the cat sat").input_ids
     # EOS ignored: every run decodes exactly its length (a random tiny model emits EOS early).
-    seconds, tokens = backend.decode_seconds(None, [(prompt, 12), (prompt, 7)])
+    seconds, tokens = decode_seconds(backend, None, [(prompt, 12), (prompt, 7)])
     assert tokens == 19 and seconds > 0
     assert (tmp_path / "logs" / "vllm-target-alone.log").is_file()
 

@@ -35,6 +35,8 @@ class Generation:
 
 
 Generate = Callable[[list[int]], Generation]
+# A model decoding alone: (prompt ids, n) -> (seconds, new tokens), exactly n tokens, EOS ignored.
+Decode = Callable[[list[int], int], tuple[float, int]]
 
 
 class Backend(Protocol):
@@ -42,6 +44,10 @@ class Backend(Protocol):
 
     def session(self, drafter: DrafterPlan | None) -> AbstractContextManager[Generate]:
         """A generate function for the target alone (`None`) or with `drafter`."""
+        ...
+
+    def decoder(self, drafter: DrafterPlan | None) -> AbstractContextManager[Decode]:
+        """A decode function for `drafter`'s model (the target with None) alone."""
         ...
 
     def versions(self) -> dict[str, str]: ...

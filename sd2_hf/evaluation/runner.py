@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -310,61 +311,81 @@ def sweep_draft_lengths(
     return [{"num_draft_tokens": k, "mal": _mal_or_none(c)} for k, c in by_k.items()]
 
 
-def measure_step_cost(
-    backend: Backend,
-    plan: DrafterPlan,
-    prompts: list[Prompt],
-    reference: list[Generation] | None,
-    config: EvalConfig,
-) -> dict[str, float] | None:
-    """Seconds per token of the drafter decoding alone and of the target decoding alone on the
-    first `config.step_cost_prompts` prompts, measured in the same process (the row's measured
-    cost ratio is their quotient): in-process with transformers, each model served alone by a
-    vLLM server of the same settings with vLLM. None where it does not apply: no reference
-    lengths, baselines and cross-tokenizer drafters.
+def decode_seconds(
+    backend: Backend, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
+) -> tuple[float, int]:
+    """Seconds and new tokens of `drafter`'s model (the target with None) decoding alone
+    through the backend's `decoder`, `n` tokens after each prompt of `runs`; one untimed warm-up
+    first."""
+    with backend.decoder(drafter) as decode:
+        decode(runs[0][0], min(4, runs[0][1]))
+        timed = [decode(p, n) for p, n in runs]
+    return sum(s for s, _ in timed), sum(n for _, n in timed)
+
+
+class TargetSteps:
+    """The target's side of every drafter's step cost in one evaluation run: the runs both
+    models decode alone (the first `config.step_cost_prompts` prompts with their reference
+    lengths), the target's seconds per token on them and, where the backend can time it, its
+    verify step over K + 1 tokens against its one-token step, for every swept K and the run's
+    K (`sd2_hf.evaluation.cost_model`). Each is measured on first use and then shared by every
+    drafter: the same measurement for all of them, and on a 1.5B target it costs minutes.
 
     Written here because neither transformers nor vLLM reports a model's own step time beside
     an assisted run; timing plain decoding of both models is the closest measurement of the c
     in MAL / (K c + 1) (it leaves out the verify step's extra cost of K + 1 tokens, which the
-    measured speed-up includes)."""
-    decode_seconds = getattr(backend, "decode_seconds", None)
-    if (
-        decode_seconds is None
-        or not config.step_cost_prompts
-        or reference is None
-        or plan.kind != "model"
-        or plan.uag
+    measured speed-up includes and the verify ratio models)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        prompts: list[Prompt],
+        reference: list[Generation] | None,
+        config: EvalConfig,
     ):
+        self.backend = backend
+        self.runs = (
+            [
+                (p.input_ids, len(r.token_ids))
+                for p, r in zip(prompts, reference, strict=True)
+                if len(r.token_ids) > 1
+            ][: config.step_cost_prompts]
+            if reference is not None
+            else []
+        )
+        self.draft_lengths = sorted({*config.draft_length_sweep, config.num_draft_tokens})
+
+    @functools.cached_property
+    def seconds_per_token(self) -> float:
+        seconds, tokens = decode_seconds(self.backend, None, self.runs)
+        return seconds / tokens
+
+    @functools.cached_property
+    def verify_ratio(self) -> dict[str, float] | None:
+        verify_ratios = getattr(self.backend, "verify_ratios", None)
+        if verify_ratios is None:
+            return None
+        return {str(k): r for k, r in verify_ratios(self.runs, self.draft_lengths).items()}
+
+
+def measure_step_cost(
+    backend: Backend, plan: DrafterPlan, target: TargetSteps
+) -> dict[str, Any] | None:
+    """Seconds per token of the drafter decoding alone on `target.runs`, beside the target's
+    (the row's measured cost ratio is their quotient): in-process with transformers, each model
+    served alone by a vLLM server of the same settings with vLLM. None where it does not apply:
+    no runs (no reference lengths, `step_cost_prompts` 0), baselines and cross-tokenizer
+    drafters."""
+    if not target.runs or plan.kind != "model" or plan.uag:
         return None
-    runs = [
-        (p.input_ids, len(r.token_ids))
-        for p, r in zip(prompts, reference, strict=True)
-        if len(r.token_ids) > 1
-    ][: config.step_cost_prompts]
-    if not runs:
-        return None
-    drafter_s, tokens = decode_seconds(plan, runs)
-    # The target's time on these runs, measured once per backend (process): it is the same
-    # measurement for every drafter, and on a 1.5B target it costs minutes.
-    cache = backend.__dict__.setdefault("_target_decode_seconds", {})
-    key = tuple((tuple(p), n) for p, n in runs)
-    if key not in cache:
-        cache[key] = decode_seconds(None, runs)[0]
-    target_s = cache[key]
+    drafter_seconds, tokens = decode_seconds(backend, plan, target.runs)
     step = {
         "tokens": tokens,
-        "drafter_seconds_per_token": drafter_s / tokens,
-        "target_seconds_per_token": target_s / tokens,
+        "drafter_seconds_per_token": drafter_seconds / tokens,
+        "target_seconds_per_token": target.seconds_per_token,
     }
-    verify_ratios = getattr(backend, "verify_ratios", None)
-    if verify_ratios is not None:
-        # The target's verify step over K + 1 tokens against its one-token step, for the cost
-        # model (`sd2_hf.evaluation.cost_model`): measured once per process, like its time.
-        ks = sorted({*config.draft_length_sweep, config.num_draft_tokens})
-        ratio_key = ("verify", key, tuple(ks))
-        if ratio_key not in cache:
-            cache[ratio_key] = verify_ratios(runs, ks)
-        step["verify_ratio"] = {str(k): r for k, r in cache[ratio_key].items()}
+    if target.verify_ratio is not None:
+        step["verify_ratio"] = target.verify_ratio
     return step
 
 
@@ -438,28 +459,20 @@ def _add_projection(
     """The cost model's speed-up (`sd2_hf.evaluation.cost_model`) from the measured step times
     and verify ratios: at the run's K (beside the measured speed-up) and at each swept K, with
     the K it ranks best. None without step times."""
-    from sd2_hf.evaluation.cost_model import projected_speedup
+    from sd2_hf.evaluation.cost_model import projected_sweep
 
     ratios = {int(kk): r for kk, r in ((step or {}).get("verify_ratio") or {}).items()}
     row["projected_speedup"] = None
     if not ratios:
         return
     target, draft = step["target_seconds_per_token"], step["drafter_seconds_per_token"]
-
-    def project(mal: float | None, draft_length: int) -> float | None:
-        if mal is None or draft_length not in ratios:
-            return None
-        verify = ratios[draft_length] * target
-        return projected_speedup(mal, draft_length, draft, target, verify)
-
-    row["projected_speedup"] = project(row["mal"], k)
+    verify = {kk: r * target for kk, r in ratios.items()}
+    row["projected_speedup"] = projected_sweep({k: row["mal"]}, draft, target, verify).get(k)
+    by_k = projected_sweep({s["num_draft_tokens"]: s["mal"] for s in sweep}, draft, target, verify)
     for s in sweep:
-        s["projected_speedup"] = project(s["mal"], s["num_draft_tokens"])
-    projected = [s for s in sweep if s.get("projected_speedup") is not None]
-    if projected:
-        row["best_num_draft_tokens_projected"] = max(
-            projected, key=lambda s: s["projected_speedup"]
-        )["num_draft_tokens"]
+        s["projected_speedup"] = by_k.get(s["num_draft_tokens"])
+    if by_k:
+        row["best_num_draft_tokens_projected"] = max(by_k, key=by_k.__getitem__)
 
 
 def _versions(backend: Backend) -> dict[str, str]:
@@ -762,6 +775,7 @@ def _measure_rows(
     from sd2_hf.evaluation.macs import count_macs
 
     rows = []
+    target_steps = TargetSteps(backend, prompts, reference, config)
     if "none" in config.baselines:
         rows.append(_baseline_row(prompts, reference))
         _add_costs(rows[-1], target_macs, None, config.num_draft_tokens)
@@ -774,7 +788,7 @@ def _measure_rows(
             sweep = sweep_draft_lengths(plan, prompts, reference, config)
             if sweep is not None:
                 row["draft_length_sweep"] = sweep
-            row["step_cost"] = measure_step_cost(backend, plan, prompts, reference, config)
+            row["step_cost"] = measure_step_cost(backend, plan, target_steps)
             journal.save_row(plan, row)
         rows.append(row)
         # The ngram drafter does no multiply-accumulates: relative cost 0.

@@ -37,7 +37,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation, counters_from_steps
+from sd2_hf.evaluation.backend import (
+    Decode,
+    DrafterPlan,
+    Generate,
+    Generation,
+    counters_from_steps,
+)
 from sd2_hf.evaluation.config import EvalConfig
 
 SUBSET_VOCAB_CRASH = (
@@ -117,12 +123,11 @@ class TransformersBackend:
 
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
-    def decode_seconds(
-        self, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
-    ) -> tuple[float, int]:
-        """Seconds and new tokens of `drafter`'s model (the target with None) decoding alone,
-        greedily at batch 1, `n` new tokens after each `prompt_ids` of `runs` (EOS ignored, so
-        every model takes the same steps at the same context lengths); one untimed warm-up."""
+    @contextmanager
+    def decoder(self, drafter: DrafterPlan | None) -> Iterator[Decode]:
+        """`decode(prompt_ids, n) -> (seconds, new tokens)`: `drafter`'s model (the target with
+        None) decoding alone, greedily at batch 1, exactly `n` new tokens (EOS ignored, so every
+        model takes the same steps at the same context lengths)."""
         model = self.target if drafter is None else load_causal_lm(drafter.path, self.config.dtype)
         pad = self.target.generation_config.pad_token_id
 
@@ -140,9 +145,7 @@ class TransformersBackend:
                 )
             return time.perf_counter() - start, out.shape[1] - len(prompt_ids)
 
-        decode(runs[0][0], min(4, runs[0][1]))
-        timed = [decode(p, n) for p, n in runs]
-        return sum(s for s, _ in timed), sum(n for _, n in timed)
+        yield decode
 
     def verify_ratios(self, runs: list[tuple[list[int], int]], ks: list[int]) -> dict[int, float]:
         """The target's forward time over K + 1 new tokens / over one new token, after the

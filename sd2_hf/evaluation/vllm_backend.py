@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from sd2_hf.evaluation.backend import DrafterPlan, Generate, Generation
+from sd2_hf.evaluation.backend import Decode, DrafterPlan, Generate, Generation
 from sd2_hf.evaluation.config import EvalConfig
 from sd2_hf.serving.metrics import SpecDecodeCounters
 from sd2_hf.utils.threads import DaemonThreadPool
@@ -82,13 +82,11 @@ class VLLMBackend:
             **common,
         )
 
-    def decode_seconds(
-        self, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
-    ) -> tuple[float, int]:
-        """Seconds and tokens of `drafter`'s model (the target with None) served alone by a
-        vLLM server of the evaluation's settings, one request at a time: `n` new tokens after
-        each `prompt_ids` of `runs` (`min_tokens` = `max_tokens` = n, EOS ignored); one untimed
-        warm-up request."""
+    @contextmanager
+    def decoder(self, drafter: DrafterPlan | None) -> Iterator[Decode]:
+        """`decode(prompt_ids, n) -> (seconds, new tokens)`: `drafter`'s model (the target with
+        None) served alone by a vLLM server of the evaluation's settings, one request at a
+        time, exactly `n` new tokens (`min_tokens` = `max_tokens` = n, EOS ignored)."""
         from sd2_hf.serving import OpenAIClient, VLLMServer
 
         path = self.target_path if drafter is None else drafter.path
@@ -115,9 +113,7 @@ class VLLMBackend:
                 seconds = time.perf_counter() - start
                 return seconds, len(response["choices"][0]["token_ids"])
 
-            decode(runs[0][0], min(4, runs[0][1]))
-            timed = [decode(p, n) for p, n in runs]
-            return sum(s for s, _ in timed), sum(n for _, n in timed)
+            yield decode
 
     @contextmanager
     def session(self, drafter: DrafterPlan | None) -> Iterator[Generate]:
