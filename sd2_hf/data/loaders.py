@@ -113,8 +113,7 @@ def iter_json_array(path: str | Path) -> Iterator[Any]:
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    path = Path(path)
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+    with _open(Path(path), binary=True) as f:
 
         def more() -> str:
             return utf8.decode(f.read(_CHUNK_CHARS))
@@ -160,15 +159,17 @@ def iter_json_array(path: str | Path) -> Iterator[Any]:
             pos = end
 
 
-def _open_text(path: Path):
-    """A text handle on `path`, decompressing a `.gz` file on the fly."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _open(path: Path, binary: bool = False):
+    """A handle on `path` (bytes, or text decoded as UTF-8 with replacement), decompressing a
+    `.gz` file on the fly."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    if binary:
+        return opener(path, "rb")
+    return opener(path, "rt", encoding="utf-8", errors="replace")
 
 
 def _iter_jsonl(path: Path) -> Iterator[Any]:
-    with _open_text(path) as f:
+    with _open(path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -179,7 +180,7 @@ def _iter_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _first_char(path: Path) -> str:
-    with _open_text(path) as f:
+    with _open(path) as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[0]

@@ -150,13 +150,13 @@ def _trainer_args(config: TrainStageConfig, ckpt_dir: Path) -> SD2Config:
     # Under `accelerate launch` on a machine without GPUs, TrainingArguments set up no process
     # group of their own unless told to use the CPU with gloo: each process then trains alone,
     # believing it is rank 0, and all of them write the same output.
-    cpu_processes = {}
+    cpu_settings = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        cpu_processes = {"use_cpu": True, "ddp_backend": "gloo"}
+        cpu_settings = {"use_cpu": True, "ddp_backend": "gloo"}
     # bf16 (autocast) on a machine without an accelerator: TrainingArguments refuse it ("Your
     # setup doesn't support bf16/gpu") unless told to use the CPU, which is what is meant.
     if config.bf16 and not torch.cuda.is_available():
-        cpu_processes["use_cpu"] = True
+        cpu_settings["use_cpu"] = True
     return SD2Config(
         output_dir=str(ckpt_dir),
         num_train_epochs=config.num_train_epochs,
@@ -186,7 +186,7 @@ def _trainer_args(config: TrainStageConfig, ckpt_dir: Path) -> SD2Config:
         mask_ignore=config.mask_ignore,
         # The newest two checkpoints unless trainer_args keep more (None: every one, for a
         # study's learning-curve drafters that evaluate them).
-        **{"save_total_limit": 2, **cpu_processes, **config.trainer_args},
+        **{"save_total_limit": 2, **cpu_settings, **config.trainer_args},
     )
 
 
