@@ -189,3 +189,66 @@ def test_a_null_drafter_is_left_out_with_its_comparisons(tmp_path, tiny_model_di
     # A drafter another one starts from cannot be left out alone.
     err = sd2_fails(["compare", path, "drafters.pruned=null", "--dry-run"])
     assert "drafters.pruned is left out (null) but drafters.sd2 starts from it" in err
+
+
+def _report(date: str, rows: dict[str, float], **evaluation) -> dict:
+    ev = {
+        "backend": "transformers",
+        "num_draft_tokens": 3,
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "sampled_temperatures": [],
+        "num_prompts": 2,
+        "prompts": "question.jsonl",
+        "served_dtype": "float32",
+        "prompt_categories": ["writing", "math"],
+        "drafters": [
+            {
+                "name": n,
+                "kind": "model",
+                "mal": m,
+                "relative_macs": 0.5,
+                "improvement_factor": 1.0,
+                "per_prompt": [[4, int(4 * (m - 1))]] * 2,  # [draft steps, accepted]
+                "sampled": {},
+                "tokens_per_second": 1.0,
+                "speedup": 1.0,
+            }
+            for n, m in rows.items()
+        ],
+        **evaluation,
+    }
+    return {
+        "name": "s",
+        "description": "d",
+        "target": "t",
+        "date": date,
+        "drafters": {n: {"description": n, "chain": [n], "stage_seconds": {}} for n in rows},
+        "evaluations": {"mt": ev},
+    }
+
+
+def test_rows_of_an_earlier_run_are_carried_beside_a_partial_run():
+    """A run that measures only new drafters keeps the earlier report's other rows (same
+    prompts and settings), marked with their run's date, and compares against them; rows of a
+    run with other settings are not carried, and this run's rows win over earlier ones."""
+    from sd2_hf.study.report import carry_earlier_rows, comparisons, to_markdown
+
+    earlier = _report("2026-12-01", {"pruned": 1.5, "sd2": 2.0})
+    now = _report("2026-12-05", {"sd2": 2.5, "vocab": 2.25})
+    for row in now["evaluations"]["mt"]["drafters"]:
+        row["measured"] = "2026-12-05"
+    assert carry_earlier_rows(now, earlier) == ["pruned"]
+    rows = {r["name"]: r for r in now["evaluations"]["mt"]["drafters"]}
+    assert rows["sd2"]["mal"] == 2.5 and rows["pruned"]["measured"] == "2026-12-01"
+    assert now["drafters"]["pruned"]["measured"] == "2026-12-01"
+    (c,) = comparisons([("vocab", "pruned")], now["evaluations"])
+    assert c["ratio"] == pytest.approx(2.25 / 1.5)
+    now.update(carried=["pruned"], comparisons=[c])
+    text = to_markdown(now)
+    assert "| pruned † |" in text and "measured 2026-12-01" in text
+    assert "| sd2 |" in text
+
+    other = _report("2026-12-05", {"vocab": 2.25}, max_new_tokens=16)
+    assert carry_earlier_rows(other, earlier) == []
+    assert [r["name"] for r in other["evaluations"]["mt"]["drafters"]] == ["vocab"]

@@ -141,6 +141,14 @@ class EvalConfig(BaseModel):
         "target seconds per token, reported beside the MACs ratio with the improvement factor "
         "MAL / (K c + 1) it implies. 0 turns it off.",
     )
+    step_cost_rounds: int = Field(
+        default=2,
+        ge=1,
+        description="Rounds of the step-cost timing per drafter: the target and the drafter "
+        "decode the step-cost prompts in alternating order each round, and c is the median of "
+        "their paired time ratios (one round, minutes away from the target's, drifted by "
+        "several percent on a 2-core CPU).",
+    )
     macs_context_length: int = Field(
         default=512,
         gt=0,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import statistics
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -313,23 +314,21 @@ def sweep_draft_lengths(
 
 def decode_seconds(
     backend: Backend, drafter: DrafterPlan | None, runs: list[tuple[list[int], int]]
-) -> tuple[float, int]:
+) -> list[tuple[float, int]]:
     """Seconds and new tokens of `drafter`'s model (the target with None) decoding alone
-    through the backend's `decoder`, `n` tokens after each prompt of `runs`; one untimed warm-up
-    first."""
+    through the backend's `decoder`, `n` tokens after each prompt of `runs`, one pair per run;
+    one untimed warm-up first."""
     with backend.decoder(drafter) as decode:
         decode(runs[0][0], min(4, runs[0][1]))
-        timed = [decode(p, n) for p, n in runs]
-    return sum(s for s, _ in timed), sum(n for _, n in timed)
+        return [decode(p, n) for p, n in runs]
 
 
 class TargetSteps:
     """The target's side of every drafter's step cost in one evaluation run: the runs both
     models decode alone (the first `config.step_cost_prompts` prompts with their reference
-    lengths), the target's seconds per token on them and, where the backend can time it, its
-    verify step over K + 1 tokens against its one-token step, for every swept K and the run's
-    K (`sd2_hf.evaluation.cost_model`). Each is measured on first use and then shared by every
-    drafter: the same measurement for all of them, and on a 1.5B target it costs minutes.
+    lengths) and, where the backend can time it, the target's verify step over K + 1 tokens
+    against its one-token step, for every swept K and the run's K
+    (`sd2_hf.evaluation.cost_model`), measured on first use and shared by every drafter.
 
     Written here because neither transformers nor vLLM reports a model's own step time beside
     an assisted run; timing plain decoding of both models is the closest measurement of the c
@@ -344,6 +343,7 @@ class TargetSteps:
         config: EvalConfig,
     ):
         self.backend = backend
+        self.rounds = config.step_cost_rounds
         self.runs = (
             [
                 (p.input_ids, len(r.token_ids))
@@ -356,11 +356,6 @@ class TargetSteps:
         self.draft_lengths = sorted({*config.draft_length_sweep, config.num_draft_tokens})
 
     @functools.cached_property
-    def seconds_per_token(self) -> float:
-        seconds, tokens = decode_seconds(self.backend, None, self.runs)
-        return seconds / tokens
-
-    @functools.cached_property
     def verify_ratio(self) -> dict[str, float] | None:
         verify_ratios = getattr(self.backend, "verify_ratios", None)
         if verify_ratios is None:
@@ -371,22 +366,46 @@ class TargetSteps:
 def measure_step_cost(
     backend: Backend, plan: DrafterPlan, target: TargetSteps
 ) -> dict[str, Any] | None:
-    """Seconds per token of the drafter decoding alone on `target.runs`, beside the target's
-    (the row's measured cost ratio is their quotient): in-process with transformers, each model
-    served alone by a vLLM server of the same settings with vLLM. None where it does not apply:
-    no runs (no reference lengths, `step_cost_prompts` 0), baselines and cross-tokenizer
-    drafters."""
+    """The drafter's and the target's seconds per token decoding alone on `target.runs`, timed
+    in `target.rounds` alternating rounds (target then drafter, then drafter then target, ...:
+    a drift of the machine's speed falls on both), and the cost ratio c: the median over the
+    rounds and runs of the drafter's time / the target's time on the same run in the same round.
+    On this project's 2-core CPU one pass of 4 x 64 tokens varied by about 8% for the same
+    model, and a target timed once per process, minutes away from a drafter, added drift: the
+    pairing and the median are what make the ratio repeatable. In-process with transformers;
+    each model served alone by a vLLM server of the same settings with vLLM. None where it does
+    not apply: no runs (no reference lengths, `step_cost_prompts` 0), baselines and
+    cross-tokenizer drafters."""
     if not target.runs or plan.kind != "model" or plan.uag:
         return None
-    drafter_seconds, tokens = decode_seconds(backend, plan, target.runs)
+    drafter_times: list[tuple[float, int]] = []
+    target_times: list[tuple[float, int]] = []
+    ratios = []
+    for round_ in range(target.rounds):
+        if round_ % 2 == 0:
+            t = decode_seconds(backend, None, target.runs)
+            d = decode_seconds(backend, plan, target.runs)
+        else:
+            d = decode_seconds(backend, plan, target.runs)
+            t = decode_seconds(backend, None, target.runs)
+        ratios += [ds / ts for (ds, _), (ts, _) in zip(d, t, strict=True)]
+        target_times += t
+        drafter_times += d
     step = {
-        "tokens": tokens,
-        "drafter_seconds_per_token": drafter_seconds / tokens,
-        "target_seconds_per_token": target.seconds_per_token,
+        "tokens": sum(n for _, n in target.runs),
+        "rounds": target.rounds,
+        "drafter_seconds_per_token": _per_token(drafter_times),
+        "target_seconds_per_token": _per_token(target_times),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
     }
     if target.verify_ratio is not None:
         step["verify_ratio"] = target.verify_ratio
     return step
+
+
+def _per_token(times: list[tuple[float, int]]) -> float:
+    return sum(s for s, _ in times) / sum(n for _, n in times)
 
 
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
@@ -431,9 +450,7 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
     c = drafter_macs / target_macs
     row.update(macs=drafter_macs, relative_macs=c)
     step = row.get("step_cost")
-    measured = (
-        step["drafter_seconds_per_token"] / step["target_seconds_per_token"] if step else None
-    )
+    measured = _measured_cost(step)
     row["measured_cost"] = measured
     sweep = [s for s in row.get("draft_length_sweep") or [] if s["mal"] is not None]
     _add_projection(row, step, sweep, k)
@@ -453,6 +470,16 @@ def _add_costs(row: dict[str, Any], target_macs: int, drafter_macs: int | None, 
             row[best] = max(sweep, key=lambda s: s[field])["num_draft_tokens"]
 
 
+def _measured_cost(step: dict[str, Any] | None) -> float | None:
+    """The step's cost ratio: the median of paired ratios (`measure_step_cost`), or for a row
+    journaled before rounds existed, the quotient of the two models' seconds per token."""
+    if not step:
+        return None
+    if "ratio" in step:
+        return step["ratio"]
+    return step["drafter_seconds_per_token"] / step["target_seconds_per_token"]
+
+
 def _add_projection(
     row: dict[str, Any], step: dict[str, Any] | None, sweep: list[dict[str, Any]], k: int
 ) -> None:
@@ -465,7 +492,8 @@ def _add_projection(
     row["projected_speedup"] = None
     if not ratios:
         return
-    target, draft = step["target_seconds_per_token"], step["drafter_seconds_per_token"]
+    target = step["target_seconds_per_token"]
+    draft = _measured_cost(step) * target
     verify = {kk: r * target for kk, r in ratios.items()}
     row["projected_speedup"] = projected_sweep({k: row["mal"]}, draft, target, verify).get(k)
     by_k = projected_sweep({s["num_draft_tokens"]: s["mal"] for s in sweep}, draft, target, verify)

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report_only:
         if (study.root / "eval").is_dir():
             _, planned = plan_study(study)
-            write_study_report(study, planned)
+            write_study_report(study, planned, carry=not args.fresh_report)
         elif study.results and (Path(study.results) / "study.json").is_file():
             rewrite_from_json(Path(study.results) / "study.json")
             print(f"rendered {study.results}/study.md from its study.json")
@@ -39,7 +39,13 @@ def _run(args: argparse.Namespace) -> int:
                 f"study.json in the study's `results` ({study.results}); run the study first"
             )
         return 0
-    result = run_study(study, only=args.only, force=args.force, dry_run=args.dry_run)
+    result = run_study(
+        study,
+        only=args.only,
+        force=args.force,
+        dry_run=args.dry_run,
+        carry=not args.fresh_report,
+    )
     if args.dry_run:
         print(f"sd2 compare {study.name} (dry run): {study.root}")
         for outcome in result["outcomes"]:
@@ -61,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="validate the study and list what would run"
+    )
+    parser.add_argument(
+        "--fresh-report",
+        action="store_true",
+        help="write the report from this run's rows alone; by default, rows of the report "
+        "already in the study's `results` for drafters this run did not measure (same prompts "
+        "and settings) are kept beside them, marked with the date of their run",
     )
     parser.add_argument(
         "--report-only",

@@ -38,6 +38,7 @@ ROW_FIELDS = (
     "lossless_checked",
     "lossless_mismatches",
     "per_prompt",
+    "measured",
 )
 SAMPLED_ROW_FIELDS = (
     "mal",
@@ -143,17 +144,70 @@ def stage_seconds(planned: Any) -> dict[str, float | None]:
     return seconds
 
 
-def build_report(study: Any, planned: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+# What must agree for a row of an earlier report to stand beside this run's rows.
+SAME_EVALUATION = (
+    "backend",
+    "num_draft_tokens",
+    "max_new_tokens",
+    "temperature",
+    "num_prompts",
+    "prompts",
+    "served_dtype",
+    "prompt_categories",
+)
+
+
+def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
+    """Add to `report` the rows of `earlier` (a previous `study.json` of the same study) for
+    drafters this run did not measure, in evaluations of the same prompts and settings, with
+    their drafter entries; each row keeps the date of the run that measured it (`measured`).
+    Returns the carried drafter names.
+
+    A study on a 2-core CPU takes several sessions and each session starts on a fresh machine:
+    carrying rows lets a run build and measure only the drafters that are new and still report
+    every comparison. MAL is computed from per-prompt counts against the same target outputs,
+    so a ratio of a carried row stands; its time columns are against the target of its own run
+    (the table says which run each row comes from)."""
+    carried = []
+    for name, ev in report["evaluations"].items():
+        old = (earlier.get("evaluations") or {}).get(name)
+        if not old or any(old.get(k) != ev.get(k) for k in SAME_EVALUATION):
+            continue
+        present = {r["name"] for r in ev["drafters"]}
+        for row in old["drafters"]:
+            if row["name"] in present:
+                continue
+            measured = row.get("measured") or earlier["date"]
+            ev["drafters"].append({**row, "measured": measured})
+            carried.append(row["name"])
+            entry = (earlier.get("drafters") or {}).get(row["name"])
+            if entry is not None and row["name"] not in report["drafters"]:
+                report["drafters"][row["name"]] = {**entry, "measured": measured}
+    return sorted(set(carried))
+
+
+def build_report(
+    study: Any,
+    planned: dict[str, Any],
+    seconds: float | None,
+    earlier: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The study's report from its evaluations; with `earlier` (the previous report in the
+    study's `results`), the rows of drafters this run did not measure are carried over
+    (`carry_earlier_rows`) before the comparisons are computed."""
+    today = time.strftime("%Y-%m-%d")
     evaluations = {}
     for name in study.evaluations:
         ev = _evaluation(study.root / "eval" / name)
         if ev is not None:
+            for row in ev["drafters"]:
+                row["measured"] = today
             evaluations[name] = ev
-    return {
+    report = {
         "name": study.name,
         "description": study.description,
         "target": public(study.target.model),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": today,
         "seconds": seconds,
         "drafters": {
             name: {
@@ -164,8 +218,11 @@ def build_report(study: Any, planned: dict[str, Any], seconds: float | None) -> 
             for name, p in planned.items()
         },
         "evaluations": evaluations,
-        "comparisons": comparisons(study.comparison_pairs(), evaluations),
     }
+    if earlier is not None:
+        report["carried"] = carry_earlier_rows(report, earlier)
+    report["comparisons"] = comparisons(study.comparison_pairs(), evaluations)
+    return report
 
 
 def _interval(c: dict[str, Any] | None) -> str:
@@ -176,7 +233,7 @@ def _interval(c: dict[str, Any] | None) -> str:
     return f"×{c['ratio']:.3f} [{c['low']:.3f}–{c['high']:.3f}]"
 
 
-def _evaluation_table(ev: dict[str, Any]) -> list[str]:
+def _evaluation_table(ev: dict[str, Any], carried: list[str]) -> list[str]:
     temps = ev["sampled_temperatures"]
     header = ["drafter", "rel. MACs", f"MAL (K={ev['num_draft_tokens']})", "impr. factor"]
     header += ["best K (MAL)"] + [f"MAL T={t:g}" for t in temps]
@@ -192,8 +249,9 @@ def _evaluation_table(ev: dict[str, Any]) -> list[str]:
             lossless = (
                 "yes" if not r["lossless_mismatches"] else f"{r['lossless_mismatches']} differ"
             )
+        name = f"{r['name']} †" if r["name"] in carried else r["name"]
         rows.append(
-            [r["name"], fmt(r["relative_macs"]), fmt(r["mal"]), fmt(r["improvement_factor"])]
+            [name, fmt(r["relative_macs"]), fmt(r["mal"]), fmt(r["improvement_factor"])]
             + [best_text, *sampled]
             + [fmt(r.get("measured_cost")), fmt(r.get("measured_improvement_factor"))]
             + [fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2)]
@@ -211,7 +269,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         ["drafter", "built as", "stage minutes", "what for"],
         [
             [
-                name,
+                f"{name} † ({d['measured']})" if d.get("measured") else name,
                 " → ".join(d["chain"]),
                 ", ".join(
                     f"{s} {v / 60:.1f}" if v is not None else f"{s} -"
@@ -231,7 +289,16 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"temperature {ev['temperature']:g}; speed-up against the target alone in the same run.",
             "",
         ]
-        lines += _evaluation_table(ev)
+        carried = report.get("carried") or []
+        lines += _evaluation_table(ev, carried)
+        dates = sorted({r["measured"] for r in ev["drafters"] if r["name"] in carried})
+        if dates:
+            lines += [
+                "",
+                f"† carried from an earlier run of this study (measured {', '.join(dates)}): the "
+                "same prompts, settings and target outputs, so its MAL and comparisons stand; "
+                "its tokens/s, speed-up and time cost are against the target of its own run.",
+            ]
     if report["comparisons"]:
         lines += ["", "## Comparisons (MAL ratio, 95% paired-bootstrap interval over prompts)", ""]
         rows = []
@@ -258,9 +325,15 @@ def write_files(report: dict[str, Any], directory: Path) -> list[Path]:
 
 
 def write_study_report(
-    study: Any, planned: dict[str, Any], seconds: float | None = None
+    study: Any, planned: dict[str, Any], seconds: float | None = None, *, carry: bool = True
 ) -> dict[str, Any]:
-    report = build_report(study, planned, seconds)
+    """Build the report and write it into the study directory and its `results`; with
+    `carry`, rows of the report already in `results` for drafters this run did not measure
+    are kept (`carry_earlier_rows`)."""
+    earlier = None
+    if carry and study.results and (Path(study.results) / "study.json").is_file():
+        earlier = read_json(Path(study.results) / "study.json")
+    report = build_report(study, planned, seconds, earlier)
     write_files(report, study.root)
     if study.results:
         write_files(report, Path(study.results))

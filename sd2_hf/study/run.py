@@ -167,9 +167,11 @@ def run_study(
     only: str | None = None,
     force: bool = False,
     dry_run: bool = False,
+    carry: bool = True,
 ) -> dict[str, Any]:
     """Build the study's drafters (only `only` and what it starts from, when given), evaluate
-    them, and write the report. Returns {"outcomes": [...], "report": study report or None}."""
+    them, and write the report (`carry`: keeping the rows of the report in `results` for
+    drafters this run did not measure). Returns {"outcomes": [...], "report": study report or None}."""
     from sd2_hf.study.report import write_study_report
 
     plans, planned = plan_study(study)
@@ -191,7 +193,9 @@ def run_study(
         if dry_run:
             return {"outcomes": outcomes, "report": None}
         evaluate(study, planned, only)
-    report = write_study_report(study, planned, seconds=time.perf_counter() - started)
+    report = write_study_report(
+        study, planned, seconds=time.perf_counter() - started, carry=carry
+    )
     return {"outcomes": outcomes, "report": report}
 
 
