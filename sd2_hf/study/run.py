@@ -193,9 +193,7 @@ def run_study(
         if dry_run:
             return {"outcomes": outcomes, "report": None}
         evaluate(study, planned, only)
-    report = write_study_report(
-        study, planned, seconds=time.perf_counter() - started, carry=carry
-    )
+    report = write_study_report(study, planned, seconds=time.perf_counter() - started, carry=carry)
     return {"outcomes": outcomes, "report": report}
 
 
