@@ -294,6 +294,15 @@ def test_plots_are_pngs_with_labelled_axes(hf_report):
     scatter = plot_mal_vs_macs(report).axes[0]
     labels = {t.get_text() for t in scatter.texts}
     assert {"self", "noisy", "random", "uag", "ngram"} <= labels
+    # Each timed drafter also sits at its measured time ratio (hollow, same MAL).
+    hollow = {
+        (line.get_xdata()[0], line.get_ydata()[0])
+        for line in scatter.lines
+        if line.get_markerfacecolor() == "none"
+    }
+    timed = [r for r in report["drafters"] if r.get("measured_cost") is not None]
+    assert timed and hollow == {(r["measured_cost"], r["mal"]) for r in timed}
+    assert "measured time" in scatter.get_xlabel()
     bars = plot_mal_per_category(report).axes[0]
     assert [t.get_text() for t in bars.get_legend().get_texts()][:2] == ["ngram", "self"]
 

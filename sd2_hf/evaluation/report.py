@@ -349,15 +349,30 @@ def plot_mal_vs_macs(report: dict[str, Any]) -> Figure:
     """MAL against drafter MACs relative to the target (the SD² paper's figure)."""
     fig = Figure(figsize=(6.0, 4.5))
     ax = fig.subplots()
+    timed = False
     for d in _drafted(report):
         if d["relative_macs"] is None:
             continue
-        ax.scatter(d["relative_macs"], d["mal"], s=40)
+        (dot,) = ax.plot(d["relative_macs"], d["mal"], "o", ms=6)
         ax.annotate(
             d["name"], (d["relative_macs"], d["mal"]), textcoords="offset points", xytext=(5, 4)
         )
+        # The measured time ratio beside the MACs ratio: a hollow marker of the same colour.
+        if d.get("measured_cost") is not None:
+            timed = True
+            ax.plot(
+                [d["relative_macs"], d["measured_cost"]],
+                [d["mal"]] * 2,
+                "-",
+                lw=0.8,
+                alpha=0.5,
+                color=dot.get_color(),
+            )
+            ax.plot(d["measured_cost"], d["mal"], "o", ms=6, mfc="none", color=dot.get_color())
     ax.set(
-        xlabel="Drafter MACs / target MACs",
+        xlabel="Drafter MACs / target MACs (filled); measured time / target time (hollow)"
+        if timed
+        else "Drafter MACs / target MACs",
         ylabel="MAL (tokens per verification step)",
         title="Mean accepted length vs relative drafter cost",
         ylim=(0.9, report["num_draft_tokens"] + 1.2),

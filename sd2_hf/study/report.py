@@ -181,7 +181,7 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
             ev["drafters"].append({**row, "measured": measured})
             carried.append(row["name"])
             entry = (earlier.get("drafters") or {}).get(row["name"])
-            if entry is not None and row["name"] not in report["drafters"]:
+            if entry is not None:  # how it was built then (this run may list it unbuilt)
                 report["drafters"][row["name"]] = {**entry, "measured": measured}
     return sorted(set(carried))
 
