@@ -2,17 +2,17 @@
 
 1. `SD2Trainer` bf16 steps on CUDA of a 2:4-pruned Llama-3.2-1B-shaped drafter; the zeros must
    be exactly where they were (masks held by SparsityMaskCallback).
-2. The drafter's forward time (one decoding step of B sequences over a cached context) dense, and
-   the Llama-3.1-8B-shaped target's dense step, for the cost ratio the speculative-decoding cost
-   model needs, at batch 1 and 8.
-3. The same drafter with its 2:4 weights through PyTorch's semi-structured sparse kernels
-   (`torch.sparse.to_sparse_semi_structured`; cuSPARSELt on compute capability 8.x/9.x, CUTLASS
-   on 8.x only), measured against its dense time; each swapped layer is a `FlatLinear` (2-D
-   input only): `sd2_hf.pruning.semi_structured`, the library code a user runs a 2:4 drafter with.
+2. One forward step over a static cache (`sd2_hf.evaluation.step_timing`), eager and on CUDA
+   replayed from a CUDA graph: the drafter's and the Llama-3.1-8B-shaped target's decoding step
+   at batch 1 and 8, and the target's verify step over K + 1 tokens at batch 1.
+3. The same drafter with its 2:4 weights through PyTorch's semi-structured kernels
+   (`sd2_hf.pruning.semi_structured`: cuSPARSELt on 8.x/9.x, CUTLASS on 8.x only; each swapped
+   layer a 2-D-input `FlatLinear`), against its dense time.
+4. The cost model (`sd2_hf.evaluation.cost_model`) on these step times: the speed-up the MAL per
+   K of each committed study row (`--mal-from`) would give here, beside its own run's.
 
-Each part's result is written (atomically) to the JSON and Markdown files as soon as it is
-measured; a part that fails is recorded with its error and the script goes on to the next one
-(exit status 1 at the end), so one failure never loses the results measured before it.
+Each part's result is written (atomically) as soon as it is measured; a failed part is recorded
+with its error and the rest still run (exit status 1 at the end).
 
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes)
     python bench/gpu_check.py --tiny --device cpu   # the same code on tiny shapes (tests)
@@ -23,13 +23,10 @@ Writes bench/results/gpu_check.{json,md} (or --output; the trainer's scratch und
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
+import json
 import platform
-import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -41,14 +38,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import tiny  # noqa: E402
 
 from sd2_hf import SD2Config, SD2Trainer  # noqa: E402
+from sd2_hf.evaluation.cost_model import project_study  # noqa: E402
+from sd2_hf.evaluation.report import _table as table  # noqa: E402
+from sd2_hf.evaluation.step_timing import step_seconds  # noqa: E402
+from sd2_hf.pruning import semi_structured as semi_kernels  # noqa: E402
 from sd2_hf.pruning.masks import find_target_linears, is_n_m_sparse  # noqa: E402
-from sd2_hf.pruning.semi_structured import (  # noqa: E402
-    BACKENDS,
-    semi_structured_backend,
-    semi_structured_converter,
-    to_semi_structured,
-)
-from sd2_hf.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from sd2_hf.utils.io import PartReport  # noqa: E402
 
 # (hidden, intermediate, layers, heads, kv heads, tied embeddings) of the public configs
 # (Llama-3.2-1B, Llama-3.1-8B; weights random), and tiny ones for --tiny: the same code paths in
@@ -66,18 +61,24 @@ SHAPES = {
 FULL_VOCAB = 128256
 BATCHES = (1, 8)
 # The timing table's columns after the batch: (header, step_timings key, format).
-COLUMNS = (
-    ("drafter dense ms", "drafter_dense_ms", "{:.3f}"),
-    ("drafter 2:4 ms", "drafter_2of4_ms", "{:.3f}"),
+COLUMNS = [
+    (f"{name}{' graph' if graph else ''} ms", f"{key}{'_graph' if graph else ''}_ms", "{:.3f}")
+    for name, key in (("drafter", "drafter_dense"), ("drafter 2:4", "drafter_2of4"))
+    + (("target", "target_dense"),)
+    for graph in (False, True)
+] + [
     ("2:4 speed-up", "speedup_2of4_vs_dense", "{:.2f}x"),
-    ("target ms", "target_dense_ms", "{:.3f}"),
     ("drafter/target", "drafter_vs_target_cost", "{:.3f}"),
-)
+    ("graphs", "drafter_vs_target_cost_graph", "{:.3f}"),
+]
 # Derived step_timings keys: numerator / denominator, set as soon as both times are in.
 RATIOS = {
     "drafter_vs_target_cost": ("drafter_dense_ms", "target_dense_ms"),
+    "drafter_vs_target_cost_graph": ("drafter_dense_graph_ms", "target_dense_graph_ms"),
     "speedup_2of4_vs_dense": ("drafter_dense_ms", "drafter_2of4_ms"),
 }
+VERIFY_K = (1, 2, 3, 4, 6, 8)  # the target's verify step over K + 1 tokens, batch 1
+MAL_FROM = ROOT / "bench" / "results" / "studies" / "qwen-coder" / "study.json"
 
 
 def build(shape: str, vocab_size: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
@@ -96,76 +97,27 @@ def zero_masks(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
 def train_check(drafter: LlamaForCausalLM, tokenizer, steps: int, bf16: bool, out: Path) -> dict:
     """SD2Trainer steps on the 2:4 drafter; zeros compared before/after, exactly."""
     before = zero_masks(drafter)
-    args = SD2Config(
-        **tiny.trainer_kwargs(
-            out / "train", max_steps=steps, learning_rate=1e-4, weight_decay=0.1, bf16=bf16,
-            logging_steps=1, max_length=128, mask_check_interval=1,
-            use_cpu=not torch.cuda.is_available(),
-        )
-    )  # fmt: skip
+    args = SD2Config(**tiny.trainer_kwargs(out / "train", max_steps=steps, learning_rate=1e-4,
+        weight_decay=0.1, bf16=bf16, logging_steps=1, max_length=128, mask_check_interval=1,
+        use_cpu=not torch.cuda.is_available()))  # fmt: skip
     data = Dataset.from_list(tiny.conversations(64))
     trainer = SD2Trainer(drafter.train(), args=args, train_dataset=data, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
-    after = zero_masks(drafter)
+    seconds, after = time.perf_counter() - start, zero_masks(drafter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "steps": trainer.state.global_step,
-        "seconds": round(seconds, 2),
-        "bf16": bf16,
+        "steps": trainer.state.global_step, "seconds": round(seconds, 2), "bf16": bf16,
         "zeros_exact": all(torch.equal(before[n], after[n]) for n in before),
         "still_2of4": all(is_n_m_sparse(m.weight) for m in find_target_linears(drafter).values()),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-    }
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+    }  # fmt: skip
 
 
-@torch.no_grad()
-def step_seconds(model, batch: int, context: int, repeats: int, device: str) -> float:
-    """Median time of one decoding step: `batch` sequences, one new token each, over a cached
-    context of `context` tokens (a fresh copy of the cache per step; 3 warm-up steps)."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context), device=device)
-    past = model(input_ids=ids, use_cache=True).past_key_values
-    step = torch.randint(0, vocab, (batch, 1), device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats + 3):
-        cache = copy.deepcopy(past)
-        sync()
-        start = time.perf_counter()
-        model(input_ids=step, past_key_values=cache, use_cache=True)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
-
-
-class Report:
-    """The report, written to `out/gpu_check.{json,md}` (atomic writes) at the start and after
-    every part, with each timing row's RATIOS as soon as both of their times are in."""
-
-    def __init__(self, out: Path, data: dict):
-        self.out, self.data = out, data
-        self.save()
-
-    def save(self) -> None:
-        for row in self.data["step_timings"].values():
-            row.update(
-                {k: row[a] / row[b] for k, (a, b) in RATIOS.items() if a in row and b in row}
-            )
-        atomic_write_json(self.out / "gpu_check.json", self.data)
-        atomic_write_text(self.out / "gpu_check.md", render(self.data))
-
-    @contextlib.contextmanager
-    def part(self, name: str):
-        """Run one part; on an error record it under `errors[name]`, save, and go on."""
-        try:
-            yield
-        except Exception as error:  # noqa: BLE001 - recorded, and the exit status says so
-            traceback.print_exc()
-            self.data["errors"][name] = f"{type(error).__name__}: {error}"
-        self.save()
+def add_ratios(data: dict) -> None:
+    """Each timing row's RATIOS, as soon as both of their times are in."""
+    for row in data["step_timings"].values():
+        row.update({k: row[a] / row[b] for k, (a, b) in RATIOS.items() if a in row and b in row})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,12 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="semi-structured kernels: auto = cuSPARSELt where available, else CUTLASS (8.x only)",
-    )
+    parser.add_argument("--backend", choices=semi_kernels.BACKENDS, default="auto", help="semi-"
+        "structured kernels: auto = cuSPARSELt where available, else CUTLASS (8.x only)")  # fmt: skip
+    parser.add_argument("--mal-from", default=str(MAL_FROM), help="a study.json whose rows' MAL "
+        "per K the cost model projects (part 4)")  # fmt: skip
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     out = Path(args.output)
@@ -193,21 +143,27 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = tiny.build_tokenizer()
     vocab = len(tokenizer) if args.tiny else FULL_VOCAB
     torch.manual_seed(0)
-    backend, unsupported = semi_structured_backend(args.device, args.backend)
+    backend, unsupported = semi_kernels.semi_structured_backend(args.device, args.backend)
     semi = {"backend": backend, "unsupported": unsupported, "layers_swapped": 0}
     timings: dict[int, dict] = {batch: {} for batch in BATCHES}
-    report = Report(out, {
+    report = PartReport(out / "gpu_check", render=render, prepare=add_ratios, data={
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "shapes": {"drafter": drafter_shape, "target": target_shape, "vocab": vocab},
         "dtype": str(dtype).removeprefix("torch."), "context": args.context,
-        "train": None, "semi_structured": semi, "step_timings": timings, "errors": {},
+        "train": None, "semi_structured": semi, "step_timings": timings,
+        "projection": {},
     })  # fmt: skip
 
-    def time_step(model: LlamaForCausalLM, name: str, batch: int, key: str) -> None:
-        with report.part(f"{name} step, batch {batch}"):
-            seconds = step_seconds(model, batch, args.context, args.repeats, args.device)
-            timings[batch][key] = seconds * 1e3
+    def time_step(model, name: str, batch: int, key: str, width: int = 1) -> None:
+        """Eager, and on CUDA also replayed from a CUDA graph (`key` with `_graph_ms`)."""
+        for graph in (False, True) if cuda else (False,):
+            with report.part(f"{name}, batch {batch}{', graph' if graph else ''}"):
+                seconds = step_seconds(
+                    model, batch=batch, context=args.context, width=width,
+                    repeats=args.repeats, graph=graph,
+                )  # fmt: skip
+                timings[batch][key.replace("_ms", "_graph_ms") if graph else key] = seconds * 1e3
 
     # 1. Training: fp32 master weights (Trainer's bf16 is autocast), 2:4 by magnitude.
     drafter = build(drafter_shape, vocab, torch.float32, args.device)
@@ -217,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             drafter, tokenizer, args.train_steps, bf16=cuda, out=out / "gpu_check"
         )
 
-    # 2. Forward time of one decoding step, dense: the drafter and the target.
+    # 2. Forward time of one step, dense: the drafter and the target; the target's verify step.
     drafter = drafter.to(dtype).eval()
     target = None
     with report.part("target build"):
@@ -226,16 +182,38 @@ def main(argv: list[str] | None = None) -> dict:
         time_step(drafter, "drafter dense", batch, "drafter_dense_ms")
         if target is not None:
             time_step(target, "target dense", batch, "target_dense_ms")
+    for k in VERIFY_K if target is not None else ():
+        time_step(target, f"target verify K={k}", 1, f"target_verify_k{k}_ms", width=k + 1)
     del target
 
     # 3. The same drafter through the semi-structured 2:4 kernels (same weights).
     if backend is not None:
         with report.part("2:4 swap"):
-            semi["layers_swapped"] = to_semi_structured(drafter, semi_structured_converter(backend))
+            semi["layers_swapped"] = semi_kernels.to_semi_structured(
+                drafter, semi_kernels.semi_structured_converter(backend)
+            )
         for batch in BATCHES if semi["layers_swapped"] else ():
             time_step(drafter, "drafter 2:4", batch, "drafter_2of4_ms")
+
+    # 4. The cost model on these step times, for the MAL per K of a committed study's rows.
+    with report.part("projection"):
+        report.data["projection"] = project(report.data, Path(args.mal_from))
+        report.data["mal_from"] = Path(args.mal_from).resolve().relative_to(ROOT).as_posix()
     print(render(report.data))
     return report.data
+
+
+def project(data: dict, study_json: Path) -> dict:
+    """`project_study` at batch 1 with this run's step times: graph replays where measured."""
+    row = data["step_timings"][1]
+    mode = "graph" if "target_verify_k1_graph_ms" in row else "eager"
+    key = "_graph_ms" if mode == "graph" else "_ms"
+    verify = {
+        k: row[f"target_verify_k{k}{key}"] for k in VERIFY_K if f"target_verify_k{k}{key}" in row
+    }
+    study = json.loads(study_json.read_text())
+    rows = project_study(study, row[f"drafter_dense{key}"], row[f"target_dense{key}"], verify)
+    return {name: {"steps": mode, **p} for name, p in rows.items()}
 
 
 def render(report: dict) -> str:
@@ -258,12 +236,35 @@ def render(report: dict) -> str:
         "swapped (`FlatLinear`: 2-D input)",
         *(f"- FAILED: {part}: {error}" for part, error in report.get("errors", {}).items()),
         "",
-        "| batch | " + " | ".join(header for header, _, _ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
     ]
-    for batch, row in report["step_timings"].items():
-        cells = [fmt.format(row[key]) if key in row else "-" for _, key, fmt in COLUMNS]
-        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    lines += table(
+        ["batch", *(header for header, _, _ in COLUMNS)],
+        [
+            [str(b), *(fmt.format(row[key]) if key in row else "-" for _, key, fmt in COLUMNS)]
+            for b, row in report["step_timings"].items()
+        ],
+    )
+    row = report["step_timings"].get(1) or report["step_timings"].get("1") or {}
+    for mode, key in (("eager", "_ms"), ("graph", "_graph_ms")):
+        times = [(k, row.get(f"target_verify_k{k}{key}")) for k in VERIFY_K]
+        verify = ", ".join(f"K+1={k + 1}: {ms:.3f}" for k, ms in times if ms is not None)
+        lines += ["", f"Target verify step ({mode}), batch 1, ms: {verify}"] if verify else []
+    if report["projection"]:
+        lines += [
+            "",
+            f"Cost model on these step times (batch 1) for the MAL per K of `{report['mal_from']}`"
+            ": projected speed-up over the target alone, beside the speed-up each row measured "
+            "in its own run (its shapes and engine, not these).",
+            "",
+        ]
+        lines += table(
+            ["row", "steps", "best K", "projected at best K", "own run: K", "own run: speed-up"],
+            [
+                [n, p["steps"], str(p["best_k"]), f"{p['best']:.2f}x", str(p["own_run_k"])]
+                + [f"{p['own_run_speedup']:.2f}x" if p["own_run_speedup"] else "-"]
+                for n, p in report["projection"].items()
+            ],
+        )
     return "\n".join(lines) + "\n"
 
 

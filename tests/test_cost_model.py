@@ -32,3 +32,30 @@ def test_sweep_uses_each_k_with_both_a_mal_and_a_verify_time():
 def test_bad_step_times_are_refused(args):
     with pytest.raises(ValueError, match="step times"):
         projected_speedup(*args)
+
+
+def test_project_study_projects_every_swept_row_with_its_own_run_beside_it():
+    from sd2_hf.evaluation.cost_model import project_study, projected_speedup
+
+    sweep = [{"num_draft_tokens": k, "mal": m} for k, m in ((1, 1.8), (2, 2.4), (4, 3.2))]
+    study = {
+        "evaluations": {
+            "mt": {
+                "num_draft_tokens": 4,
+                "drafters": [
+                    {"name": "none", "speedup": 1.0},
+                    {"name": "dense", "speedup": 1.3, "draft_length_sweep": sweep},
+                ],
+            }
+        }
+    }
+    verify = {1: 1.1, 2: 1.2, 4: 1.5}
+    (only,) = project_study(study, 0.2, 1.0, verify).items()
+    name, p = only
+    assert name == "mt/dense" and p["own_run_k"] == 4 and p["own_run_speedup"] == 1.3
+    assert p["by_k"] == {
+        k: projected_speedup(s["mal"], k, 0.2, 1.0, verify[k])
+        for s in sweep
+        for k in [s["num_draft_tokens"]]
+    }
+    assert p["best"] == max(p["by_k"].values()) and p["by_k"][p["best_k"]] == p["best"]

@@ -54,6 +54,24 @@ def test_gpu_check_runs_its_cpu_safe_parts(gpu_check, tmp_path, single_torch_thr
         # The file holds every result, the last ratio included (not only the returned report).
         assert saved["step_timings"][str(batch)] == row
     assert saved["shapes"]["drafter"] == "tiny-drafter"
+    # The target's verify step over K + 1 tokens (batch 1, eager on CPU; graph keys on CUDA).
+    row = report["step_timings"][1]
+    assert all(row[f"target_verify_k{k}_ms"] > 0 for k in gpu_check.VERIFY_K)
+    assert not any("graph" in key for key in row)
+    # The cost model on these times for each committed study row with a draft-length sweep.
+    from sd2_hf.evaluation.cost_model import projected_speedup
+
+    dense = report["projection"]["mtbench/dense"]
+    study = json.loads(gpu_check.MAL_FROM.read_text())["evaluations"]["mtbench"]
+    sweep = next(r for r in study["drafters"] if r["name"] == "dense")["draft_length_sweep"]
+    mal = {s["num_draft_tokens"]: s["mal"] for s in sweep}
+    expected = projected_speedup(
+        mal[4], 4, row["drafter_dense_ms"], row["target_dense_ms"], row["target_verify_k4_ms"]
+    )
+    assert dense["steps"] == "eager" and dense["by_k"][4] == pytest.approx(expected)
+    assert dense["best"] == max(dense["by_k"].values()) and dense["own_run_k"] == 4
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "Target verify step (eager)" in markdown and "| mtbench/dense | eager |" in markdown
     assert "not measured: needs CUDA" in (tmp_path / "gpu_check.md").read_text()
     assert "not measured: needs CUDA" in capsys.readouterr().out
 
@@ -141,16 +159,17 @@ def test_a_failing_part_keeps_the_results_before_it(
     """The GPU failure of the 2:4 step at batch 8, simulated on CPU (dense stand-in for the
     conversion): the train and dense results and the 2:4 batch-1 time stay in the JSON, the
     failure is recorded, and the run goes on to the end."""
-    monkeypatch.setattr(gpu_check, "semi_structured_backend", lambda *a: ("cusparselt", None))
-    monkeypatch.setattr(gpu_check, "semi_structured_converter", lambda b: lambda w: w.clone())
+    kernels = gpu_check.semi_kernels
+    monkeypatch.setattr(kernels, "semi_structured_backend", lambda *a: ("cusparselt", None))
+    monkeypatch.setattr(kernels, "semi_structured_converter", lambda b: lambda w: w.clone())
     step_seconds = gpu_check.step_seconds
     message = "SparseSemiStructuredTensorCUSPARSELT only supports ... (expand.default)"
 
-    def failing_step(model, batch, *args):
+    def failing_step(model, batch, **options):
         swapped = any(isinstance(m, FlatLinear) for m in model.modules())
         if swapped and batch == 8:
             raise NotImplementedError(message)
-        return step_seconds(model, batch, *args)
+        return step_seconds(model, batch=batch, **options)
 
     monkeypatch.setattr(gpu_check, "step_seconds", failing_step)
     report = gpu_check.main([*TINY, "--device", "cpu", "--output", str(tmp_path)])
@@ -161,9 +180,9 @@ def test_a_failing_part_keeps_the_results_before_it(
     assert saved["step_timings"]["1"]["speedup_2of4_vs_dense"] > 0
     assert saved["step_timings"]["8"]["drafter_dense_ms"] > 0
     assert "drafter_2of4_ms" not in saved["step_timings"]["8"]
-    assert saved["errors"] == {"drafter 2:4 step, batch 8": f"NotImplementedError: {message}"}
+    assert saved["errors"] == {"drafter 2:4, batch 8": f"NotImplementedError: {message}"}
     assert report["errors"] == saved["errors"]
-    assert "FAILED: drafter 2:4 step, batch 8" in (tmp_path / "gpu_check.md").read_text()
+    assert "FAILED: drafter 2:4, batch 8" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_results_are_on_disk_as_soon_as_measured(
@@ -171,7 +190,7 @@ def test_results_are_on_disk_as_soon_as_measured(
 ):
     """A run killed during the timings (here: an interrupt) has the training result on disk."""
 
-    def interrupted(*args):
+    def interrupted(*args, **options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gpu_check, "step_seconds", interrupted)
@@ -203,10 +222,18 @@ def test_the_sparse_swap_keeps_the_function(gpu_check, single_torch_thread):
 
 @needs_cuda
 def test_gpu_check_end_to_end_on_cuda(gpu_check, tmp_path):
-    """The whole script on CUDA at tiny shapes: bf16 training, dense and 2:4 step times."""
+    """The whole script on CUDA at tiny shapes: bf16 training, dense and 2:4 step times, eager
+    and from CUDA graphs, the verify steps, and the projection on the graph times."""
     report = gpu_check.main([*TINY, "--device", "cuda", "--output", str(tmp_path)])
-    assert report["errors"] == {}
     assert report["train"]["bf16"] is True and report["train"]["zeros_exact"] is True
+    dense = {k: v for k, v in report["errors"].items() if "2:4" not in k}
+    assert dense == {}
+    row = report["step_timings"][1]
+    for k in gpu_check.VERIFY_K:
+        assert row[f"target_verify_k{k}_ms"] > 0 and row[f"target_verify_k{k}_graph_ms"] > 0
+    assert row["drafter_vs_target_cost_graph"] > 0
+    assert report["projection"]["mtbench/dense"]["steps"] == "graph"
+    assert report["errors"] == {}
     semi = report["semi_structured"]
     if semi["backend"] is None:
         pytest.skip(f"semi-structured 2:4 kernels: {semi['unsupported']}")

@@ -20,6 +20,7 @@ sweep) on hardware whose step times were measured (`sd2 eval`'s step-cost runs, 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 
 def projected_speedup(
@@ -46,3 +47,29 @@ def projected_sweep(
         for k, mal in sorted(mal_by_k.items())
         if k in verify_by_k and mal is not None
     }
+
+
+def project_study(
+    study: Mapping[str, Any],
+    draft_step: float,
+    target_step: float,
+    verify_by_k: Mapping[int, float],
+) -> dict[str, dict[str, Any]]:
+    """For every row with a draft-length sweep in a study report (`sd2 compare`'s study.json),
+    as "evaluation/drafter": the speed-up its MAL per K would give with these step times, its
+    best K, and beside them the K and speed-up its own run measured (on its own hardware)."""
+    out = {}
+    for name, evaluation in study["evaluations"].items():
+        for row in evaluation["drafters"]:
+            mal = {s["num_draft_tokens"]: s["mal"] for s in row.get("draft_length_sweep") or []}
+            by_k = projected_sweep(mal, draft_step, target_step, verify_by_k)
+            if by_k:
+                best = max(by_k, key=by_k.__getitem__)
+                out[f"{name}/{row['name']}"] = {
+                    "by_k": by_k,
+                    "best_k": best,
+                    "best": by_k[best],
+                    "own_run_k": evaluation["num_draft_tokens"],
+                    "own_run_speedup": row.get("speedup"),
+                }
+    return out
