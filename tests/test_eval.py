@@ -221,6 +221,42 @@ def test_measured_step_cost_beside_the_macs_ratio(hf_report):
     assert report["num_prompts"] == len(QUESTIONS)
 
 
+def test_teacher_forced_rows_equal_the_assisted_ones(
+    hf_report, tmp_path, tiny_model_dir, tiny_drafter_dir, noisy_drafter_dir, mtbench_file
+):
+    """`assisted: false` (choosing K on held-out prompts at the cost of one target run): every
+    model drafter's greedy counters, per prompt and per K, are those of the assisted run, with
+    no timing and no lossless check; a drafter it cannot force is one clear error."""
+    report, _ = hf_report
+    drafters = [
+        f"self={tiny_model_dir}",
+        f"random={tiny_drafter_dir}",
+        f"noisy={noisy_drafter_dir}",
+    ]
+    config = _config(
+        tiny_model_dir,
+        mtbench_file,
+        tmp_path / "forced",
+        drafters=drafters,
+        assisted=False,
+        baselines=["none"],
+    )
+    forced = run_eval(config)
+    for name in ("self", "random", "noisy"):
+        row, assisted = _row(forced, name), _row(report, name)
+        assert row["teacher_forced"] is True
+        assert row["per_prompt"] == assisted["per_prompt"] and row["mal"] == assisted["mal"]
+        keys = ("num_draft_tokens", "mal", "improvement_factor")
+        assert [{k: s[k] for k in keys} for s in row["draft_length_sweep"]] == [
+            {k: s[k] for k in keys} for s in assisted["draft_length_sweep"]
+        ]
+        assert row["best_num_draft_tokens"] == assisted["best_num_draft_tokens"]
+        assert row["tokens_per_second"] is None and row["lossless_checked"] is False
+        assert row["step_cost"] is None and row["speedup"] is None
+    with pytest.raises(ValueError, match="assisted: false measures greedy MAL"):
+        _config(tiny_model_dir, mtbench_file, tmp_path, assisted=False, baselines=["ngram"])
+
+
 def test_step_cost_pairs_alternating_rounds_and_takes_the_median():
     """The target and the drafter decode in alternating order each round (a drift of the
     machine falls on both), and c is the median of the paired per-prompt ratios: one slow

@@ -252,3 +252,35 @@ def test_rows_of_an_earlier_run_are_carried_beside_a_partial_run():
     other = _report("2026-12-05", {"vocab": 2.25}, max_new_tokens=16)
     assert carry_earlier_rows(other, earlier) == []
     assert [r["name"] for r in other["evaluations"]["mt"]["drafters"]] == ["vocab"]
+
+
+def test_k_is_chosen_on_the_named_evaluation_and_reported_on_the_others():
+    """`choose_k_on`: the K with the best improvement factor on the selection prompts (MACs
+    cost, and the drafter's measured time cost) is the one reported on the other evaluation,
+    with that evaluation's own MAL at it; a study naming no such evaluation is refused."""
+    from sd2_hf.study.report import choose_k, to_markdown
+
+    def sweep(mals):
+        return [{"num_draft_tokens": k, "mal": m} for k, m in enumerate(mals, 1)]
+
+    select = _report("d", {"sd2": 2.0})["evaluations"]["mt"]
+    mt = _report("d", {"sd2": 3.0})["evaluations"]["mt"]
+    select["drafters"][0]["draft_length_sweep"] = sweep([1.5, 2.5, 2.7])  # best K=2 at c=0.5
+    mt["drafters"][0].update(draft_length_sweep=sweep([1.7, 2.0, 3.0]), measured_cost=0.05)
+    evaluations = {"select": select, "mt": mt}
+    choose_k(evaluations, "select")
+    chosen = mt["drafters"][0]["chosen_k"]
+    assert chosen["on"] == "select"
+    assert chosen["macs"] == {"k": 2, "mal": 2.0, "improvement_factor": pytest.approx(1.0)}
+    # At c_t = 0.05, K = 3 wins on the selection prompts (2.7 / 1.15 > 2.5 / 1.1).
+    assert chosen["time"]["k"] == 3 and chosen["time"]["mal"] == 3.0
+    assert "chosen_k" not in select["drafters"][0]
+    report = _report("d", {})
+    report.update(evaluations=evaluations, comparisons=[])
+    assert "K on select: impr." in to_markdown(report) and "1.000 (K=2)" in to_markdown(report)
+
+
+def test_choose_k_on_must_name_an_evaluation(tmp_path, tiny_model_dir, sd2_fails):
+    path = write_study(tmp_path, tiny_model_dir, choose_k_on="heldout")
+    message = sd2_fails(["compare", str(path), "--dry-run"])
+    assert "choose_k_on: 'heldout' is not an evaluation of the study (mt)" in message

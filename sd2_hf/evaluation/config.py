@@ -109,6 +109,14 @@ class EvalConfig(BaseModel):
         "step rule of transformers assisted generation (exact for it; checked against the "
         "measured run at num_draft_tokens). [] turns it off.",
     )
+    assisted: bool = Field(
+        default=True,
+        description="Run assisted generation for every drafter. false: greedy MAL (at K and "
+        "over the draft-length sweep) from the teacher-forced drafter pass over the target's "
+        "greedy output alone, which replays transformers' greedy step rule exactly: no drafter "
+        "generation, no timing, no lossless check, same-tokenizer model drafters only. For "
+        "choosing settings (e.g. K) on held-out prompts at the cost of one target run.",
+    )
     seed: int = Field(default=0, description="Random seed for sampled runs.")
     too_long: Literal["skip", "truncate"] = Field(
         default="skip",
@@ -209,6 +217,13 @@ class EvalConfig(BaseModel):
             raise ValueError(
                 f"draft_length_sweep values must be draft lengths from 1 to 64, got "
                 f"{self.draft_length_sweep}"
+            )
+        if not self.assisted and (
+            not self.greedy or self.sampled_temperatures or set(self.baselines) - {"none"}
+        ):
+            raise ValueError(
+                "assisted: false measures greedy MAL of model drafters by one teacher-forced pass: "
+                "it takes temperature 0, no sampled_temperatures and no ngram baseline"
             )
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(

@@ -104,6 +104,7 @@ def length_limit(config: EvalConfig, paths: list[str]) -> int:
 def _needs_reference(config: EvalConfig) -> bool:
     return (
         "none" in config.baselines
+        or not config.assisted
         or (config.check_lossless and config.greedy)
         or config.turns == "all"
     )
@@ -310,6 +311,68 @@ def sweep_draft_lengths(
     del drafter
     by_k = counters_by_draft_length(matches, config.draft_length_sweep, config.max_new_tokens)
     return [{"num_draft_tokens": k, "mal": _mal_or_none(c)} for k, c in by_k.items()]
+
+
+def measure_forced(
+    plan: DrafterPlan,
+    prompts: list[Prompt],
+    reference: list[Generation],
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """A drafter's row from one teacher-forced pass over the target's greedy output
+    (`assisted: false`): its greedy counters at K and over the draft-length sweep, replayed
+    with transformers' step rule (`sd2_hf.evaluation.forced`), the same counters assisted
+    generation gives without generating; no timing and no lossless check."""
+    from sd2_hf.evaluation.forced import (
+        counters_by_draft_length,
+        greedy_matches,
+        replay_greedy_steps,
+    )
+    from sd2_hf.evaluation.transformers_backend import load_causal_lm
+
+    if plan.kind != "model" or plan.uag:
+        raise ValueError(
+            f"assisted: false: drafter {plan.name!r} is not a same-tokenizer model drafter; "
+            "teacher-forced MAL needs the drafter's own predictions of the target's tokens"
+        )
+    drafter = load_causal_lm(plan.path, config.dtype)
+    sequences = [(p.input_ids, r.token_ids) for p, r in zip(prompts, reference, strict=True)]
+    matches = greedy_matches(drafter, sequences)
+    del drafter
+    k = config.num_draft_tokens
+    counters = [replay_greedy_steps(m, k, config.max_new_tokens) for m in matches]
+    per_category = defaultdict(list)
+    for prompt, c in zip(prompts, counters, strict=True):
+        per_category[prompt.category].append(c)
+    total = add_counters(counters, positions=k)
+    by_k = counters_by_draft_length(matches, config.draft_length_sweep, config.max_new_tokens)
+    return {
+        "name": plan.name,
+        "path": plan.path,
+        "kind": plan.kind,
+        "uag": plan.uag,
+        "teacher_forced": True,
+        "mal": _mal_or_none(total),
+        "mal_per_category": {
+            cat: _mal_or_none(add_counters(group, positions=k))
+            for cat, group in per_category.items()
+        },
+        "acceptance_per_position": total.acceptance_per_position if total.num_drafts else [],
+        "draft_steps": total.num_drafts,
+        "draft_tokens": total.num_draft_tokens,
+        "accepted_tokens": total.num_accepted_tokens,
+        "target_steps": None,
+        "new_tokens": sum(len(r.token_ids) for r in reference),
+        "seconds": None,
+        "tokens_per_second": None,
+        "lossless_checked": False,
+        "lossless_mismatches": 0,
+        "per_prompt": [[c.num_drafts, c.num_accepted_tokens] for c in counters],
+        "draft_length_sweep": [
+            {"num_draft_tokens": kk, "mal": _mal_or_none(c)} for kk, c in by_k.items()
+        ]
+        or None,
+    }
 
 
 def decode_seconds(
@@ -809,6 +872,10 @@ def _measure_rows(
         _add_costs(rows[-1], target_macs, None, config.num_draft_tokens)
     for plan in plans:
         row = journal.load_row(plan)
+        if row is None and not config.assisted:
+            row = measure_forced(plan, prompts, reference, config)
+            row["step_cost"] = None
+            journal.save_row(plan, row)
         if row is None:
             row = measure(backend, plan, prompts, reference, config)
             if config.sampled_temperatures:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sd2_hf.evaluation.config import BASELINES, EvalConfig
 from sd2_hf.recipe import (
@@ -122,6 +122,13 @@ class Study(BaseModel):
         description="named evaluations, each a recipe's `eval` section (its `drafters`: a "
         "subset of the study's drafters to evaluate, default all)"
     )
+    choose_k_on: str | None = Field(
+        None,
+        description="an evaluation (e.g. held-out ShareGPT prompts, `assisted: false`) on which "
+        "each drafter's K is chosen: the other evaluations report the improvement factor at "
+        "that K beside their own best K, so the K a user would deploy is not picked on the "
+        "prompts it is reported on",
+    )
     comparisons: list[str] = Field(
         default_factory=list,
         description="`A vs B`: the MAL ratio of drafter A over drafter B with its paired-"
@@ -138,6 +145,15 @@ class Study(BaseModel):
                 f"{', '.join(BASELINES)}; got {bad}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _choose_k_on(self) -> Study:
+        if self.choose_k_on is not None and self.choose_k_on not in self.evaluations:
+            raise ValueError(
+                f"choose_k_on: {self.choose_k_on!r} is not an evaluation of the study "
+                f"({', '.join(self.evaluations)})"
+            )
+        return self
 
     @property
     def root(self) -> Path:

@@ -39,6 +39,7 @@ ROW_FIELDS = (
     "lossless_mismatches",
     "per_prompt",
     "measured",
+    "chosen_k",
 )
 SAMPLED_ROW_FIELDS = (
     "mal",
@@ -186,6 +187,42 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
     return sorted(set(carried))
 
 
+def choose_k(evaluations: dict[str, Any], on: str) -> None:
+    """Each row of every evaluation but `on` gets `chosen_k`: the K that maximises the
+    improvement factor on evaluation `on` (the same drafter's draft-length sweep there), with
+    the MACs cost and with the row's measured time cost, and the row's own MAL and improvement
+    factor at that K. The cost is the drafter's (hardware and shapes), so only the MAL per K
+    comes from `on`."""
+    chosen_on = {r["name"]: r for r in (evaluations.get(on) or {}).get("drafters", [])}
+    for name, ev in evaluations.items():
+        if name == on:
+            continue
+        for row in ev["drafters"]:
+            picked = chosen_on.get(row["name"]) or {}
+            on_mal = {
+                s["num_draft_tokens"]: s["mal"]
+                for s in picked.get("draft_length_sweep") or []
+                if s["mal"] is not None
+            }
+            own = {s["num_draft_tokens"]: s["mal"] for s in row.get("draft_length_sweep") or []}
+            if not on_mal or not own:
+                continue
+            row["chosen_k"] = {"on": on}
+            for key, cost in (
+                ("macs", row.get("relative_macs")),
+                ("time", row.get("measured_cost")),
+            ):
+                if cost is None:
+                    continue
+                k = max(on_mal, key=lambda kk, c=cost: on_mal[kk] / (kk * c + 1))
+                mal = own.get(k)
+                row["chosen_k"][key] = {
+                    "k": k,
+                    "mal": mal,
+                    "improvement_factor": None if mal is None else mal / (k * cost + 1),
+                }
+
+
 def build_report(
     study: Any,
     planned: dict[str, Any],
@@ -221,6 +258,8 @@ def build_report(
     }
     if earlier is not None:
         report["carried"] = carry_earlier_rows(report, earlier)
+    if getattr(study, "choose_k_on", None):
+        choose_k(evaluations, study.choose_k_on)
     report["comparisons"] = comparisons(study.comparison_pairs(), evaluations)
     return report
 
@@ -233,11 +272,21 @@ def _interval(c: dict[str, Any] | None) -> str:
     return f"×{c['ratio']:.3f} [{c['low']:.3f}–{c['high']:.3f}]"
 
 
+def _chosen(row: dict[str, Any], cost: str) -> str:
+    chosen = (row.get("chosen_k") or {}).get(cost)
+    if not chosen:
+        return "-"
+    return f"{fmt(chosen['improvement_factor'])} (K={chosen['k']})"
+
+
 def _evaluation_table(ev: dict[str, Any], carried: list[str]) -> list[str]:
     temps = ev["sampled_temperatures"]
     header = ["drafter", "rel. MACs", f"MAL (K={ev['num_draft_tokens']})", "impr. factor"]
     header += ["best K (MAL)"] + [f"MAL T={t:g}" for t in temps]
     header += ["time cost", "impr. (time)", "tokens/s", "speed-up", "projected", "lossless"]
+    chosen_on = next((r["chosen_k"]["on"] for r in ev["drafters"] if r.get("chosen_k")), None)
+    if chosen_on:
+        header += [f"K on {chosen_on}: impr.", f"K on {chosen_on}: impr. (time)"]
     rows = []
     for r in ev["drafters"]:
         sweep = {s["num_draft_tokens"]: s["mal"] for s in r.get("draft_length_sweep") or []}
@@ -256,6 +305,7 @@ def _evaluation_table(ev: dict[str, Any], carried: list[str]) -> list[str]:
             + [fmt(r.get("measured_cost")), fmt(r.get("measured_improvement_factor"))]
             + [fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2)]
             + [fmt(r.get("projected_speedup"), 2), lossless]
+            + ([_chosen(r, "macs"), _chosen(r, "time")] if chosen_on else [])
         )
     return _table(header, rows)
 
