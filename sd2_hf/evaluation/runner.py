@@ -38,6 +38,12 @@ MAL_ACCOUNTING = {
         "Steps without drafts (the assistant drafts at most max_new_tokens - generated - 1 "
         "tokens, so a last step can have none) are plain decoding, not draft steps."
     ),
+    "onnxruntime": (
+        "MAL = 1 + accepted draft tokens / draft steps, counted as with transformers (the "
+        "worker records the target's inputs and the streamer's chunks of transformers assisted "
+        "generation over ONNX Runtime sessions): accepted = common prefix of each step's drafts "
+        "and committed tokens."
+    ),
     "vllm": (
         "MAL = 1 + accepted draft tokens / draft steps, from vLLM's spec-decode counters "
         "(num_accepted_tokens / num_drafts) read before and after each request. The prefill "
@@ -579,6 +585,10 @@ def make_backend(
         from sd2_hf.evaluation.transformers_backend import TransformersBackend
 
         return TransformersBackend(config, target_path, tokenizer)
+    if config.backend == "onnxruntime":
+        from sd2_hf.evaluation.onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(config, target_path, output)
     from transformers import GenerationConfig
 
     from sd2_hf.evaluation.vllm_backend import VLLMBackend
@@ -592,6 +602,8 @@ def make_backend(
 
 def _served_dtype(config: EvalConfig, target_path: str) -> str:
     """The dtype the backend computes in, as far as `config.dtype` leaves it open."""
+    if config.backend == "onnxruntime":
+        return "float32"  # optimum's exports here are fp32
     if config.backend != "vllm":
         return config.dtype
     from sd2_hf.utils.models import served_dtype

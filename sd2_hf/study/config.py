@@ -258,6 +258,12 @@ def _drop_null_drafters(data: dict[str, Any]) -> None:
     """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
     run, with the comparisons and evaluation subsets naming it: a study built over several
     sessions runs the part that fits. Refused while another drafter starts from it."""
+    evaluations = data.get("evaluations")
+    if isinstance(evaluations, dict) and None in evaluations.values():
+        # `evaluations.NAME=null` leaves that evaluation out of this run the same way.
+        data["evaluations"] = {n: e for n, e in evaluations.items() if e is not None}
+        if data.get("choose_k_on") not in data["evaluations"]:
+            data["choose_k_on"] = None
     drafters = data.get("drafters")
     if not isinstance(drafters, dict):
         return

@@ -17,14 +17,31 @@ class VLLMEnvironmentError(FileNotFoundError):
 
 def vllm_python() -> Path:
     """The interpreter of the vLLM environment: `$SD2_VLLM_PYTHON`, else the project's `.venv-vllm`."""
-    configured = os.environ.get("SD2_VLLM_PYTHON")
-    python = Path(configured) if configured else PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
+    return _environment_python("SD2_VLLM_PYTHON", ".venv-vllm", "vLLM", "vllm", "vllm")
+
+
+class OnnxEnvironmentError(FileNotFoundError):
+    """The ONNX Runtime environment (its interpreter) is missing; the message says how to make it."""
+
+
+def onnx_python() -> Path:
+    """The interpreter of the ONNX Runtime environment (optimum-onnx, which needs transformers
+    < 4.58): `$SD2_ONNX_PYTHON`, else the project's `.venv-onnx`."""
+    return _environment_python(
+        "SD2_ONNX_PYTHON", ".venv-onnx", "ONNX Runtime", "onnx", "optimum-onnx and onnxruntime"
+    )
+
+
+def _environment_python(variable: str, directory: str, what: str, step: str, has: str) -> Path:
+    configured = os.environ.get(variable)
+    python = Path(configured) if configured else PROJECT_ROOT / directory / "bin" / "python"
     if not python.exists():
-        where = "SD2_VLLM_PYTHON" if configured else "the project's .venv-vllm"
-        raise VLLMEnvironmentError(
-            f"no vLLM interpreter at {python} ({where}): run `make setup` (or "
-            "`bash scripts/setup_env.sh vllm`) to create the vLLM environment, or set "
-            "SD2_VLLM_PYTHON to a Python that has vllm installed"
+        where = variable if configured else f"the project's {directory}"
+        error = VLLMEnvironmentError if step == "vllm" else OnnxEnvironmentError
+        raise error(
+            f"no {what} interpreter at {python} ({where}): run `make setup` (or "
+            f"`bash scripts/setup_env.sh {step}`) to create the {what} environment, or set "
+            f"{variable} to a Python that has {has} installed"
         )
     return python
 

@@ -1,0 +1,196 @@
+"""ONNX Runtime worker of `sd2 eval --backend onnxruntime`; runs in the `.venv-onnx` environment.
+
+It imports only torch, transformers and optimum (never `sd2_hf`): optimum-onnx 0.1, the
+exporter, needs transformers < 4.58, so it lives in an environment of its own, as vLLM does,
+and the main environment talks to it over JSON lines on stdin/stdout (one request, one reply).
+
+Requests (`op`):
+- `export {src, dst}`: export a transformers checkpoint to ONNX (`ORTModelForCausalLM`,
+  fp32, with its KV cache) into `dst`. Checkpoints written by transformers 5 keep RoPE's base in
+  `rope_parameters`, which 4.57 does not read (it would fall back to 10000 and change the
+  model): the config is copied with `rope_theta` set from it first.
+- `load {role: target|drafter, path, k}`: an exported model; a drafter drafts exactly K tokens
+  per step (constant schedule, no confidence threshold), as in the transformers backend.
+- `generate {ids, max_new_tokens, assisted}`: greedy generation of the target, alone or with the
+  loaded drafter through `generate(assistant_model=...)`; returns the new ids, seconds and each
+  verification step's drafted and committed tokens (the transformers backend's accounting: the
+  target's inputs and the streamer's chunks), from which the caller counts acceptance.
+- `decode {role, ids, n}`: that model alone, exactly n new tokens (EOS ignored), timed.
+- `versions`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+
+class CachedORTModel(ORTModelForCausalLM):
+    """optimum-onnx 0.1 returns the KV cache as tuples, and transformers 4.57's assisted
+    generation crops it as a `Cache` (`past_key_values.crop`: AttributeError on a tuple). This
+    subclass hands the session tuples and gives generation a `DynamicCache`; it also records
+    each call's input ids for the step accounting (ORT models are not `nn.Module`s: no hooks)."""
+
+    recorder: StepRecorder | None = None
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        if isinstance(past_key_values, Cache):
+            past_key_values = (
+                past_key_values.to_legacy_cache() if past_key_values.get_seq_length() else None
+            )
+        if self.recorder is not None:
+            self.recorder.on_forward(input_ids)
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        if isinstance(out.past_key_values, tuple):
+            out.past_key_values = DynamicCache.from_legacy_cache(out.past_key_values)
+        return out
+
+
+class StepRecorder(BaseStreamer):
+    """Drafted (target inputs) and committed (streamer chunks) tokens of each step."""
+
+    def __init__(self) -> None:
+        self.prompt_length: int | None = None
+        self.drafted: list[list[int]] = []
+        self.committed: list[list[int]] = []
+
+    def on_forward(self, ids: torch.Tensor) -> None:
+        start = self.prompt_length if not self.drafted else 1
+        self.drafted.append(ids[0, start:].tolist())
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_length is None:
+            self.prompt_length = value.shape[-1]
+        else:
+            self.committed.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def export(src: str, dst: str) -> dict:
+    staging = Path(dst).with_name(Path(dst).name + ".src")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    config_path = staging / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2))
+    start = time.perf_counter()
+    model = ORTModelForCausalLM.from_pretrained(staging, export=True, use_cache=True)
+    model.save_pretrained(dst)
+    shutil.rmtree(staging)
+    return {"seconds": time.perf_counter() - start}
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.models: dict[str, CachedORTModel] = {}
+
+    def load(self, role: str, path: str, k: int | None = None) -> dict:
+        model = CachedORTModel.from_pretrained(path, use_cache=True)
+        if k is not None:
+            config = model.generation_config
+            config.num_assistant_tokens = k
+            config.num_assistant_tokens_schedule = "constant"
+            config.assistant_confidence_threshold = 0.0
+        self.models[role] = model
+        return {}
+
+    def generate(self, ids: list[int], max_new_tokens: int, assisted: bool) -> dict:
+        target = self.models["target"]
+        input_ids = torch.tensor([ids])
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": target.generation_config.pad_token_id
+            or target.generation_config.eos_token_id,
+        }
+        recorder = StepRecorder() if assisted else None
+        if assisted:
+            kwargs.update(assistant_model=self.models["drafter"], streamer=recorder)
+        target.recorder = recorder
+        try:
+            start = time.perf_counter()
+            out = target.generate(**kwargs)
+            seconds = time.perf_counter() - start
+        finally:
+            target.recorder = None
+        steps = None
+        if recorder is not None:
+            if len(recorder.drafted) != len(recorder.committed):
+                raise RuntimeError(
+                    f"verification accounting out of step: {len(recorder.drafted)} target calls "
+                    f"but {len(recorder.committed)} committed chunks"
+                )
+            steps = list(zip(recorder.drafted, recorder.committed, strict=True))
+        return {"token_ids": out[0, len(ids) :].tolist(), "seconds": seconds, "steps": steps}
+
+    def decode(self, role: str, ids: list[int], n: int) -> dict:
+        model = self.models[role]
+        input_ids = torch.tensor([ids])
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            min_new_tokens=n,
+            max_new_tokens=n,
+            pad_token_id=model.generation_config.pad_token_id
+            or model.generation_config.eos_token_id,
+        )
+        return {"seconds": time.perf_counter() - start, "tokens": out.shape[1] - len(ids)}
+
+    @staticmethod
+    def versions() -> dict:
+        import onnxruntime
+        import optimum.onnx
+        import transformers
+
+        return {
+            "onnxruntime": onnxruntime.__version__,
+            "optimum-onnx": getattr(optimum.onnx, "__version__", "unknown"),
+            "transformers (onnx env)": transformers.__version__,
+        }
+
+
+def main() -> None:
+    replies, sys.stdout = sys.stdout, sys.stderr  # library prints must not break the protocol
+    worker = Worker()
+    handlers = {
+        "export": export,
+        "load": worker.load,
+        "generate": worker.generate,
+        "decode": worker.decode,
+        "versions": worker.versions,
+    }
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            reply = {"ok": True, **handlers[op](**request)}
+        except Exception as error:  # noqa: BLE001 - sent back to the caller, which raises
+            reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()

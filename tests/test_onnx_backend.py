@@ -1,0 +1,74 @@
+"""`sd2 eval --backend onnxruntime`: tiny checkpoints written by transformers 5 exported by
+optimum in the ONNX environment and run by ONNX Runtime; the counts and outputs are those of
+the transformers backend on the same fp32 models (same greedy step rule, same accounting)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+
+from sd2_hf.evaluation.runner import run_eval
+from sd2_hf.utils.environment import PROJECT_ROOT
+
+pytestmark = [pytest.mark.onnx, pytest.mark.usefixtures("single_torch_thread")]
+ONNX_PYTHON = PROJECT_ROOT / ".venv-onnx" / "bin" / "python"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _onnx_environment():
+    if not ONNX_PYTHON.exists():
+        pytest.skip("the ONNX Runtime environment (.venv-onnx) is missing: run `make setup`")
+
+
+@pytest.fixture(scope="module")
+def mtbench_file(tmp_path_factory):
+    return tiny.write_questions(tmp_path_factory.mktemp("prompts") / "question.jsonl")
+
+
+def _eval(tmp_path, target, drafters, prompts, backend, **options):
+    config = tiny.eval_config(
+        target,
+        prompts,
+        tmp_path / backend,
+        backend=backend,
+        drafters=drafters,
+        baselines=["none"],
+        num_draft_tokens=3,
+        max_new_tokens=12,
+        dtype="float32",
+        **options,
+    )
+    return {r["name"]: r for r in run_eval(config)["drafters"]}
+
+
+def test_onnxruntime_matches_the_transformers_backend(
+    tmp_path, tiny_model_dir, noisy_drafter_dir, mtbench_file
+):
+    drafters = [f"noisy={noisy_drafter_dir}", f"self={tiny_model_dir}"]
+    onnx = _eval(
+        tmp_path, tiny_model_dir, drafters, mtbench_file, "onnxruntime", step_cost_prompts=2
+    )
+    hf = _eval(
+        tmp_path, tiny_model_dir, drafters, mtbench_file, "transformers", step_cost_prompts=0
+    )
+    for name in ("noisy", "self"):
+        assert onnx[name]["lossless_checked"] and onnx[name]["lossless_mismatches"] == 0
+        assert onnx[name]["per_prompt"] == hf[name]["per_prompt"], name
+        assert onnx[name]["mal"] == pytest.approx(hf[name]["mal"])
+        assert onnx[name]["tokens_per_second"] > 0 and onnx[name]["speedup"] > 0
+        assert onnx[name]["step_cost"]["ratio"] > 0  # both models timed alone in the worker
+    # The target drafting for itself accepts every draft (MAL K + 1 but at the length limit).
+    assert onnx["self"]["mal"] > 3.5
+    # One fp32 export per checkpoint, reused: two drafters, one of them the target itself.
+    assert len(list((tmp_path / "onnxruntime" / "onnx").iterdir())) == 2
+    report = json.loads((tmp_path / "onnxruntime" / "eval.json").read_text())
+    assert report["served_dtype"] == "float32" and "onnxruntime" in report["versions"]
+
+
+def test_onnxruntime_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, mtbench_file):
+    with pytest.raises(ValueError, match="backend onnxruntime runs fp32 exports greedily"):
+        tiny.eval_config(
+            tiny_model_dir, mtbench_file, tmp_path, backend="onnxruntime", baselines=["ngram"]
+        )
