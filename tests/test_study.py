@@ -284,3 +284,13 @@ def test_choose_k_on_must_name_an_evaluation(tmp_path, tiny_model_dir, sd2_fails
     path = write_study(tmp_path, tiny_model_dir, choose_k_on="heldout")
     message = sd2_fails(["compare", str(path), "--dry-run"])
     assert "choose_k_on: 'heldout' is not an evaluation of the study (mt)" in message
+
+
+def test_a_null_evaluation_is_left_out_with_the_k_chosen_on_it(tmp_path, tiny_model_dir):
+    mt = {"prompts": "question.jsonl", "max_new_tokens": 8, "baselines": ["none"]}
+    path = write_study(
+        tmp_path, tiny_model_dir, evaluations={"mt": mt, "held": dict(mt)}, choose_k_on="held"
+    )
+    study = load_study(path, ["evaluations.held=null"])
+    assert list(study.evaluations) == ["mt"] and study.choose_k_on is None
+    assert load_study(path).choose_k_on == "held"

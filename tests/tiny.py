@@ -220,14 +220,14 @@ def assisted_greedy(
     """Greedy transformers assisted generation of each prompt with `drafter` drafting exactly `k`
     tokens a step: the generated ids per prompt, and the MAL over all prompts, counted per
     verification step as `sd2 eval` counts it (`sd2_hf.evaluation.transformers_backend`)."""
+    from sd2_hf.evaluation.assisted_steps import StepRecorder, set_draft_length
     from sd2_hf.evaluation.backend import add_counters, counters_from_steps
-    from sd2_hf.evaluation.transformers_backend import _StepRecorder, set_draft_length
 
     set_draft_length(drafter, k)
     outputs, counters = [], []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
-        recorder = _StepRecorder()
+        recorder = StepRecorder()
         hook = target.register_forward_pre_hook(recorder.on_target_forward, with_kwargs=True)
         try:
             out = target.generate(

@@ -77,12 +77,12 @@ def _stop(process: subprocess.Popen, log) -> None:
 
 
 def _export_key(path: str) -> str:
-    """One export per checkpoint: its resolved path and its files' sizes and times."""
-    root = Path(path).resolve()
-    files = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()
-    )
-    return hashlib.sha256(json.dumps([str(root), files]).encode()).hexdigest()[:16]
+    """One export per checkpoint: a hash of its identity (resolved path, its files' sizes and
+    times), the one the evaluation journal keys its rows by."""
+    from sd2_hf.evaluation.runner import checkpoint_identity
+
+    identity = json.dumps(checkpoint_identity(path), sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 class OnnxRuntimeBackend:
@@ -130,12 +130,11 @@ class OnnxRuntimeBackend:
             )
             if drafter is None:
                 return Generation(reply["token_ids"], reply["seconds"])
-            steps = [(d, c) for d, c in reply["steps"]]
             return Generation(
                 reply["token_ids"],
                 reply["seconds"],
-                counters=counters_from_steps(steps),
-                target_steps=len(steps),
+                counters=counters_from_steps(reply["steps"]),
+                target_steps=len(reply["steps"]),
             )
 
         yield generate

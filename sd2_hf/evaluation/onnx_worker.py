@@ -28,9 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+
+# Run as a script: this file's directory is on sys.path, and the sibling module imports only
+# torch and transformers (never the sd2_hf package, whose pins this environment does not have).
+from assisted_steps import StepRecorder, set_draft_length
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.streamers import BaseStreamer
 
 
 class CachedORTModel(ORTModelForCausalLM):
@@ -47,7 +50,7 @@ class CachedORTModel(ORTModelForCausalLM):
                 past_key_values.to_legacy_cache() if past_key_values.get_seq_length() else None
             )
         if self.recorder is not None:
-            self.recorder.on_forward(input_ids)
+            self.recorder.record_target_input(input_ids)
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -57,28 +60,6 @@ class CachedORTModel(ORTModelForCausalLM):
         if isinstance(out.past_key_values, tuple):
             out.past_key_values = DynamicCache.from_legacy_cache(out.past_key_values)
         return out
-
-
-class StepRecorder(BaseStreamer):
-    """Drafted (target inputs) and committed (streamer chunks) tokens of each step."""
-
-    def __init__(self) -> None:
-        self.prompt_length: int | None = None
-        self.drafted: list[list[int]] = []
-        self.committed: list[list[int]] = []
-
-    def on_forward(self, ids: torch.Tensor) -> None:
-        start = self.prompt_length if not self.drafted else 1
-        self.drafted.append(ids[0, start:].tolist())
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_length is None:
-            self.prompt_length = value.shape[-1]
-        else:
-            self.committed.append(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
 
 
 def export(src: str, dst: str) -> dict:
@@ -105,10 +86,7 @@ class Worker:
     def load(self, role: str, path: str, k: int | None = None) -> dict:
         model = CachedORTModel.from_pretrained(path, use_cache=True)
         if k is not None:
-            config = model.generation_config
-            config.num_assistant_tokens = k
-            config.num_assistant_tokens_schedule = "constant"
-            config.assistant_confidence_threshold = 0.0
+            set_draft_length(model, k)
         self.models[role] = model
         return {}
 
@@ -133,14 +111,7 @@ class Worker:
             seconds = time.perf_counter() - start
         finally:
             target.recorder = None
-        steps = None
-        if recorder is not None:
-            if len(recorder.drafted) != len(recorder.committed):
-                raise RuntimeError(
-                    f"verification accounting out of step: {len(recorder.drafted)} target calls "
-                    f"but {len(recorder.committed)} committed chunks"
-                )
-            steps = list(zip(recorder.drafted, recorder.committed, strict=True))
+        steps = recorder.steps() if recorder is not None else None
         return {"token_ids": out[0, len(ids) :].tolist(), "seconds": seconds, "steps": steps}
 
     def decode(self, role: str, ids: list[int], n: int) -> dict:

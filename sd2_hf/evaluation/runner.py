@@ -203,6 +203,23 @@ def _generations(generate, prompts: list[Prompt], desc: str, config: EvalConfig)
     bar.close()
 
 
+def _counter_fields(per_category: dict[str, list], k: int) -> dict[str, Any]:
+    """A row's acceptance fields from its counters grouped by prompt category: MAL overall and
+    per category, acceptance per position and the totals."""
+    total = add_counters((c for group in per_category.values() for c in group), positions=k)
+    return {
+        "mal": _mal_or_none(total),
+        "mal_per_category": {
+            cat: _mal_or_none(add_counters(group, positions=k))
+            for cat, group in per_category.items()
+        },
+        "acceptance_per_position": total.acceptance_per_position if total.num_drafts else [],
+        "draft_steps": total.num_drafts,
+        "draft_tokens": total.num_draft_tokens,
+        "accepted_tokens": total.num_accepted_tokens,
+    }
+
+
 def measure(
     backend: Backend,
     plan: DrafterPlan,
@@ -239,22 +256,12 @@ def measure(
             )
             if reference is not None and greedy and config.check_lossless:
                 mismatches += result.token_ids != reference[i].token_ids
-    k = config.num_draft_tokens
-    total = add_counters((c for group in per_category.values() for c in group), positions=k)
     return {
         "name": plan.name,
         "path": plan.path,
         "kind": plan.kind,
         "uag": plan.uag,
-        "mal": _mal_or_none(total),
-        "mal_per_category": {
-            cat: _mal_or_none(add_counters(group, positions=k))
-            for cat, group in per_category.items()
-        },
-        "acceptance_per_position": total.acceptance_per_position if total.num_drafts else [],
-        "draft_steps": total.num_drafts,
-        "draft_tokens": total.num_draft_tokens,
-        "accepted_tokens": total.num_accepted_tokens,
+        **_counter_fields(per_category, config.num_draft_tokens),
         "target_steps": target_steps,
         "new_tokens": new_tokens,
         "seconds": seconds,
@@ -300,9 +307,6 @@ def sweep_draft_lengths(
     over the target's greedy output (`sd2_hf.evaluation.forced`: the counters of transformers
     assisted generation, without generating). None where it does not apply: sampled runs,
     no greedy reference, baselines and cross-tokenizer (UAG) drafters."""
-    from sd2_hf.evaluation.forced import counters_by_draft_length, greedy_matches
-    from sd2_hf.evaluation.transformers_backend import load_causal_lm
-
     if (
         not config.draft_length_sweep
         or not config.greedy
@@ -311,10 +315,24 @@ def sweep_draft_lengths(
         or plan.uag
     ):
         return None
+    return _sweep(_forced_matches(plan, prompts, reference, config), config)
+
+
+def _forced_matches(
+    plan: DrafterPlan, prompts: list[Prompt], reference: list[Generation], config: EvalConfig
+) -> list[list[bool]]:
+    """The drafter's teacher-forced pass over the target's greedy outputs (`greedy_matches`)."""
+    from sd2_hf.evaluation.forced import greedy_matches
+    from sd2_hf.evaluation.transformers_backend import load_causal_lm
+
     drafter = load_causal_lm(plan.path, config.dtype)
     sequences = [(p.input_ids, r.token_ids) for p, r in zip(prompts, reference, strict=True)]
-    matches = greedy_matches(drafter, sequences)
-    del drafter
+    return greedy_matches(drafter, sequences)
+
+
+def _sweep(matches: list[list[bool]], config: EvalConfig) -> list[dict[str, Any]]:
+    from sd2_hf.evaluation.forced import counters_by_draft_length
+
     by_k = counters_by_draft_length(matches, config.draft_length_sweep, config.max_new_tokens)
     return [{"num_draft_tokens": k, "mal": _mal_or_none(c)} for k, c in by_k.items()]
 
@@ -329,44 +347,27 @@ def measure_forced(
     (`assisted: false`): its greedy counters at K and over the draft-length sweep, replayed
     with transformers' step rule (`sd2_hf.evaluation.forced`), the same counters assisted
     generation gives without generating; no timing and no lossless check."""
-    from sd2_hf.evaluation.forced import (
-        counters_by_draft_length,
-        greedy_matches,
-        replay_greedy_steps,
-    )
-    from sd2_hf.evaluation.transformers_backend import load_causal_lm
+    from sd2_hf.evaluation.forced import replay_greedy_steps
 
     if plan.kind != "model" or plan.uag:
         raise ValueError(
             f"assisted: false: drafter {plan.name!r} is not a same-tokenizer model drafter; "
             "teacher-forced MAL needs the drafter's own predictions of the target's tokens"
         )
-    drafter = load_causal_lm(plan.path, config.dtype)
-    sequences = [(p.input_ids, r.token_ids) for p, r in zip(prompts, reference, strict=True)]
-    matches = greedy_matches(drafter, sequences)
-    del drafter
-    k = config.num_draft_tokens
-    counters = [replay_greedy_steps(m, k, config.max_new_tokens) for m in matches]
+    matches = _forced_matches(plan, prompts, reference, config)
+    counters = [
+        replay_greedy_steps(m, config.num_draft_tokens, config.max_new_tokens) for m in matches
+    ]
     per_category = defaultdict(list)
     for prompt, c in zip(prompts, counters, strict=True):
         per_category[prompt.category].append(c)
-    total = add_counters(counters, positions=k)
-    by_k = counters_by_draft_length(matches, config.draft_length_sweep, config.max_new_tokens)
     return {
         "name": plan.name,
         "path": plan.path,
         "kind": plan.kind,
         "uag": plan.uag,
         "teacher_forced": True,
-        "mal": _mal_or_none(total),
-        "mal_per_category": {
-            cat: _mal_or_none(add_counters(group, positions=k))
-            for cat, group in per_category.items()
-        },
-        "acceptance_per_position": total.acceptance_per_position if total.num_drafts else [],
-        "draft_steps": total.num_drafts,
-        "draft_tokens": total.num_draft_tokens,
-        "accepted_tokens": total.num_accepted_tokens,
+        **_counter_fields(per_category, config.num_draft_tokens),
         "target_steps": None,
         "new_tokens": sum(len(r.token_ids) for r in reference),
         "seconds": None,
@@ -374,10 +375,7 @@ def measure_forced(
         "lossless_checked": False,
         "lossless_mismatches": 0,
         "per_prompt": [[c.num_drafts, c.num_accepted_tokens] for c in counters],
-        "draft_length_sweep": [
-            {"num_draft_tokens": kk, "mal": _mal_or_none(c)} for kk, c in by_k.items()
-        ]
-        or None,
+        "draft_length_sweep": _sweep(matches, config) or None,
     }
 
 
@@ -652,7 +650,7 @@ class _EvalJournal:
         settings = config.model_dump(
             exclude={"output", "drafters", "baselines"}, exclude_defaults=True
         )
-        self.key = {"settings": settings, "target": _checkpoint_identity(target_path)}
+        self.key = {"settings": settings, "target": checkpoint_identity(target_path)}
         if served != config.dtype:
             # `auto` computes in another dtype on this machine than on one with bf16
             # instructions: rows of the two must not meet in one report.
@@ -724,7 +722,7 @@ class _EvalJournal:
         return self.dir / "rows" / f"{digest}.json"
 
     def load_row(self, plan: DrafterPlan) -> dict[str, Any] | None:
-        identity = _jsonable(_checkpoint_identity(plan.path))
+        identity = _jsonable(checkpoint_identity(plan.path))
         path = self._row_file(plan)
         if path.is_file():
             saved = read_json(path)
@@ -744,7 +742,7 @@ class _EvalJournal:
         return None
 
     def save_row(self, plan: DrafterPlan, row: dict[str, Any]) -> None:
-        identity = _checkpoint_identity(plan.path)
+        identity = checkpoint_identity(plan.path)
         self.identities[plan.name] = _jsonable(identity)
         atomic_write_json(self._row_file(plan), {"identity": identity, "row": row})
 
@@ -762,7 +760,7 @@ class _EvalJournal:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _checkpoint_identity(path: str | None) -> dict[str, Any]:
+def checkpoint_identity(path: str | None) -> dict[str, Any]:
     """Name, size and modification time of each file of a local checkpoint (a Hub id or an
     asset name as given)."""
     if not path or not Path(path).is_dir():

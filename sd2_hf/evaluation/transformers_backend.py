@@ -35,8 +35,8 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
-from transformers.generation.streamers import BaseStreamer
 
+from sd2_hf.evaluation.assisted_steps import StepRecorder, set_draft_length
 from sd2_hf.evaluation.backend import (
     Decode,
     DrafterPlan,
@@ -58,50 +58,6 @@ SUBSET_VOCAB_CRASH = (
 def load_causal_lm(path: str, dtype: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval()
-
-
-def set_draft_length(model: torch.nn.Module, num_draft_tokens: int) -> None:
-    """Make the assistant draft exactly K tokens per step (SPEC §4: transformers reads the draft
-    length from the assistant's generation_config, and the default confidence threshold of 0.4
-    stops weak drafts early)."""
-    config = model.generation_config
-    config.num_assistant_tokens = num_draft_tokens
-    config.num_assistant_tokens_schedule = "constant"
-    config.assistant_confidence_threshold = 0.0
-
-
-class _StepRecorder(BaseStreamer):
-    """Drafted and committed tokens of each verification step of one assisted generation."""
-
-    def __init__(self) -> None:
-        self.prompt_length: int | None = None
-        self.drafted: list[list[int]] = []
-        self.committed: list[list[int]] = []
-
-    def on_target_forward(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            ids = args[0]
-        start = self.prompt_length if not self.drafted else 1
-        self.drafted.append(ids[0, start:].tolist())
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_length is None:
-            self.prompt_length = value.shape[-1]
-        else:
-            self.committed.append(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-    def steps(self) -> list[tuple[list[int], list[int]]]:
-        if len(self.drafted) != len(self.committed):
-            raise RuntimeError(
-                f"verification accounting out of step: {len(self.drafted)} target forward passes "
-                f"but {len(self.committed)} committed chunks; this transformers version calls the "
-                "target or the streamer differently from 5.17 and the counts would be wrong"
-            )
-        return list(zip(self.drafted, self.committed, strict=True))
 
 
 class TransformersBackend:
@@ -217,7 +173,7 @@ class TransformersBackend:
                     )
                 seconds = time.perf_counter() - start
                 return Generation(out[0, len(prompt_ids) :].tolist(), seconds)
-            recorder = _StepRecorder()
+            recorder = StepRecorder()
             hook = self.target.register_forward_pre_hook(
                 recorder.on_target_forward, with_kwargs=True
             )

@@ -254,10 +254,11 @@ def apply_study_overrides(data: dict[str, Any], overrides: list[str], base: Path
         holder[keys[-1]] = value
 
 
-def _drop_null_drafters(data: dict[str, Any]) -> None:
+def _drop_null_entries(data: dict[str, Any]) -> None:
     """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
     run, with the comparisons and evaluation subsets naming it: a study built over several
-    sessions runs the part that fits. Refused while another drafter starts from it."""
+    sessions runs the part that fits. Refused while another drafter starts from it.
+    `evaluations.NAME=null` leaves an evaluation out (and `choose_k_on` naming it)."""
     evaluations = data.get("evaluations")
     if isinstance(evaluations, dict) and None in evaluations.values():
         # `evaluations.NAME=null` leaves that evaluation out of this run the same way.
@@ -300,7 +301,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     data.setdefault("name", path.stem)
     _resolve_study_paths(data, path.resolve().parent)
     apply_study_overrides(data, list(overrides), Path.cwd())
-    _drop_null_drafters(data)
+    _drop_null_entries(data)
     try:
         study = Study.model_validate(data)
     except ValidationError as err:

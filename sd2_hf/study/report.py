@@ -258,7 +258,7 @@ def build_report(
     }
     if earlier is not None:
         report["carried"] = carry_earlier_rows(report, earlier)
-    if getattr(study, "choose_k_on", None):
+    if study.choose_k_on:
         choose_k(evaluations, study.choose_k_on)
     report["comparisons"] = comparisons(study.comparison_pairs(), evaluations)
     return report

@@ -17,7 +17,9 @@ class VLLMEnvironmentError(FileNotFoundError):
 
 def vllm_python() -> Path:
     """The interpreter of the vLLM environment: `$SD2_VLLM_PYTHON`, else the project's `.venv-vllm`."""
-    return _environment_python("SD2_VLLM_PYTHON", ".venv-vllm", "vLLM", "vllm", "vllm")
+    return _environment_python(
+        "SD2_VLLM_PYTHON", ".venv-vllm", "vLLM", "vllm", "vllm", VLLMEnvironmentError
+    )
 
 
 class OnnxEnvironmentError(FileNotFoundError):
@@ -28,16 +30,22 @@ def onnx_python() -> Path:
     """The interpreter of the ONNX Runtime environment (optimum-onnx, which needs transformers
     < 4.58): `$SD2_ONNX_PYTHON`, else the project's `.venv-onnx`."""
     return _environment_python(
-        "SD2_ONNX_PYTHON", ".venv-onnx", "ONNX Runtime", "onnx", "optimum-onnx and onnxruntime"
+        "SD2_ONNX_PYTHON",
+        ".venv-onnx",
+        "ONNX Runtime",
+        "onnx",
+        "optimum-onnx and onnxruntime",
+        OnnxEnvironmentError,
     )
 
 
-def _environment_python(variable: str, directory: str, what: str, step: str, has: str) -> Path:
+def _environment_python(
+    variable: str, directory: str, what: str, step: str, has: str, error: type[Exception]
+) -> Path:
     configured = os.environ.get(variable)
     python = Path(configured) if configured else PROJECT_ROOT / directory / "bin" / "python"
     if not python.exists():
         where = variable if configured else f"the project's {directory}"
-        error = VLLMEnvironmentError if step == "vllm" else OnnxEnvironmentError
         raise error(
             f"no {what} interpreter at {python} ({where}): run `make setup` (or "
             f"`bash scripts/setup_env.sh {step}`) to create the {what} environment, or set "
