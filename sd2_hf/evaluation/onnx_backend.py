@@ -28,6 +28,7 @@ from sd2_hf.evaluation.backend import (
     counters_from_steps,
 )
 from sd2_hf.evaluation.config import EvalConfig
+from sd2_hf.utils.io import checkpoint_identity
 
 WORKER = Path(__file__).with_name("onnx_worker.py")
 
@@ -79,8 +80,6 @@ def _stop(process: subprocess.Popen, log) -> None:
 def _export_key(path: str) -> str:
     """One export per checkpoint: a hash of its identity (resolved path, its files' sizes and
     times), the one the evaluation journal keys its rows by."""
-    from sd2_hf.evaluation.runner import checkpoint_identity
-
     identity = json.dumps(checkpoint_identity(path), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 

@@ -26,7 +26,7 @@ from sd2_hf.evaluation.prompts import (
     load_questions,
     render,
 )
-from sd2_hf.utils.io import atomic_write_json, read_json
+from sd2_hf.utils.io import atomic_write_json, checkpoint_identity, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -758,21 +758,6 @@ class _EvalJournal:
                 self.output / REFERENCE_FILE, {"key": self.key, **read_json(reference)}
             )
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def checkpoint_identity(path: str | None) -> dict[str, Any]:
-    """Name, size and modification time of each file of a local checkpoint (a Hub id or an
-    asset name as given)."""
-    if not path or not Path(path).is_dir():
-        return {"name": path}
-    return {
-        "name": str(Path(path).resolve()),
-        "files": {
-            f.name: [f.stat().st_size, f.stat().st_mtime_ns]
-            for f in sorted(Path(path).iterdir())
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model")
-        },
-    }
 
 
 def _jsonable(obj: Any) -> Any:

@@ -38,6 +38,21 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def checkpoint_identity(path: str | None) -> dict[str, Any]:
+    """Name, size and modification time of each file of a local checkpoint (a Hub id or an
+    asset name as given)."""
+    if not path or not Path(path).is_dir():
+        return {"name": path}
+    return {
+        "name": str(Path(path).resolve()),
+        "files": {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(Path(path).iterdir())
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model")
+        },
+    }
+
+
 class PartReport:
     """A benchmark's report that never loses a measured result: `data` is written to
     `<stem>.json` and `render(data)` to `<stem>.md` (atomically) at the start and after every
