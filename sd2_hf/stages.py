@@ -243,22 +243,30 @@ def _wire_train(ctx: PlanContext, given: dict[str, Any]) -> list[str]:
 
 
 def _run_train(plan: StagePlan) -> dict[str, Any]:
-    from sd2_hf.training.launch import launch_train
+    from sd2_hf.training.launch import error_message, launch_train
     from sd2_hf.training.stage import REPORT_FILE, run_train
     from sd2_hf.utils.io import read_json
 
-    if plan.launch.get("accelerate_config"):
+    if plan.launch.get("in_process") and not plan.launch.get("accelerate_config"):
+        report = run_train(plan.config)
+    else:
         status = launch_train(
-            plan.config, plan.launch["accelerate_config"], plan.launch["accelerate_args"]
+            plan.config, plan.launch.get("accelerate_config"), plan.launch.get("accelerate_args")
         )
         if status != 0:
+            refused = error_message(plan.config)
+            if refused:  # run_stage prefixes the stage's name, as for a refusal in-process
+                raise PipelineError(refused)
+            how = (
+                f"was killed by signal {-status} (SIGKILL: out of memory?)"
+                if status < 0
+                else f"exited with status {status}"
+            )
             raise PipelineError(
-                f"train: `accelerate launch` exited with status {status} (its output is above); "
-                f"fix the cause and rerun: training resumes from {plan.output / 'checkpoints'}"
+                f"the training process {how}; its output is above. Fix the cause and "
+                f"rerun: training resumes from {plan.output / 'checkpoints'}"
             )
         report = read_json(plan.output / REPORT_FILE)
-    else:
-        report = run_train(plan.config)
     keep = (
         "global_step",
         "num_conversations",
@@ -296,6 +304,16 @@ TRAIN = Stage(
         ("trainer_args", "chat_template_path"): "path",
     },
     extra={
+        "in_process": (
+            bool,
+            Field(
+                False,
+                description="run the training in the pipeline's own process; by default it runs "
+                "in a child process (`python -m sd2_hf.training.launch`), whose memory goes back "
+                "to the system when it ends (a finished training otherwise keeps its allocator's "
+                "arenas in a pipeline or study that goes on). Not part of the stage's fingerprint",
+            ),
+        ),
         "accelerate_config": (
             str | None,
             Field(

@@ -104,6 +104,8 @@ def test_run_every_stage_then_skip_then_redo_train(
     assert first["train"]["result"]["num_conversations"] == 8 - long_prompts
     assert first["prune"]["result"]["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert first["train"]["result"]["global_step"] == 4
+    # The training ran in a child process (its memory goes back to the system when it ends).
+    assert "-m sd2_hf.training.launch " in out
     assert not any((root / s / RUNNING_FILE).exists() for s in STAGES)
 
     report = json.loads((root / "eval" / "eval.json").read_text())
@@ -231,6 +233,20 @@ def test_bad_stage_input_is_a_message_not_a_traceback(tmp_path, tiny_model_dir, 
     assert "error: sd2 run: prune: unknown recipe 'sparsegpt-55'" in message
     provenance = json.loads((tmp_path / "r" / "run" / PROVENANCE_FILE).read_text())
     assert provenance["run"]["status"] == "failed"
+
+
+def test_a_refused_training_input_is_a_message_from_the_child_process(
+    tmp_path, tiny_model_dir, sd2_fails
+):
+    recipe = write_recipe(tmp_path / "r", tiny_model_dir)
+    (tmp_path / "r" / "bad.jsonl").write_text('{"text": "no messages here"}\n')
+    message = sd2_fails(
+        ["run", recipe, "distill=null", "prune=null", "export=null", "eval=null",
+         f"dataset={tmp_path / 'r' / 'bad.jsonl'}", f"train.model={tiny_model_dir}"]
+    )  # fmt: skip
+    assert "error: sd2 run: train: " in message and "Traceback" not in message
+    assert "has no conversation with an assistant turn" in message
+    assert message.count("has no conversation") == 1
 
 
 def test_threads_are_set_for_the_stages_and_restored(monkeypatch):

@@ -136,10 +136,12 @@ def test_resumes_an_interrupted_training(tmp_path, tiny_model_dir, monkeypatch):
             raise KeyboardInterrupt  # checkpoint-2 is written, the stage's record is not
         return real(self, *args, **kwargs)
 
+    # In this process, where the patch reaches the trainer (by default it runs in a child).
+    here = "drafters.sd2.train.in_process=true"
     monkeypatch.setattr(SD2Trainer, "training_step", dies_after_step_2)
-    assert sd2_main(["compare", str(path), "--only", "sd2"]) == 130
+    assert sd2_main(["compare", str(path), here, "--only", "sd2"]) == 130
     monkeypatch.setattr(SD2Trainer, "training_step", real)
-    assert sd2_main(["compare", str(path), "--only", "sd2"]) == 0
+    assert sd2_main(["compare", str(path), here, "--only", "sd2"]) == 0
     train = tmp_path / "s" / "out" / "drafters" / "sd2" / "train"
     record = json.loads((train / COMPLETE_FILE).read_text())
     assert record["resumed"] is True and record["result"]["global_step"] == 4
@@ -294,3 +296,43 @@ def test_a_null_evaluation_is_left_out_with_the_k_chosen_on_it(tmp_path, tiny_mo
     study = load_study(path, ["evaluations.held=null"])
     assert list(study.evaluations) == ["mt"] and study.choose_k_on is None
     assert load_study(path).choose_k_on == "held"
+
+
+def test_a_curve_reports_each_point_over_its_baseline_with_a_fit(tmp_path):
+    """`curves`: the MAL ratio of each point's drafter over the baseline, sorted by x, greedy and
+    at each sampled temperature, with the least-squares line against log10 x and the x where it
+    reaches the goal; a table and a plot."""
+    from sd2_hf.study.report import curves, to_markdown, write_files
+
+    report = _report("d", {"noft": 2.0, "n10": 2.2, "n100": 2.4, "n1000": 2.6})
+    for row in report["evaluations"]["mt"]["drafters"]:
+        m = row["mal"]
+        row["per_prompt"] = [[10, round(10 * (m - 1))]] * 2
+        row["sampled"] = {"1": {"mal": m - 0.5, "per_prompt": [[10, round(10 * (m - 1.5))]] * 2}}
+    curve = {"baseline": "noft", "points": {"n100": 100, "n10": 10, "n1000": 1000}}
+    curve |= {"x_label": "conversations", "log_x": True, "goal": 1.5}
+    report.update(comparisons=[], curves=curves({"data": curve}, report["evaluations"]))
+    greedy, sampled = report["curves"]["data"]["series"]
+    assert (greedy["decoding"], sampled["decoding"]) == ("greedy", "T=1")
+    assert [p["x"] for p in greedy["points"]] == [10, 100, 1000]
+    assert [p["ratio"] for p in greedy["points"]] == pytest.approx([1.1, 1.2, 1.3])
+    assert greedy["fit"]["slope"] == pytest.approx(0.1)  # per decade of x
+    assert greedy["fit"]["x_at_goal"] == pytest.approx(1e5)  # 1.0 + 0.1 * log10(x) = 1.5
+    assert sampled["points"][0]["ratio"] == pytest.approx(1.7 / 1.5)
+    text = to_markdown(report)
+    assert "## Curve `data`: MAL over `noft` against conversations" in text
+    assert "| 10 | n10 | ×1.100" in text
+    assert "+10.0 points of MAL gain per decade of x" in text and "x ≈ 1e+05" in text
+    assert (tmp_path / "data-curve.png") in write_files(report, tmp_path)
+
+
+def test_a_curve_names_drafters_and_keeps_its_other_points(tmp_path, tiny_model_dir, sd2_fails):
+    bad = write_study(tmp_path / "a", tiny_model_dir, curves={"c": {"baseline": "pruned",
+                      "points": {"nope": 1}}})  # fmt: skip
+    assert "curves.c names 'nope', not drafters of the study" in sd2_fails(
+        ["compare", str(bad), "--dry-run"]
+    )
+    curve = {"baseline": "pruned", "points": {"sd2": 4, "sd2-step2": 2}}
+    path = write_study(tmp_path / "b", tiny_model_dir, curves={"c": curve})
+    study = load_study(path, ["drafters.sd2-step2=null"])
+    assert study.curves["c"].points == {"sd2": 4}

@@ -52,6 +52,11 @@ def _file_digests(config: dict[str, Any]) -> dict[str, str]:
     return digests
 
 
+# Launch fields that change where a stage runs, not what it writes: left out of the fingerprint,
+# so a finished stage is not redone for them.
+OUTPUT_NEUTRAL = frozenset({"in_process"})
+
+
 def fingerprint(plan: StagePlan, inputs: dict[str, dict[str, str]]) -> str:
     """sha256 of everything that defines the stage's output (see the module docstring)."""
     from sd2_hf import __version__
@@ -60,7 +65,7 @@ def fingerprint(plan: StagePlan, inputs: dict[str, dict[str, str]]) -> str:
     payload = {
         "stage": plan.name,
         "config": config,
-        "launch": plan.launch,
+        "launch": {k: v for k, v in plan.launch.items() if k not in OUTPUT_NEUTRAL},
         "files": _file_digests(config),
         "inputs": inputs,
         "sd2_hf": __version__,

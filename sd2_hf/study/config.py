@@ -89,6 +89,28 @@ class DrafterSpec(BaseModel):
         return {s: getattr(self, s) for s in BUILD_STAGES if getattr(self, s) is not None}
 
 
+class Curve(BaseModel):
+    """MAL gain over one drafter against a quantity that varies over others (data size, steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline: str = Field(
+        description="the drafter each point's MAL ratio is taken over (paired-bootstrap "
+        "intervals), e.g. the pruned drafter before fine-tuning"
+    )
+    points: dict[str, float] = Field(
+        description="drafter -> its x, e.g. the unique conversations it was fine-tuned on"
+    )
+    x_label: str = Field("x", description="what x is, for the table and the plot")
+    log_x: bool = Field(True, description="x on a log scale; the fit is the ratio against log10 x")
+    goal: float | None = Field(
+        None,
+        gt=0,
+        description="a MAL ratio to reach (e.g. 1.25 for +25%): the report extrapolates the x at "
+        "which the least-squares line of ratio against (log) x reaches it",
+    )
+
+
 class Study(BaseModel):
     """A comparison of drafters for one target, built and evaluated by `sd2 compare`."""
 
@@ -134,6 +156,11 @@ class Study(BaseModel):
         description="`A vs B`: the MAL ratio of drafter A over drafter B with its paired-"
         "bootstrap interval, overall and per category, in every evaluation holding both",
     )
+    curves: dict[str, Curve] = Field(
+        default_factory=dict,
+        description="named curves: the MAL ratio of each point's drafter over the baseline "
+        "against x, in every evaluation and decoding holding them (a table, a plot, a fit)",
+    )
 
     @field_validator("drafters", "evaluations")
     @classmethod
@@ -153,6 +180,19 @@ class Study(BaseModel):
                 f"choose_k_on: {self.choose_k_on!r} is not an evaluation of the study "
                 f"({', '.join(self.evaluations)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _curves(self) -> Study:
+        for name, curve in self.curves.items():
+            unknown = [d for d in (curve.baseline, *curve.points) if d not in self.drafters]
+            if unknown:
+                raise ValueError(
+                    f"curves.{name} names {', '.join(map(repr, unknown))}, not drafters of the "
+                    f"study ({', '.join(self.drafters) or 'none'})"
+                )
+            if curve.log_x and any(x <= 0 for x in curve.points.values()):
+                raise ValueError(f"curves.{name}: log_x needs every point's x > 0")
         return self
 
     @property
@@ -258,7 +298,8 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
     """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
     run, with the comparisons and evaluation subsets naming it: a study built over several
     sessions runs the part that fits. Refused while another drafter starts from it.
-    `evaluations.NAME=null` leaves an evaluation out (and `choose_k_on` naming it)."""
+    `evaluations.NAME=null` leaves an evaluation out (and `choose_k_on` naming it); curves keep
+    their other points."""
     evaluations = data.get("evaluations")
     if isinstance(evaluations, dict) and None in evaluations.values():
         # `evaluations.NAME=null` leaves that evaluation out of this run the same way.
@@ -285,6 +326,10 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
 
     if isinstance(data.get("comparisons"), list):
         data["comparisons"] = [c for c in data["comparisons"] if keeps(c)]
+    for curve in (data.get("curves") or {}).values():
+        # A curve keeps its other points (one whose baseline is left out is refused by Study).
+        if isinstance(curve, dict) and isinstance(curve.get("points"), dict):
+            curve["points"] = {d: x for d, x in curve["points"].items() if d not in dropped}
     for section in (data.get("evaluations") or {}).values():
         if isinstance(section, dict) and isinstance(section.get("drafters"), list):
             section["drafters"] = [d for d in section["drafters"] if d not in dropped]

@@ -1,4 +1,5 @@
-"""The one report of every study: `study.json`, `study.md` and a MAL-vs-MACs plot per evaluation.
+"""The one report of every study: `study.json`, `study.md`, a MAL-vs-MACs plot per evaluation and
+a plot per curve.
 
 The report is built from the evaluations' `eval.json` (and `eval-reference.json`, for the
 prompts' categories) under the study directory; `study.json` keeps everything the markdown and
@@ -13,7 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sd2_hf.evaluation.report import _save_png, _table, fmt, mal_ratio_interval, plot_mal_vs_macs
+from matplotlib.figure import Figure
+
+from sd2_hf.evaluation.report import (
+    _finish,
+    _save_png,
+    _table,
+    fmt,
+    mal_ratio_interval,
+    plot_mal_vs_macs,
+)
 from sd2_hf.evaluation.runner import REFERENCE_FILE
 from sd2_hf.pipeline.records import read_record
 from sd2_hf.study.config import public
@@ -124,8 +134,11 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
             rows = {r["name"]: r for r in ev["drafters"]}
             if a not in rows or b not in rows:
                 continue
-            runs = [("greedy" if not ev["temperature"] else f"T={ev['temperature']:g}", None)]
-            runs += [(f"T={t}", t) for t in rows[a]["sampled"] if t in rows[b]["sampled"]]
+            runs = [
+                (lbl, t)
+                for lbl, t in _decodings(ev, rows[a])
+                if t is None or t in rows[b]["sampled"]
+            ]
             for label, t in runs:
                 ra, rb = rows[a], rows[b]
                 if t is not None:
@@ -134,6 +147,105 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
                 if ratio is not None:
                     out.append({"a": a, "b": b, "evaluation": name, "decoding": label, **ratio})
     return out
+
+
+def _decodings(ev: dict[str, Any], row: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The runs of an evaluation's row: its main decoding, then each sampled temperature."""
+    main = "greedy" if not ev["temperature"] else f"T={ev['temperature']:g}"
+    return [(main, None)] + [(f"T={t}", t) for t in row.get("sampled") or {}]
+
+
+def fit_curve(
+    points: list[dict[str, Any]], log_x: bool, goal: float | None
+) -> dict[str, Any] | None:
+    """Least-squares line of the MAL ratio against x (log10 x with `log_x`) and, with a `goal`
+    ratio, the x where the line reaches it (an extrapolation past the measured points; None
+    where the slope is not positive). None with fewer than two distinct x."""
+    import math
+
+    us = [math.log10(p["x"]) if log_x else p["x"] for p in points]
+    if len(set(us)) < 2:
+        return None
+    n = len(us)
+    mean_u, mean_r = sum(us) / n, sum(p["ratio"] for p in points) / n
+    slope = sum((u - mean_u) * (p["ratio"] - mean_r) for u, p in zip(us, points)) / sum(
+        (u - mean_u) ** 2 for u in us
+    )
+    fit = {"slope": slope, "intercept": mean_r - slope * mean_u, "per": "decade" if log_x else "x"}
+    if goal is not None:
+        at = (goal - fit["intercept"]) / slope if slope > 0 else None
+        fit["goal"] = goal
+        fit["x_at_goal"] = (10**at if log_x else at) if at is not None else None
+    return fit
+
+
+def curves(study_curves: dict[str, Any], evaluations: dict[str, Any]) -> dict[str, Any]:
+    """Each curve's points (MAL ratio over its baseline with the paired interval) in every
+    evaluation and decoding where the baseline and some point were measured, with the fit."""
+    out = {}
+    for name, curve in study_curves.items():
+        series = []
+        for ev_name, ev in evaluations.items():
+            rows = {r["name"]: r for r in ev["drafters"]}
+            base = rows.get(curve["baseline"])
+            if base is None:
+                continue
+            for label, t in _decodings(ev, base):
+                b = base if t is None else base["sampled"][t]
+                points = []
+                for drafter, x in sorted(curve["points"].items(), key=lambda kv: kv[1]):
+                    row = rows.get(drafter)
+                    a = row if row is None or t is None else row["sampled"].get(t)
+                    ratio = _ratio(a, b, None) if a else None
+                    if ratio is not None:
+                        low, high = ratio["low"], ratio["high"]
+                        points.append(
+                            {"drafter": drafter, "x": x, "mal": a["mal"], "ratio": ratio["ratio"]}
+                            | {"low": low, "high": high}
+                        )
+                if points:
+                    series.append(
+                        {"evaluation": ev_name, "decoding": label, "baseline_mal": b["mal"]}
+                        | {"points": points}
+                        | {"fit": fit_curve(points, curve["log_x"], curve.get("goal"))}
+                    )
+        out[name] = {**curve, "series": series}
+    return out
+
+
+def plot_curve(curve: dict[str, Any]) -> Figure:
+    """MAL gain over the baseline (%) against x, one line per evaluation and decoding, with the
+    paired-bootstrap intervals as error bars and the goal as a dashed line."""
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.subplots()
+    for s in curve["series"]:
+        xs = [p["x"] for p in s["points"]]
+        ys = [100 * (p["ratio"] - 1) for p in s["points"]]
+        err = [
+            [
+                100 * (p["ratio"] - (p["low"] if p["low"] is not None else p["ratio"]))
+                for p in s["points"]
+            ],
+            [
+                100 * ((p["high"] if p["high"] is not None else p["ratio"]) - p["ratio"])
+                for p in s["points"]
+            ],
+        ]
+        ax.errorbar(
+            xs, ys, yerr=err, marker="o", capsize=3, label=f"{s['evaluation']}, {s['decoding']}"
+        )
+    if curve.get("goal"):
+        ax.axhline(100 * (curve["goal"] - 1), ls="--", color="grey", lw=1, label="goal")
+    ax.axhline(0, color="black", lw=0.6)
+    if curve["log_x"]:
+        ax.set_xscale("log")
+    ax.set(
+        xlabel=curve["x_label"],
+        ylabel=f"MAL gain over {curve['baseline']} (%)",
+        title=f"MAL gain against {curve['x_label']}",
+    )
+    ax.grid(alpha=0.3)
+    return _finish(fig, ax, legend=True)
 
 
 def stage_seconds(planned: Any) -> dict[str, float | None]:
@@ -261,6 +373,8 @@ def build_report(
     if study.choose_k_on:
         choose_k(evaluations, study.choose_k_on)
     report["comparisons"] = comparisons(study.comparison_pairs(), evaluations)
+    if study.curves:
+        report["curves"] = curves({n: c.model_dump() for n, c in study.curves.items()}, evaluations)
     return report
 
 
@@ -358,7 +472,47 @@ def to_markdown(report: dict[str, Any]) -> str:
                 [f"{c['a']} vs {c['b']}", c["evaluation"], c["decoding"], _interval(c), per_cat]
             )
         lines += _table(["comparison", "evaluation", "decoding", "ratio", "per category"], rows)
+    for name, curve in (report.get("curves") or {}).items():
+        lines += _curve_section(name, curve)
     return "\n".join(lines) + "\n"
+
+
+def _curve_section(name: str, curve: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Curve `{name}`: MAL over `{curve['baseline']}` against {curve['x_label']}",
+        "",
+    ]
+    if not curve["series"]:
+        return lines + ["No point of the curve was measured beside its baseline yet."]
+    labels = [f"{s['evaluation']}, {s['decoding']}" for s in curve["series"]]
+    xs = sorted({(p["x"], p["drafter"]) for s in curve["series"] for p in s["points"]})
+    cells = {
+        (p["drafter"], label): _interval(p)
+        for s, label in zip(curve["series"], labels)
+        for p in s["points"]
+    }
+    lines += _table(
+        [curve["x_label"], "drafter", *labels],
+        [[f"{x:g}", d, *(cells.get((d, lb), "-") for lb in labels)] for x, d in xs],
+    )
+    lines += [""]
+    for s, label in zip(curve["series"], labels):
+        fit = s["fit"]
+        if fit is None:
+            continue
+        unit = "per decade of x" if fit["per"] == "decade" else "per unit of x"
+        text = f"- {label}: {100 * fit['slope']:+.1f} points of MAL gain {unit} (least squares "
+        text += f"over {len(s['points'])} points)"
+        if "goal" in fit:
+            goal = f"+{100 * (fit['goal'] - 1):.0f}%"
+            text += (
+                f"; {goal} at x ≈ {fit['x_at_goal']:.3g} (extrapolated along the fit)"
+                if fit["x_at_goal"] is not None
+                else f"; {goal} not reached along the fit (slope ≤ 0)"
+            )
+        lines.append(text + ".")
+    return lines
 
 
 def write_files(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -371,6 +525,11 @@ def write_files(report: dict[str, Any], directory: Path) -> list[Path]:
         path = directory / f"{name}-mal-vs-macs.png"
         _save_png(plot_mal_vs_macs(ev), path)
         written.append(path)
+    for name, curve in (report.get("curves") or {}).items():
+        if curve["series"]:
+            path = directory / f"{name}-curve.png"
+            _save_png(plot_curve(curve), path)
+            written.append(path)
     return written
 
 
