@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 MODEL = "asset:smollm2-135m-instruct"
 TEMPLATE = str(REPO / "recipes" / "chat_templates" / "smollm2-training.jinja")
-# (name, SD2Config fields) of the settings measured.
-SETTINGS = {"fp32": {}, "bf16": {"bf16": True}}
+# (name, SD2Config fields) of the settings measured; vllm*: continuations from a vLLM server
+# (its start-up falls in the dropped first step), weights reloaded every step / every 4 steps.
+SETTINGS = {"fp32": {}, "bf16": {"bf16": True}, "vllm": {"on_policy_generator": "vllm"}}
+SETTINGS["vllm-refresh4"] = {**SETTINGS["vllm"], "on_policy_refresh_steps": 4}
 
 
 def worker(spec: dict) -> dict:

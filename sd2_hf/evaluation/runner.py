@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -475,6 +476,10 @@ def _per_token(times: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in times) / sum(n for _, n in times)
 
 
+def today() -> str:
+    return time.strftime("%Y-%m-%d")
+
+
 def _baseline_row(prompts: list[Prompt], reference: list[Generation]) -> dict[str, Any]:
     """The target alone: MAL 1 by definition (one token per target step, nothing drafted)."""
     new_tokens = sum(len(r.token_ids) for r in reference)
@@ -624,6 +629,7 @@ DERIVED_ROW_FIELDS = (
     "best_num_draft_tokens_measured",
     "projected_speedup",
     "best_num_draft_tokens_projected",
+    "speedup_across_days",
 )
 
 
@@ -656,6 +662,8 @@ class _EvalJournal:
             # instructions: rows of the two must not meet in one report.
             self.key["served_dtype"] = served
         self.identities: dict[str, Any] = {}  # name -> checkpoint identity of its row
+        # The day the target's reference run was measured (None: journaled before dates were).
+        self.reference_date: str | None = None
         key_file = self.dir / "key.json"
         if self.dir.exists() and (
             not key_file.is_file() or read_json(key_file) != _jsonable(self.key)
@@ -694,6 +702,7 @@ class _EvalJournal:
             if not path.is_file() or not self._same_key(read_json(path)):
                 return None
         saved = read_json(path)
+        self.reference_date = saved.get("measured")
         prompts = [Prompt(**p) for p in saved["prompts"]]
         reference = (
             None
@@ -706,9 +715,11 @@ class _EvalJournal:
     def save_reference(
         self, prompts: list[Prompt], reference: list[Generation] | None, counts: PromptCounts
     ) -> None:
+        self.reference_date = today()
         atomic_write_json(
             self.dir / "reference.json",
             {
+                "measured": self.reference_date,
                 "prompts": [asdict(p) for p in prompts],
                 "reference": None
                 if reference is None
@@ -864,15 +875,18 @@ def _measure_rows(
     target_steps = TargetSteps(backend, prompts, reference, config)
     if "none" in config.baselines:
         rows.append(_baseline_row(prompts, reference))
+        rows[-1]["measured"] = journal.reference_date
         _add_costs(rows[-1], target_macs, None, config.num_draft_tokens)
     for plan in plans:
         row = journal.load_row(plan)
         if row is None and not config.assisted:
             row = measure_forced(plan, prompts, reference, config)
             row["step_cost"] = None
+            row["measured"] = today()
             journal.save_row(plan, row)
         if row is None:
             row = measure(backend, plan, prompts, reference, config)
+            row["measured"] = today()
             if config.sampled_temperatures:
                 row["sampled"] = measure_sampled(backend, plan, prompts, config)
             sweep = sweep_draft_lengths(plan, prompts, reference, config)
@@ -888,6 +902,12 @@ def _measure_rows(
     for row in rows:
         speed = row["tokens_per_second"]
         row["speedup"] = speed / base_speed if base_speed and speed else None
+        # A row measured on another day than the reused reference run: its speed-up crosses
+        # runs (the machine's state differs between them); its paired time cost does not.
+        row["speedup_across_days"] = bool(
+            row["speedup"] and row.get("measured") and journal.reference_date
+            and row["measured"] != journal.reference_date
+        )
     return rows
 
 

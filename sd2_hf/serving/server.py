@@ -113,6 +113,7 @@ class VLLMServer:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 600,
         log_path: str | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         if num_draft_tokens is not None and num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
@@ -148,6 +149,7 @@ class VLLMServer:
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else None
+        self.environment = dict(environment or {})
         self.speculative_config = self._speculative_config()
         self.process: subprocess.Popen | None = None
         self._lifeline: int | None = None  # write end of the launcher's lifeline pipe
@@ -213,7 +215,7 @@ class VLLMServer:
         # The main env's interpreter must not leak its site-packages into the vLLM env.
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        return env
+        return env | self.environment
 
     def start(self) -> VLLMServer:
         """Start the server and wait until it answers; raises ServerError with the log tail."""

@@ -49,6 +49,7 @@ ROW_FIELDS = (
     "lossless_mismatches",
     "per_prompt",
     "measured",
+    "speedup_across_days",
     "chosen_k",
 )
 SAMPLED_ROW_FIELDS = (
@@ -350,7 +351,8 @@ def build_report(
         ev = _evaluation(study.root / "eval" / name)
         if ev is not None:
             for row in ev["drafters"]:
-                row["measured"] = today
+                # The day the evaluation measured it (rows journaled before dates: this run's).
+                row["measured"] = row.get("measured") or today
             evaluations[name] = ev
     report = {
         "name": study.name,
@@ -417,7 +419,8 @@ def _evaluation_table(ev: dict[str, Any], carried: list[str]) -> list[str]:
             [name, fmt(r["relative_macs"]), fmt(r["mal"]), fmt(r["improvement_factor"])]
             + [best_text, *sampled]
             + [fmt(r.get("measured_cost")), fmt(r.get("measured_improvement_factor"))]
-            + [fmt(r["tokens_per_second"], 2), fmt(r["speedup"], 2)]
+            + [fmt(r["tokens_per_second"], 2)]
+            + [fmt(r["speedup"], 2) + (" ‡" if r.get("speedup_across_days") else "")]
             + [fmt(r.get("projected_speedup"), 2), lossless]
             + ([_chosen(r, "macs"), _chosen(r, "time")] if chosen_on else [])
         )
@@ -455,6 +458,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         carried = report.get("carried") or []
         lines += _evaluation_table(ev, carried)
+        across = [r for r in ev["drafters"] if r.get("speedup_across_days")]
+        if across:
+            target = next((r for r in ev["drafters"] if r["name"] == "none"), {})
+            lines += [
+                "",
+                f"‡ measured on another day ({', '.join(sorted({r['measured'] for r in across}))}) "
+                f"than the target alone it is divided by ({target.get('measured', '-')}), whose "
+                "run the evaluation reused: the speed-up crosses runs; the time cost (drafter "
+                "and target steps timed in alternating rounds) is the row's own.",
+            ]
         dates = sorted({r["measured"] for r in ev["drafters"] if r["name"] in carried})
         if dates:
             lines += [

@@ -10,6 +10,7 @@ from sd2_hf.pruning.masks import DEFAULT_IGNORE, DEFAULT_TARGETS
 from sd2_hf.training.losses import DIVERGENCES
 
 DISTILL_LOSSES = ("none", *DIVERGENCES)
+ON_POLICY_GENERATORS = ("transformers", "vllm")
 
 
 @dataclass
@@ -62,6 +63,14 @@ class SD2Config(SFTConfig):
             transformers' dynamic KV cache, stops at any EOS of the drafter's generation config,
             and keeps every row within `max_length`. (A static cache is not offered: it is
             allocated in the weights' dtype and fails under bf16 autocast of fp32 weights.)
+        on_policy_generator (`str`, defaults to `"transformers"`):
+            What generates the on-policy continuations: `"transformers"` (the drafter's own
+            `generate`, in this process) or `"vllm"` (a vLLM server in the project's vLLM
+            environment holding the drafter's weights, as TRL's `use_vllm`; the weights are
+            written to `<output_dir>/on_policy_generator/` and reloaded in place by the server
+            every `on_policy_refresh_steps` steps, `0`: once, before training). Requests are
+            sent concurrently, so vLLM batches the rows; each row's sampling is seeded by
+            (`seed`, step, micro-batch, row). One process, full fine-tuning (no PEFT adapter).
 
     Changed defaults: `assistant_only_loss=True` (cross-entropy on the assistant tokens of the
     distilled conversations, the SD² method).
@@ -125,6 +134,13 @@ class SD2Config(SFTConfig):
             "copy refreshed every N steps, 0 = the weights before training."
         },
     )
+    on_policy_generator: str = field(
+        default="transformers",
+        metadata={
+            "help": "What generates on-policy continuations: 'transformers' (in process) or "
+            "'vllm' (a server on the drafter's weights, reloaded every on_policy_refresh_steps)."
+        },
+    )
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "Compute the cross-entropy only on assistant tokens (the SD² method)."},
@@ -174,6 +190,11 @@ class SD2Config(SFTConfig):
         if self.on_policy_refresh_steps < 0:
             raise ValueError(
                 f"on_policy_refresh_steps must be >= 0, got {self.on_policy_refresh_steps}"
+            )
+        if self.on_policy_generator not in ON_POLICY_GENERATORS:
+            raise ValueError(
+                f"on_policy_generator={self.on_policy_generator!r} is not supported; allowed: "
+                f"{', '.join(ON_POLICY_GENERATORS)}"
             )
         if self.on_policy_fraction > 0 and self.padding_free:
             raise ValueError(

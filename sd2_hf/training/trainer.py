@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import time
 from contextlib import nullcontext
 
 import torch
@@ -159,7 +160,18 @@ class SD2Trainer(SFTTrainer):
         # with 0 it is taken here, from the weights given (also when a run resumes later).
         self._generator: PreTrainedModel | None = None
         self._generator_step = -1
-        if args.on_policy_fraction > 0 and args.on_policy_refresh_steps == 0:
+        # The vLLM server that generates instead (on_policy_generator="vllm"), started at the
+        # first on-policy batch and stopped when training ends.
+        self._vllm = None
+        if args.on_policy_fraction > 0 and args.on_policy_generator == "vllm":
+            self._check_vllm_generator()
+            if args.on_policy_refresh_steps == 0:
+                # The weights given, written now; the server starts at the first on-policy batch.
+                self._vllm_generator().write(
+                    self.accelerator.unwrap_model(self.model), self.processing_class
+                )
+                self._generator_step = 0
+        elif args.on_policy_fraction > 0 and args.on_policy_refresh_steps == 0:
             self._generator = self._copy_for_generation(self.model)
             self._generator_step = 0
         self._on_policy_batch = False
@@ -195,6 +207,70 @@ class SD2Trainer(SFTTrainer):
             self._generator_step = step
         return self._generator
 
+    def _check_vllm_generator(self) -> None:
+        from peft import PeftModel
+
+        from sd2_hf.utils.environment import vllm_python
+
+        if self.accelerator.num_processes > 1:
+            raise ValueError(
+                "on_policy_generator='vllm' serves one process's drafter; under several "
+                "processes use on_policy_generator='transformers'"
+            )
+        if isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            raise ValueError(
+                "on_policy_generator='vllm' reloads the drafter's full weights into the server, "
+                "and a PEFT adapter is not merged into them: train without peft_config, or use "
+                "on_policy_generator='transformers'"
+            )
+        vllm_python()  # refuses now, with how to make the environment, not at the first batch
+
+    def _vllm_generator(self):
+        from sd2_hf.training.vllm_generator import VLLMGenerator
+
+        if self._vllm is None:
+            self._vllm = VLLMGenerator(
+                f"{self.args.output_dir}/on_policy_generator",
+                dtype="bfloat16" if self.args.bf16 else "float32",
+                max_model_len=self.args.max_length or 2048,
+            )
+        return self._vllm
+
+    def _vllm_generate(self, model, prompts: list[torch.Tensor], new_tokens: int) -> list:
+        """The prompts' continuations from the vLLM server, its weights synced first when
+        they are older than `on_policy_refresh_steps` steps (0: synced once)."""
+        step, refresh = self.state.global_step, self.args.on_policy_refresh_steps
+        generator = self._vllm_generator()
+        stale = self._generator_step < 0 or (refresh > 0 and step - self._generator_step >= refresh)
+        if stale or generator.server is None:
+            began = time.perf_counter()
+            if stale:
+                generator.write(self.accelerator.unwrap_model(model), self.processing_class)
+                self._generator_step = step
+            generator.load()
+            self._metrics["train"]["on_policy_sync_seconds"].append(time.perf_counter() - began)
+        seeds = [
+            random.Random(f"{self.args.seed}:{step}:{self._micro_batch}:{i}").randrange(2**31)
+            for i in range(len(prompts))
+        ]
+        out = generator.generate(
+            [p.tolist() for p in prompts],
+            max_new_tokens=new_tokens,
+            temperature=self.args.on_policy_temperature,
+            eos_token_ids=self._eos_ids(self.accelerator.unwrap_model(model)),
+            seeds=seeds,
+        )
+        device = prompts[0].device
+        return [torch.tensor(c, dtype=prompts[0].dtype, device=device) for c in out]
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._vllm is not None:
+                self._vllm.close(remove=True)
+                self._vllm = None
+
     @staticmethod
     def _copy_for_generation(model):
         return copy.deepcopy(model).eval().requires_grad_(False)
@@ -227,23 +303,11 @@ class SD2Trainer(SFTTrainer):
         eos = getattr(self.processing_class, "eos_token_id", None)
         return ids + [eos] if eos is not None and eos not in ids else ids
 
-    def _generate_on_policy(self, model, inputs: dict[str, torch.Tensor]) -> dict:
-        """The batch's prompts continued by the drafter; labels on the generated tokens only.
-
-        Generation runs as inference: eval mode (no dropout), under the training's autocast
-        (the dtype the drafter trains in), with a KV cache, and every rank in step under
-        several processes."""
-        tokenizer = self.processing_class
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        prompts = self._prompts(inputs)
+    def _hf_generate(self, model, prompts: list[torch.Tensor], pad_id: int, new_tokens: int):
+        """The prompts' continuations from the drafter's own `generate` (padding after EOS)."""
         # Left-padded for generation (TRL's own `pad`, as its collators use).
         prompt_ids = pad(prompts, padding_value=pad_id, padding_side="left")
         prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_side="left")
-        max_length = self.args.max_length
-        new_tokens = self.args.on_policy_max_new_tokens
-        if max_length is not None:
-            # No row is cut below: none can keep more than max_length - its prompt.
-            new_tokens = max(1, min(new_tokens, max_length - min(len(p) for p in prompts)))
         temperature = self.args.on_policy_temperature
         generator = self._generating_model(model)
         unwrapped = (
@@ -280,13 +344,32 @@ class SD2Trainer(SFTTrainer):
                 )
             finally:
                 generating.train(was_training)
-        completions = out[:, prompt_ids.shape[1] :]
-        stops = torch.isin(completions, torch.tensor(eos, device=completions.device))
+        return list(out[:, prompt_ids.shape[1] :])
+
+    def _generate_on_policy(self, model, inputs: dict[str, torch.Tensor]) -> dict:
+        """The batch's prompts continued by the drafter; labels on the generated tokens only.
+
+        Generation runs as inference: eval mode (no dropout), under the training's autocast
+        (the dtype the drafter trains in), with a KV cache, and every rank in step under
+        several processes."""
+        tokenizer = self.processing_class
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        prompts = self._prompts(inputs)
+        max_length = self.args.max_length
+        new_tokens = self.args.on_policy_max_new_tokens
+        if max_length is not None:
+            # No row is cut below: none can keep more than max_length - its prompt.
+            new_tokens = max(1, min(new_tokens, max_length - min(len(p) for p in prompts)))
+        if self.args.on_policy_generator == "vllm":
+            completions = self._vllm_generate(model, prompts, new_tokens)
+        else:
+            completions = self._hf_generate(model, prompts, pad_id, new_tokens)
+        eos = torch.tensor(self._eos_ids(self.accelerator.unwrap_model(model)))
         # Right-padded for training, like the SFT collator: prompt, completion up to and
         # including its first EOS, padding; labels on the completion only; at most max_length.
         rows, labels = [], []
-        for p, c, stop in zip(prompts, completions, stops, strict=True):
-            at = stop.nonzero()
+        for p, c in zip(prompts, completions, strict=True):
+            at = torch.isin(c, eos.to(c.device)).nonzero()
             c = c[: int(at[0]) + 1] if len(at) else c
             rows.append(torch.cat([p, c])[:max_length])
             labels.append(torch.cat([torch.full_like(p, -100), c])[:max_length])
