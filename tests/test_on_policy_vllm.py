@@ -8,9 +8,9 @@ import pytest
 import tiny
 import torch
 from datasets import Dataset
+from test_on_policy import make_trainer, zero_pattern
 
 from sd2_hf import SD2Config, SD2Trainer
-from test_on_policy import make_trainer, zero_pattern
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

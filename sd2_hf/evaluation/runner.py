@@ -905,7 +905,9 @@ def _measure_rows(
         # A row measured on another day than the reused reference run: its speed-up crosses
         # runs (the machine's state differs between them); its paired time cost does not.
         row["speedup_across_days"] = bool(
-            row["speedup"] and row.get("measured") and journal.reference_date
+            row["speedup"]
+            and row.get("measured")
+            and journal.reference_date
             and row["measured"] != journal.reference_date
         )
     return rows
