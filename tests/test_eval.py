@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 
 import pytest
 import tiny
@@ -585,6 +586,25 @@ def test_interrupted_eval_resumes_without_remeasuring(
 
     fresh = run_eval(_config(tiny_model_dir, mtbench_file, tmp_path / "fresh", drafters=drafters))
     _assert_same_rows(report, fresh, ("none", "random", "noisy"))
+    # Rows keep the day they were measured; a row added on a later day to the reused target run
+    # has its speed-up flagged as crossing runs.
+    day = time.strftime("%Y-%m-%d")
+    assert {r["measured"] for r in report["drafters"]} == {day}
+    assert not any(r["speedup_across_days"] for r in report["drafters"])
+    import sd2_hf.evaluation.runner as runner
+
+    monkeypatch.setattr(runner, "today", lambda: "2099-01-01")
+    later = run_eval(
+        _config(
+            tiny_model_dir,
+            mtbench_file,
+            tmp_path / "eval",
+            drafters=[*drafters, f"again={tiny_drafter_dir}"],
+        )
+    )
+    rows = {r["name"]: r for r in later["drafters"]}
+    assert rows["again"]["measured"] == "2099-01-01" and rows["again"]["speedup_across_days"]
+    assert rows["random"]["measured"] == day and not rows["random"]["speedup_across_days"]
 
     # Other settings: the partial results are not reused.
     measured.clear()

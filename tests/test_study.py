@@ -336,3 +336,20 @@ def test_a_curve_names_drafters_and_keeps_its_other_points(tmp_path, tiny_model_
     path = write_study(tmp_path / "b", tiny_model_dir, curves={"c": curve})
     study = load_study(path, ["drafters.sd2-step2=null"])
     assert study.curves["c"].points == {"sd2": 4}
+
+
+def test_a_speed_up_against_a_reference_of_another_day_is_flagged():
+    """A row measured on another day than the target run its evaluation reused keeps that
+    day, and its speed-up is marked as crossing runs."""
+    from sd2_hf.study.report import to_markdown
+
+    report = _report("2026-12-06", {"none": 1.0, "old": 2.0, "new": 2.5})
+    rows = {r["name"]: r for r in report["evaluations"]["mt"]["drafters"]}
+    for name, day in (("none", "2026-12-05"), ("old", "2026-12-05"), ("new", "2026-12-06")):
+        rows[name]["measured"] = day
+    rows["new"].update(speedup=0.6, speedup_across_days=True)
+    report["comparisons"] = []
+    text = to_markdown(report)
+    assert "| 0.60 ‡ |" in text
+    assert "‡ measured on another day (2026-12-06) than the target alone it is divided by " in text
+    assert "(2026-12-05)" in text

@@ -128,7 +128,7 @@ def _summary_table(drafters: list[dict[str, Any]]) -> list[str]:
             fmt(d.get("measured_cost"), 4),
             fmt(d.get("measured_improvement_factor")),
             fmt(d["tokens_per_second"], 1),
-            fmt(d["speedup"]),
+            fmt(d["speedup"]) + (" ‡" if d.get("speedup_across_days") else ""),
             fmt(d.get("projected_speedup")),
             fmt(d["lossless_mismatches"]) if d["lossless_checked"] else "not checked",
         ]
@@ -284,7 +284,8 @@ def _accounting_section(report: dict[str, Any]) -> list[str]:
         "target once per process); improvement (measured cost) = MAL / (K · measured cost + 1). Unlike the MACs "
         "ratio it counts what the hardware does with zeros, the head and attention; like it, it "
         "leaves out the verify step's extra cost (the speedup column includes everything).",
-        "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run. "
+        "- Speedup = tokens/s with the drafter / tokens/s of the target alone, same run; ‡: the "
+        "row was measured on another day than the reused target run (a speed-up across runs). "
         "Projected speedup = MAL · t_target / (K · t_draft + t_verify(K + 1)), the cost model "
         "(`sd2_hf.evaluation.cost_model`) on the measured step times, with the target's forward "
         "over K + 1 tokens timed against its one-token forward on the same prompts.",
