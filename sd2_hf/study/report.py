@@ -10,7 +10,6 @@ again from a committed `study.json` alone (`sd2 compare --report-only`). With th
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from sd2_hf.evaluation.report import (
     mal_ratio_interval,
     plot_mal_vs_macs,
 )
-from sd2_hf.evaluation.runner import REFERENCE_FILE
+from sd2_hf.evaluation.runner import REFERENCE_FILE, today
 from sd2_hf.pipeline.records import read_record
 from sd2_hf.study.config import public
 from sd2_hf.utils.io import atomic_write_json, atomic_write_text, read_json
@@ -199,16 +198,18 @@ def curves(study_curves: dict[str, Any], evaluations: dict[str, Any]) -> dict[st
                     a = row if row is None or t is None else row["sampled"].get(t)
                     ratio = _ratio(a, b, None) if a else None
                     if ratio is not None:
-                        low, high = ratio["low"], ratio["high"]
-                        points.append(
-                            {"drafter": drafter, "x": x, "mal": a["mal"], "ratio": ratio["ratio"]}
-                            | {"low": low, "high": high}
-                        )
+                        interval = {k: ratio[k] for k in ("ratio", "low", "high")}
+                        points.append({"drafter": drafter, "x": x, "mal": a["mal"], **interval})
                 if points:
+                    fit = fit_curve(points, curve["log_x"], curve.get("goal"))
                     series.append(
-                        {"evaluation": ev_name, "decoding": label, "baseline_mal": b["mal"]}
-                        | {"points": points}
-                        | {"fit": fit_curve(points, curve["log_x"], curve.get("goal"))}
+                        {
+                            "evaluation": ev_name,
+                            "decoding": label,
+                            "baseline_mal": b["mal"],
+                            "points": points,
+                            "fit": fit,
+                        }
                     )
         out[name] = {**curve, "series": series}
     return out
@@ -222,15 +223,10 @@ def plot_curve(curve: dict[str, Any]) -> Figure:
     for s in curve["series"]:
         xs = [p["x"] for p in s["points"]]
         ys = [100 * (p["ratio"] - 1) for p in s["points"]]
+        # Error bars from the paired intervals (none for rows without per-prompt counts).
         err = [
-            [
-                100 * (p["ratio"] - (p["low"] if p["low"] is not None else p["ratio"]))
-                for p in s["points"]
-            ],
-            [
-                100 * ((p["high"] if p["high"] is not None else p["ratio"]) - p["ratio"])
-                for p in s["points"]
-            ],
+            [100 * (p["ratio"] - (p["low"] or p["ratio"])) for p in s["points"]],
+            [100 * ((p["high"] or p["ratio"]) - p["ratio"]) for p in s["points"]],
         ]
         ax.errorbar(
             xs, ys, yerr=err, marker="o", capsize=3, label=f"{s['evaluation']}, {s['decoding']}"
@@ -345,20 +341,20 @@ def build_report(
     """The study's report from its evaluations; with `earlier` (the previous report in the
     study's `results`), the rows of drafters this run did not measure are carried over
     (`carry_earlier_rows`) before the comparisons are computed."""
-    today = time.strftime("%Y-%m-%d")
+    day = today()
     evaluations = {}
     for name in study.evaluations:
         ev = _evaluation(study.root / "eval" / name)
         if ev is not None:
             for row in ev["drafters"]:
                 # The day the evaluation measured it (rows journaled before dates: this run's).
-                row["measured"] = row.get("measured") or today
+                row["measured"] = row.get("measured") or day
             evaluations[name] = ev
     report = {
         "name": study.name,
         "description": study.description,
         "target": public(study.target.model),
-        "date": today,
+        "date": day,
         "seconds": seconds,
         "drafters": {
             name: {

@@ -236,7 +236,9 @@ class SD2Trainer(SFTTrainer):
             )
         return self._vllm
 
-    def _vllm_generate(self, model, prompts: list[torch.Tensor], new_tokens: int) -> list:
+    def _vllm_generate(
+        self, model, prompts: list[torch.Tensor], new_tokens: int, eos: list[int]
+    ) -> list:
         """The prompts' continuations from the vLLM server, its weights synced first when
         they are older than `on_policy_refresh_steps` steps (0: synced once)."""
         step, refresh = self.state.global_step, self.args.on_policy_refresh_steps
@@ -257,7 +259,7 @@ class SD2Trainer(SFTTrainer):
             [p.tolist() for p in prompts],
             max_new_tokens=new_tokens,
             temperature=self.args.on_policy_temperature,
-            eos_token_ids=self._eos_ids(self.accelerator.unwrap_model(model)),
+            eos_token_ids=eos,
             seeds=seeds,
         )
         device = prompts[0].device
@@ -303,7 +305,9 @@ class SD2Trainer(SFTTrainer):
         eos = getattr(self.processing_class, "eos_token_id", None)
         return ids + [eos] if eos is not None and eos not in ids else ids
 
-    def _hf_generate(self, model, prompts: list[torch.Tensor], pad_id: int, new_tokens: int):
+    def _hf_generate(
+        self, model, prompts: list[torch.Tensor], pad_id: int, new_tokens: int, eos: list[int]
+    ):
         """The prompts' continuations from the drafter's own `generate` (padding after EOS)."""
         # Left-padded for generation (TRL's own `pad`, as its collators use).
         prompt_ids = pad(prompts, padding_value=pad_id, padding_side="left")
@@ -320,7 +324,6 @@ class SD2Trainer(SFTTrainer):
             else nullcontext(generator)
         )
         with unwrapped as generating, self.accelerator.autocast(), torch.no_grad():
-            eos = self._eos_ids(generating)
             generation = {
                 "max_new_tokens": new_tokens,
                 "do_sample": temperature > 0,
@@ -360,16 +363,18 @@ class SD2Trainer(SFTTrainer):
         if max_length is not None:
             # No row is cut below: none can keep more than max_length - its prompt.
             new_tokens = max(1, min(new_tokens, max_length - min(len(p) for p in prompts)))
+        # The generating copy (on_policy_refresh_steps != 1) shares the drafter's config.
+        eos = self._eos_ids(self.accelerator.unwrap_model(model))
         if self.args.on_policy_generator == "vllm":
-            completions = self._vllm_generate(model, prompts, new_tokens)
+            completions = self._vllm_generate(model, prompts, new_tokens, eos)
         else:
-            completions = self._hf_generate(model, prompts, pad_id, new_tokens)
-        eos = torch.tensor(self._eos_ids(self.accelerator.unwrap_model(model)))
+            completions = self._hf_generate(model, prompts, pad_id, new_tokens, eos)
+        stops = torch.tensor(eos)
         # Right-padded for training, like the SFT collator: prompt, completion up to and
         # including its first EOS, padding; labels on the completion only; at most max_length.
         rows, labels = [], []
         for p, c in zip(prompts, completions, strict=True):
-            at = torch.isin(c, eos.to(c.device)).nonzero()
+            at = torch.isin(c, stops.to(c.device)).nonzero()
             c = c[: int(at[0]) + 1] if len(at) else c
             rows.append(torch.cat([p, c])[:max_length])
             labels.append(torch.cat([torch.full_like(p, -100), c])[:max_length])

@@ -3,7 +3,7 @@
 TRL's GKD / DistillationTrainer generate the student's samples with vLLM (`use_vllm`) and push
 the trained weights to it through vLLM's weight-transfer API, whose backends are NCCL and CUDA
 IPC: there is no communicator on CPU. Here the weights travel through a checkpoint instead: the
-trainer writes the drafter with `save_pretrained` into one directory, and the server reloads them
+trainer writes the drafter's state dict into one directory, and the server reloads them
 in place from it (`reload_weights(weights_path=...)` on every worker, through vLLM's
 `/collective_rpc` endpoint, enabled by `VLLM_SERVER_DEV_MODE=1`; vLLM 0.32), with no restart.
 The server is `sd2_hf.serving.VLLMServer` in the project's vLLM environment (the main
@@ -12,15 +12,12 @@ environment never imports vLLM); requests are sent concurrently so vLLM batches 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 # The weights file the server reloads from; written to a temporary name and renamed, so the
 # server never reads a half-written file.
@@ -120,7 +117,7 @@ class VLLMGenerator:
     ) -> list[list[int]]:
         """Each prompt's continuation (token ids, up to and including its first stop token)."""
         if self.server is None:
-            raise RuntimeError("VLLMGenerator.generate before sync(): the server holds no model")
+            raise RuntimeError("VLLMGenerator.generate before load(): the server holds no model")
         self.server.raise_if_dead("generating on-policy continuations")
         base = {
             "max_tokens": max_new_tokens,
