@@ -32,7 +32,10 @@ MODEL = "asset:smollm2-135m-instruct"
 TEMPLATE = str(REPO / "recipes" / "chat_templates" / "smollm2-training.jinja")
 # (name, SD2Config fields) of the settings measured; vllm*: continuations from a vLLM server
 # (its start-up falls in the dropped first step), weights reloaded every step / every 4 steps.
-SETTINGS = {"fp32": {}, "bf16": {"bf16": True}, "vllm": {"on_policy_generator": "vllm"}}
+# bf16 is always set: left unset, TRL's config turned bf16 autocast on, so the rows named fp32
+# before 2026-12-06 were bf16 autocast too.
+SETTINGS = {"fp32": {"bf16": False}, "bf16": {"bf16": True}}
+SETTINGS["vllm"] = {"bf16": False, "on_policy_generator": "vllm"}
 SETTINGS["vllm-refresh4"] = {**SETTINGS["vllm"], "on_policy_refresh_steps": 4}
 
 

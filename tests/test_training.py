@@ -491,3 +491,17 @@ def test_on_policy_under_ddp_with_ranks_generating_different_lengths(tmp_path):
     for rep in reports:
         assert rep["weight_type"] == "Parameter"
         assert rep["masked_zeros"] == rep["initial_zeros"]
+
+
+@pytest.mark.parametrize(
+    ("native", "asked", "expected"),
+    [(False, None, False), (True, None, True), (None, None, True), (False, True, True)],
+)
+def test_bf16_default_follows_the_cpu(tmp_path, monkeypatch, native, asked, expected):
+    """TRL turns bf16 autocast on when unset; on a CPU that only emulates bf16 it stays off."""
+    from sd2_hf.utils import environment
+
+    monkeypatch.setattr(environment, "cpu_has_native_bf16", lambda *a, **k: native)
+    kwargs = {} if asked is None else {"bf16": asked}
+    args = SD2Config(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+    assert args.bf16 is expected
