@@ -11,6 +11,9 @@ round-trip, the share of pruned zeros still exactly zero, and greedy assisted ge
 MT-Bench prompts in transformers (output vs the target alone, MAL from counted target forward
 passes). With `--vllm`, each format is also the draft model of a vLLM server: start or the exact
 error, greedy output vs vLLM's plain greedy output, MAL from the server's counters.
+Wall-clock at batch 1 (one request at a time, after one warm-up request) on each engine:
+tokens/s of assisted decoding and its speed-up over the target alone on the same engine,
+measured in the same run.
 
 Writes bench/results/export_formats.{json,md}.
 """
@@ -95,6 +98,7 @@ def transformers_check(target, drafter_dir: str, prompts, reference, max_new_tok
     started = time.perf_counter()
     drafter = AutoModelForCausalLM.from_pretrained(drafter_dir).eval()
     load_seconds = time.perf_counter() - started
+    greedy(target, prompts[0], 8, assistant_model=drafter)  # warm-up, not timed
     steps = []
     hook = target.register_forward_hook(lambda *_: steps.append(1))
     started = time.perf_counter()
@@ -123,12 +127,15 @@ def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, lo
     )
     try:
         with server, OpenAIClient(server.url, server.model_name) as client:
-            before = server.spec_counters() if drafter_dir else None
             opts = {"max_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
+            client.completion(prompts[0], **{**opts, "max_tokens": 8})  # warm-up, not timed
+            before = server.spec_counters() if drafter_dir else None
+            started = time.perf_counter()
             outputs = [
                 client.completion(ids, **opts, return_token_ids=True)["choices"][0]["token_ids"]
                 for ids in prompts
             ]
+            seconds = time.perf_counter() - started
             delta = server.spec_counters() - before if drafter_dir else None
     except RuntimeError as err:  # ServerError (start-up) and RequestFailed (engine died)
         # The root cause is the first exception line of the server log (later ones are
@@ -138,6 +145,7 @@ def vllm_check(target: str, drafter_dir: str | None, prompts, max_new_tokens, lo
         "ok": True,
         "startup_seconds": server.startup_seconds,
         "outputs": outputs,
+        "tokens_per_second": sum(map(len, outputs)) / seconds,
         "mal": delta.mal if delta else None,
         "acceptance_per_position": delta.acceptance_per_position if delta else None,
     }
@@ -155,6 +163,32 @@ def lossless(mismatches: int) -> str:
     return "yes" if mismatches == 0 else f"no ({mismatches} differ)"
 
 
+def speed(row: dict, alone: dict | None) -> str:
+    """`1.23× (45.6)`: tokens/s over the target alone's, with the tokens/s; `–` when either
+    side was not timed (results of runs before the wall-clock columns)."""
+    if not alone or not alone.get("tokens_per_second") or not row.get("tokens_per_second"):
+        return "–"
+    return f"{row['tokens_per_second'] / alone['tokens_per_second']:.2f}× ({row['tokens_per_second']:.1f})"
+
+
+def _speed_note(report: dict[str, Any]) -> list[str]:
+    alone = [
+        f"{engine} {timed['tokens_per_second']:.1f} tokens/s"
+        for engine, timed in (
+            ("transformers", report.get("target_alone")),
+            ("vLLM", report.get("vllm_target_alone")),
+        )
+        if timed and timed.get("tokens_per_second")
+    ]
+    if not alone:
+        return []
+    return [
+        "",
+        "Speed-up = assisted tokens/s at batch 1 over the target alone on the same engine in the "
+        f"same run (tokens/s in parentheses); the target alone: {', '.join(alone)}.",
+    ]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Export formats of a sparse drafter",
@@ -167,10 +201,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "| format | compressed-tensors | size (MiB) | size vs dense | sparsity before | "
         "sparsity after round-trip | pruned zeros kept | transformers load (s) | "
-        "transformers lossless | transformers MAL |"
-        + (" vLLM | vLLM lossless | vLLM MAL |" if report["vllm"] else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"
-        + ("---|---|---:|" if report["vllm"] else ""),
+        "transformers lossless | transformers MAL | transformers speed-up |"
+        + (" vLLM | vLLM lossless | vLLM MAL | vLLM speed-up |" if report["vllm"] else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+        + ("---|---|---:|---:|" if report["vllm"] else ""),
     ]
     for row in report["formats"]:
         hf = row["transformers"]
@@ -183,13 +217,15 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{hf['load_seconds']:.1f}",
             lossless(hf["lossless_mismatches"]),
             f"{hf['mal']:.2f}",
+            speed(hf, report.get("target_alone")),
         ]
         if report["vllm"]:
             served = row["vllm"]
             if served["ok"]:
                 cells += ["serves", lossless(served["lossless_mismatches"]), f"{served['mal']:.2f}"]
+                cells.append(speed(served, report["vllm_target_alone"]))
             else:
-                cells += [f"fails: `{served['error'][:160]}`", "–", "–"]
+                cells += [f"fails: `{served['error'][:160]}`", "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -198,6 +234,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "forward passes; vLLM MAL from its spec-decode counters. Lossless = greedy output equals "
         "the target's own greedy output "
         + ("(transformers target; vLLM target served alone)." if report["vllm"] else "."),
+        *_speed_note(report),
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
     ]
@@ -229,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     prompts = prompt_ids(tokenizer, args.prompts)
+    greedy(target, prompts[0], 8)  # warm-up, not timed
+    started = time.perf_counter()
     reference = [greedy(target, ids, args.max_new_tokens) for ids in tqdm(prompts, desc="target")]
+    target_alone = {"tokens_per_second": sum(map(len, reference)) / (time.perf_counter() - started)}
 
     def serve(drafter: str | None, name: str) -> dict:
         log = work / f"vllm-{name}.log"
@@ -276,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "vllm": args.vllm,
+        "target_alone": target_alone,
         "vllm_target_alone": {k: v for k, v in (vllm_reference or {}).items() if k != "outputs"},
         "formats": rows,
         "date": time.strftime("%Y-%m-%d"),
