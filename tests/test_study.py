@@ -256,6 +256,42 @@ def test_rows_of_an_earlier_run_are_carried_beside_a_partial_run():
     assert [r["name"] for r in other["evaluations"]["mt"]["drafters"]] == ["vocab"]
 
 
+def test_a_carried_row_meets_a_rebuilt_baseline_as_measured_in_its_own_run():
+    """A drafter measured again whose counts changed (rebuilt, e.g. pruned again on another
+    CPU) is not the one a carried row was fine-tuned from: the carried row's comparisons and
+    curve points use that drafter's row of its own run (flagged §), this run's rows their own;
+    an unchanged baseline needs no such row, and a later carry keeps it."""
+    from sd2_hf.study.report import carry_earlier_rows, comparisons, curves, to_markdown
+
+    earlier = _report("2026-12-01", {"noft": 1.5, "n1": 2.0})
+    now = _report("2026-12-06", {"noft": 1.75, "n2": 2.25})
+    assert carry_earlier_rows(now, earlier) == ["n1"]
+    rows = {r["name"]: r for r in now["evaluations"]["mt"]["drafters"]}
+    assert rows["n1"]["against"]["noft"]["mal"] == 1.5
+    pairs = [("n1", "noft"), ("n2", "noft"), ("noft", "n1")]
+    by_pair = {(c["a"], c["b"]): c for c in comparisons(pairs, now["evaluations"])}
+    assert by_pair["n1", "noft"]["ratio"] == pytest.approx(2.0 / 1.5)
+    assert by_pair["noft", "n1"]["ratio"] == pytest.approx(1.5 / 2.0)
+    assert by_pair["n1", "noft"]["earlier_partner"] and by_pair["noft", "n1"]["earlier_partner"]
+    assert by_pair["n2", "noft"]["ratio"] == pytest.approx(2.25 / 1.75)
+    assert "earlier_partner" not in by_pair["n2", "noft"]
+    curve = {"baseline": "noft", "points": {"n1": 10, "n2": 100}, "log_x": True, "goal": 1.5}
+    (series,) = curves({"data": curve}, now["evaluations"])["data"]["series"]
+    n1, n2 = series["points"]
+    assert n1["ratio"] == pytest.approx(2.0 / 1.5) and n1["earlier_partner"]
+    assert n2["ratio"] == pytest.approx(2.25 / 1.75) and "earlier_partner" not in n2
+    now.update(carried=["n1"], comparisons=list(by_pair.values()))
+    now["curves"] = curves({"data": {**curve, "x_label": "x"}}, now["evaluations"])
+    text = to_markdown(now)
+    assert "| n1 vs noft § |" in text and "| n2 vs noft |" in text
+    assert "§ a carried row against the other drafter as measured in the carried row's" in text
+
+    later = _report("2026-12-07", {"noft": 1.75})  # a third run: n1 and n2 carried
+    assert carry_earlier_rows(later, now) == ["n1", "n2"]
+    rows = {r["name"]: r for r in later["evaluations"]["mt"]["drafters"]}
+    assert rows["n1"]["against"]["noft"]["mal"] == 1.5 and "against" not in rows["n2"]
+
+
 def test_k_is_chosen_on_the_named_evaluation_and_reported_on_the_others():
     """`choose_k_on`: the K with the best improvement factor on the selection prompts (MACs
     cost, and the drafter's measured time cost) is the one reported on the other evaluation,

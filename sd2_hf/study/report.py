@@ -131,22 +131,28 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
     out = []
     for a, b in pairs:
         for name, ev in evaluations.items():
-            rows = {r["name"]: r for r in ev["drafters"]}
-            if a not in rows or b not in rows:
+            pair = _pair({r["name"]: r for r in ev["drafters"]}, a, b)
+            if pair is None:
                 continue
+            row_a, row_b = pair
             runs = [
                 (lbl, t)
-                for lbl, t in _decodings(ev, rows[a])
-                if t is None or t in rows[b]["sampled"]
+                for lbl, t in _decodings(ev, row_a)
+                if t is None or t in (row_b.get("sampled") or {})
             ]
             for label, t in runs:
-                ra, rb = rows[a], rows[b]
-                if t is not None:
-                    ra, rb = ra["sampled"][t], rb["sampled"][t]
+                ra, rb = (row_a, row_b) if t is None else (row_a["sampled"][t], row_b["sampled"][t])
                 ratio = _ratio(ra, rb, ev["prompt_categories"])
                 if ratio is not None:
-                    out.append({"a": a, "b": b, "evaluation": name, "decoding": label, **ratio})
+                    entry = {"a": a, "b": b, "evaluation": name, "decoding": label, **ratio}
+                    if row_b is not rows_of(ev, b) or row_a is not rows_of(ev, a):
+                        entry["earlier_partner"] = True
+                    out.append(entry)
     return out
+
+
+def rows_of(ev: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((r for r in ev["drafters"] if r["name"] == name), None)
 
 
 def _decodings(ev: dict[str, Any], row: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -194,12 +200,19 @@ def curves(study_curves: dict[str, Any], evaluations: dict[str, Any]) -> dict[st
                 b = base if t is None else base["sampled"][t]
                 points = []
                 for drafter, x in sorted(curve["points"].items(), key=lambda kv: kv[1]):
-                    row = rows.get(drafter)
-                    a = row if row is None or t is None else row["sampled"].get(t)
-                    ratio = _ratio(a, b, None) if a else None
+                    pair = _pair(rows, drafter, curve["baseline"])
+                    if pair is None:
+                        continue
+                    row, own_base = pair
+                    a = row if t is None else (row.get("sampled") or {}).get(t)
+                    b_own = own_base if t is None else (own_base.get("sampled") or {}).get(t)
+                    ratio = _ratio(a, b_own, None) if a and b_own else None
                     if ratio is not None:
                         interval = {k: ratio[k] for k in ("ratio", "low", "high")}
-                        points.append({"drafter": drafter, "x": x, "mal": a["mal"], **interval})
+                        point = {"drafter": drafter, "x": x, "mal": a["mal"], **interval}
+                        if own_base is not base:
+                            point["earlier_partner"] = True
+                        points.append(point)
                 if points:
                     fit = fit_curve(points, curve["log_x"], curve.get("goal"))
                     series.append(
@@ -277,23 +290,71 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
     carrying rows lets a run build and measure only the drafters that are new and still report
     every comparison. MAL is computed from per-prompt counts against the same target outputs,
     so a ratio of a carried row stands; its time columns are against the target of its own run
-    (the table says which run each row comes from)."""
+    (the table says which run each row comes from).
+
+    A drafter this run measured again whose per-prompt counts differ from its earlier row was
+    rebuilt differently (e.g. pruned again on another CPU): a carried row is compared with
+    that drafter as measured in the carried row's own run, kept in the row's `against`."""
     carried = []
     for name, ev in report["evaluations"].items():
         old = (earlier.get("evaluations") or {}).get(name)
         if not old or any(old.get(k) != ev.get(k) for k in SAME_EVALUATION):
             continue
-        present = {r["name"] for r in ev["drafters"]}
+        present = {r["name"]: r for r in ev["drafters"]}
+        changed = {
+            r["name"]: r
+            for r in old["drafters"]
+            if r["name"] in present and not _same_counts(r, present[r["name"]])
+        }
         for row in old["drafters"]:
             if row["name"] in present:
                 continue
             measured = row.get("measured") or earlier["date"]
-            ev["drafters"].append({**row, "measured": measured})
+            against = {**{k: v for k, v in changed.items() if k != row["name"]}}
+            against.update(row.get("against") or {})  # partners it already carried
+            row = {**row, "measured": measured}
+            if against:
+                row["against"] = {
+                    k: {**v, "measured": v.get("measured") or measured}
+                    for k, v in sorted(against.items())
+                }
+            ev["drafters"].append(row)
             carried.append(row["name"])
             entry = (earlier.get("drafters") or {}).get(row["name"])
             if entry is not None:  # how it was built then (this run may list it unbuilt)
                 report["drafters"][row["name"]] = {**entry, "measured": measured}
     return sorted(set(carried))
+
+
+EARLIER_PARTNER_NOTE = (
+    "§ a carried row against the other drafter as measured in the carried row's own run: that "
+    "drafter was rebuilt since and measures differently now (e.g. pruned again on another CPU)."
+)
+
+
+def _same_counts(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rows of one evaluation measured the same outputs: equal per-prompt counts,
+    greedy and at every sampled temperature both have."""
+    if a.get("per_prompt") != b.get("per_prompt"):
+        return False
+    sampled_a, sampled_b = a.get("sampled") or {}, b.get("sampled") or {}
+    return all(
+        sampled_a[t].get("per_prompt") == sampled_b[t].get("per_prompt")
+        for t in set(sampled_a) & set(sampled_b)
+    )
+
+
+def _pair(rows: dict[str, Any], a: str, b: str) -> tuple[dict, dict] | None:
+    """The rows compared for `a vs b`: a carried row meets the other drafter as measured in its
+    own run where that drafter was rebuilt since (`against`); None when either is missing."""
+    if a not in rows or b not in rows:
+        return None
+    ra, rb = rows[a], rows[b]
+    if b in (ra.get("against") or {}):
+        rb = ra["against"][b]
+    elif a in (rb.get("against") or {}):
+        ra = rb["against"][a]
+    return ra, rb
 
 
 def choose_k(evaluations: dict[str, Any], on: str) -> None:
@@ -477,10 +538,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         rows = []
         for c in report["comparisons"]:
             per_cat = ", ".join(f"{k} {v[0]:.2f}" for k, v in c["per_category"].items() if v)
+            mark = " §" if c.get("earlier_partner") else ""
             rows.append(
-                [f"{c['a']} vs {c['b']}", c["evaluation"], c["decoding"], _interval(c), per_cat]
+                [
+                    f"{c['a']} vs {c['b']}{mark}",
+                    c["evaluation"],
+                    c["decoding"],
+                    _interval(c),
+                    per_cat,
+                ]
             )
         lines += _table(["comparison", "evaluation", "decoding", "ratio", "per category"], rows)
+        if any(c.get("earlier_partner") for c in report["comparisons"]):
+            lines += ["", EARLIER_PARTNER_NOTE]
     for name, curve in (report.get("curves") or {}).items():
         lines += _curve_section(name, curve)
     return "\n".join(lines) + "\n"
@@ -497,7 +567,7 @@ def _curve_section(name: str, curve: dict[str, Any]) -> list[str]:
     labels = [f"{s['evaluation']}, {s['decoding']}" for s in curve["series"]]
     xs = sorted({(p["x"], p["drafter"]) for s in curve["series"] for p in s["points"]})
     cells = {
-        (p["drafter"], label): _interval(p)
+        (p["drafter"], label): _interval(p) + (" §" if p.get("earlier_partner") else "")
         for s, label in zip(curve["series"], labels)
         for p in s["points"]
     }
@@ -521,6 +591,8 @@ def _curve_section(name: str, curve: dict[str, Any]) -> list[str]:
                 else f"; {goal} not reached along the fit (slope ≤ 0)"
             )
         lines.append(text + ".")
+    if any(p.get("earlier_partner") for s in curve["series"] for p in s["points"]):
+        lines += ["", EARLIER_PARTNER_NOTE]
     return lines
 
 
