@@ -249,6 +249,10 @@ def plot_curve(curve: dict[str, Any]) -> Figure:
     ax.axhline(0, color="black", lw=0.6)
     if curve["log_x"]:
         ax.set_xscale("log")
+        # The points' own x as ticks: matplotlib's log labels (3×10², 4×10²) run together.
+        ticks = sorted({p["x"] for s in curve["series"] for p in s["points"]})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.minorticks_off()
     ax.set(
         xlabel=curve["x_label"],
         ylabel=f"MAL gain over {curve['baseline']} (%)",
