@@ -131,7 +131,8 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
     out = []
     for a, b in pairs:
         for name, ev in evaluations.items():
-            pair = _pair({r["name"]: r for r in ev["drafters"]}, a, b)
+            rows = {r["name"]: r for r in ev["drafters"]}
+            pair = _pair(rows, a, b)
             if pair is None:
                 continue
             row_a, row_b = pair
@@ -145,14 +146,10 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
                 ratio = _ratio(ra, rb, ev["prompt_categories"])
                 if ratio is not None:
                     entry = {"a": a, "b": b, "evaluation": name, "decoding": label, **ratio}
-                    if row_b is not rows_of(ev, b) or row_a is not rows_of(ev, a):
+                    if row_a is not rows[a] or row_b is not rows[b]:
                         entry["earlier_partner"] = True
                     out.append(entry)
     return out
-
-
-def rows_of(ev: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((r for r in ev["drafters"] if r["name"] == name), None)
 
 
 def _decodings(ev: dict[str, Any], row: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -314,7 +311,7 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
             if row["name"] in present:
                 continue
             measured = row.get("measured") or earlier["date"]
-            against = {**{k: v for k, v in changed.items() if k != row["name"]}}
+            against = {k: v for k, v in changed.items() if k != row["name"]}
             against.update(row.get("against") or {})  # partners it already carried
             row = {**row, "measured": measured}
             if against:
