@@ -292,6 +292,41 @@ def test_a_carried_row_meets_a_rebuilt_baseline_as_measured_in_its_own_run():
     assert rows["n1"]["against"]["noft"]["mal"] == 1.5 and "against" not in rows["n2"]
 
 
+def test_drafters_fine_tuned_from_different_builds_of_their_base_are_flagged():
+    """n1 was fine-tuned from the noft of an earlier run, n2 from this run's rebuilt noft: their
+    comparison mixes the rebuild into the ratio and is flagged ¶; a pair from one build is not,
+    in this run and in a later run that carries both."""
+    from sd2_hf.study.report import carry_earlier_rows, comparisons, to_markdown
+
+    def chains(report):
+        for name in report["drafters"]:
+            if name != "noft":
+                report["drafters"][name]["chain"] = ["noft", "train"]
+        return report
+
+    earlier = chains(_report("2026-12-01", {"noft": 1.5, "n1": 2.0}))
+    now = chains(_report("2026-12-06", {"noft": 1.75, "n2": 2.25, "n3": 2.0}))
+    carry_earlier_rows(now, earlier)
+    pairs = [("n2", "n1"), ("n3", "n2"), ("n1", "noft")]
+    by_pair = {(c["a"], c["b"]): c for c in comparisons(pairs, now["evaluations"], now["drafters"])}
+    assert by_pair["n2", "n1"]["mixed_builds"] and by_pair["n2", "n1"]["ratio"] == pytest.approx(
+        2.25 / 2.0
+    )
+    assert "mixed_builds" not in by_pair["n3", "n2"] and "mixed_builds" not in by_pair["n1", "noft"]
+    assert "mixed_builds" not in comparisons(pairs, now["evaluations"])[0]  # no chains: no flag
+    now.update(carried=["n1"], comparisons=list(by_pair.values()))
+    text = to_markdown(now)
+    assert "| n2 vs n1 ¶ |" in text and "| n3 vs n2 |" in text
+    assert "¶ the two drafters were built from different builds of a drafter they share" in text
+
+    later = chains(_report("2026-12-07", {"noft": 1.75}))  # both carried, noft unchanged
+    carry_earlier_rows(later, now)
+    by_pair = {
+        (c["a"], c["b"]): c for c in comparisons(pairs, later["evaluations"], later["drafters"])
+    }
+    assert by_pair["n2", "n1"]["mixed_builds"] and "mixed_builds" not in by_pair["n3", "n2"]
+
+
 def test_k_is_chosen_on_the_named_evaluation_and_reported_on_the_others():
     """`choose_k_on`: the K with the best improvement factor on the selection prompts (MACs
     cost, and the drafter's measured time cost) is the one reported on the other evaluation,

@@ -125,9 +125,15 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], categories: list[str] | None) -
     }
 
 
-def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> list[dict[str, Any]]:
+def comparisons(
+    pairs: list[tuple[str, str]],
+    evaluations: dict[str, Any],
+    drafters: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """MAL(A) / MAL(B) with paired-bootstrap intervals, in every evaluation (and at every
-    sampled temperature) where both drafters were measured."""
+    sampled temperature) where both drafters were measured. With the report's `drafters` (their
+    build chains), a pair built from different builds of a drafter they share (one row carried
+    from a run before that drafter was rebuilt) is flagged `mixed_builds`."""
     out = []
     for a, b in pairs:
         for name, ev in evaluations.items():
@@ -148,8 +154,36 @@ def comparisons(pairs: list[tuple[str, str]], evaluations: dict[str, Any]) -> li
                     entry = {"a": a, "b": b, "evaluation": name, "decoding": label, **ratio}
                     if row_a is not rows[a] or row_b is not rows[b]:
                         entry["earlier_partner"] = True
+                    if drafters and _mixed_builds(drafters, a, b, row_a, row_b):
+                        entry["mixed_builds"] = True
                     out.append(entry)
     return out
+
+
+def _ancestors(drafters: dict[str, Any], name: str) -> list[str]:
+    """The drafters `name` was built from, nearest first (each chain starts at its base)."""
+    out: list[str] = []
+    while True:
+        chain = (drafters.get(name) or {}).get("chain") or []
+        base = chain[0] if chain else None
+        if base is None or base == name or base not in drafters or base in out:
+            return out
+        out.append(base)
+        name = base
+
+
+def _mixed_builds(
+    drafters: dict[str, Any], a: str, b: str, row_a: dict[str, Any], row_b: dict[str, Any]
+) -> bool:
+    """Whether `a` and `b` descend from different builds of a drafter they share: a row's
+    `against` holds the build it descends from where that drafter was rebuilt since (else it
+    descends from the build measured in this report)."""
+    shared = set(_ancestors(drafters, a)) & set(_ancestors(drafters, b))
+    for x in shared:
+        pa, pb = (row_a.get("against") or {}).get(x), (row_b.get("against") or {}).get(x)
+        if (pa is None) != (pb is None) or (pa is not None and not _same_counts(pa, pb)):
+            return True
+    return False
 
 
 def _decodings(ev: dict[str, Any], row: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -327,6 +361,11 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
     return sorted(set(carried))
 
 
+MIXED_BUILDS_NOTE = (
+    "¶ the two drafters were built from different builds of a drafter they share (it was "
+    "rebuilt between their runs, e.g. pruned again on another CPU): the ratio mixes their own "
+    "difference with the rebuild's."
+)
 EARLIER_PARTNER_NOTE = (
     "§ a carried row against the other drafter as measured in the carried row's own run: that "
     "drafter was rebuilt since and measures differently now (e.g. pruned again on another CPU)."
@@ -432,7 +471,7 @@ def build_report(
         report["carried"] = carry_earlier_rows(report, earlier)
     if study.choose_k_on:
         choose_k(evaluations, study.choose_k_on)
-    report["comparisons"] = comparisons(study.comparison_pairs(), evaluations)
+    report["comparisons"] = comparisons(study.comparison_pairs(), evaluations, report["drafters"])
     if study.curves:
         report["curves"] = curves({n: c.model_dump() for n, c in study.curves.items()}, evaluations)
     return report
@@ -539,7 +578,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         rows = []
         for c in report["comparisons"]:
             per_cat = ", ".join(f"{k} {v[0]:.2f}" for k, v in c["per_category"].items() if v)
-            mark = " §" if c.get("earlier_partner") else ""
+            mark = (" §" if c.get("earlier_partner") else "") + (
+                " ¶" if c.get("mixed_builds") else ""
+            )
             rows.append(
                 [
                     f"{c['a']} vs {c['b']}{mark}",
@@ -552,6 +593,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += _table(["comparison", "evaluation", "decoding", "ratio", "per category"], rows)
         if any(c.get("earlier_partner") for c in report["comparisons"]):
             lines += ["", EARLIER_PARTNER_NOTE]
+        if any(c.get("mixed_builds") for c in report["comparisons"]):
+            lines += ["", MIXED_BUILDS_NOTE]
     for name, curve in (report.get("curves") or {}).items():
         lines += _curve_section(name, curve)
     return "\n".join(lines) + "\n"
