@@ -147,16 +147,19 @@ def comparisons(
                 for lbl, t in _decodings(ev, row_a)
                 if t is None or t in (row_b.get("sampled") or {})
             ]
+            # Properties of the pair of rows, the same at every decoding.
+            flags = {}
+            if row_a is not rows[a] or row_b is not rows[b]:
+                flags["earlier_partner"] = True
+            if drafters and _mixed_builds(drafters, a, b, row_a, row_b):
+                flags["mixed_builds"] = True
             for label, t in runs:
                 ra, rb = (row_a, row_b) if t is None else (row_a["sampled"][t], row_b["sampled"][t])
                 ratio = _ratio(ra, rb, ev["prompt_categories"])
                 if ratio is not None:
-                    entry = {"a": a, "b": b, "evaluation": name, "decoding": label, **ratio}
-                    if row_a is not rows[a] or row_b is not rows[b]:
-                        entry["earlier_partner"] = True
-                    if drafters and _mixed_builds(drafters, a, b, row_a, row_b):
-                        entry["mixed_builds"] = True
-                    out.append(entry)
+                    out.append(
+                        {"a": a, "b": b, "evaluation": name, "decoding": label, **ratio, **flags}
+                    )
     return out
 
 
