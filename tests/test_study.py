@@ -101,6 +101,13 @@ def test_study_builds_evaluates_reuses_and_reports(tmp_path, tiny_model_dir, mon
         "dense",
     }
     assert [c["b"] for c in report["comparisons"]] == ["pruned", "dense"]
+    # A run leaving a drafter out (null) measures nothing of it and carries its row with the
+    # comparisons naming it.
+    assert sd2_main(["compare", str(path), "drafters.dense=null"]) == 0
+    assert measured == ["dense"]
+    report = json.loads((root / "study.json").read_text())
+    assert report["carried"] == ["dense"]
+    assert [c["b"] for c in report["comparisons"]] == ["pruned", "dense"]
 
     # A changed training section rebuilds that drafter (and the checkpoint drafter after it)
     # only; --only builds and measures it alone, and the report still has every row.
@@ -181,13 +188,17 @@ def test_dry_run_lists_every_stage(tmp_path, tiny_model_dir, capsys):
     assert not (tmp_path / "s" / "out").exists()
 
 
-def test_a_null_drafter_is_left_out_with_its_comparisons(tmp_path, tiny_model_dir, sd2_fails):
+def test_a_null_drafter_is_left_out_of_the_build_but_not_of_the_report(
+    tmp_path, tiny_model_dir, sd2_fails
+):
     path = write_study(tmp_path / "s", tiny_model_dir)
     study = load_study(path, ["drafters.sd2-step2=null"])
-    assert list(study.drafters) == ["pruned", "sd2"] and study.comparisons == ["sd2 vs pruned"]
-    plans, _ = plan_study(load_study(path, ["drafters.sd2=null", "drafters.sd2-step2=null"]))
-    assert [p.key for p in plans] == ["distill", "pruned/prune"]
-    assert load_study(path, ["drafters.sd2=null", "drafters.sd2-step2=null"]).comparisons == []
+    assert list(study.drafters) == ["pruned", "sd2"] and study.left_out == ["sd2-step2"]
+    both = load_study(path, ["drafters.sd2=null", "drafters.sd2-step2=null"])
+    plans, planned = plan_study(both)
+    assert [p.key for p in plans] == ["distill", "pruned/prune"] and list(planned) == ["pruned"]
+    # Its comparisons stay: a carried row of it is compared in the report.
+    assert both.comparison_pairs() == [("sd2", "pruned")]
     # A drafter another one starts from cannot be left out alone.
     err = sd2_fails(["compare", path, "drafters.pruned=null", "--dry-run"])
     assert "drafters.pruned is left out (null) but drafters.sd2 starts from it" in err
@@ -397,7 +408,7 @@ def test_a_curve_reports_each_point_over_its_baseline_with_a_fit(tmp_path):
     assert (tmp_path / "data-curve.png") in write_files(report, tmp_path)
 
 
-def test_a_curve_names_drafters_and_keeps_its_other_points(tmp_path, tiny_model_dir, sd2_fails):
+def test_a_curve_names_drafters_and_keeps_left_out_points(tmp_path, tiny_model_dir, sd2_fails):
     bad = write_study(tmp_path / "a", tiny_model_dir, curves={"c": {"baseline": "pruned",
                       "points": {"nope": 1}}})  # fmt: skip
     assert "curves.c names 'nope', not drafters of the study" in sd2_fails(
@@ -406,7 +417,7 @@ def test_a_curve_names_drafters_and_keeps_its_other_points(tmp_path, tiny_model_
     curve = {"baseline": "pruned", "points": {"sd2": 4, "sd2-step2": 2}}
     path = write_study(tmp_path / "b", tiny_model_dir, curves={"c": curve})
     study = load_study(path, ["drafters.sd2-step2=null"])
-    assert study.curves["c"].points == {"sd2": 4}
+    assert study.curves["c"].points == {"sd2": 4, "sd2-step2": 2}  # a carried row still counts
 
 
 def test_a_speed_up_against_a_reference_of_another_day_is_flagged():

@@ -161,6 +161,12 @@ class Study(BaseModel):
         description="named curves: the MAL ratio of each point's drafter over the baseline "
         "against x, in every evaluation and decoding holding them (a table, a plot, a fit)",
     )
+    left_out: list[str] = Field(
+        default_factory=list,
+        description="drafters left out of this run (`drafters.NAME=null` on the command line "
+        "fills it): not built nor measured, but their rows carried from the earlier report keep "
+        "their comparisons and curve points",
+    )
 
     @field_validator("drafters", "evaluations")
     @classmethod
@@ -183,9 +189,20 @@ class Study(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _left_out(self) -> Study:
+        both = [d for d in self.left_out if d in self.drafters]
+        if both:
+            raise ValueError(
+                f"left_out: {both} are also drafters of this run; leave a drafter out with "
+                "drafters.NAME=null"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _curves(self) -> Study:
         for name, curve in self.curves.items():
-            unknown = [d for d in (curve.baseline, *curve.points) if d not in self.drafters]
+            known = {*self.drafters, *self.left_out}
+            unknown = [d for d in (curve.baseline, *curve.points) if d not in known]
             if unknown:
                 raise ValueError(
                     f"curves.{name} names {', '.join(map(repr, unknown))}, not drafters of the "
@@ -210,7 +227,7 @@ class Study(BaseModel):
             if not match:
                 raise StudyError(f"comparisons: {text!r} must look like 'A vs B'")
             for side in (match["a"], match["b"]):
-                if side not in self.drafters and side != "ngram":
+                if side not in self.drafters and side not in self.left_out and side != "ngram":
                     raise StudyError(
                         f"comparisons: {text!r} names {side!r}, which is not a drafter of the "
                         f"study ({', '.join(self.drafters) or 'none'}) nor 'ngram'"
@@ -296,10 +313,11 @@ def apply_study_overrides(data: dict[str, Any], overrides: list[str], base: Path
 
 def _drop_null_entries(data: dict[str, Any]) -> None:
     """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
-    run, with the comparisons and evaluation subsets naming it: a study built over several
-    sessions runs the part that fits. Refused while another drafter starts from it.
-    `evaluations.NAME=null` leaves an evaluation out (and `choose_k_on` naming it); curves keep
-    their other points."""
+    run's build and evaluations (and the evaluation subsets naming it) and lists it in
+    `left_out`: a study built over several sessions runs the part that fits, and the report
+    keeps the comparisons and curve points of the left-out drafters' carried rows. Refused while
+    another drafter starts from it. `evaluations.NAME=null` leaves an evaluation out (and
+    `choose_k_on` naming it)."""
     evaluations = data.get("evaluations")
     if isinstance(evaluations, dict) and None in evaluations.values():
         # `evaluations.NAME=null` leaves that evaluation out of this run the same way.
@@ -309,7 +327,7 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
     drafters = data.get("drafters")
     if not isinstance(drafters, dict):
         return
-    dropped = {name for name, spec in drafters.items() if spec is None}
+    dropped = [name for name, spec in drafters.items() if spec is None]
     if not dropped:
         return
     for name, spec in drafters.items():
@@ -319,17 +337,8 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
                 f"it; leave {name} out too, or keep {spec['model']}"
             )
     data["drafters"] = {n: spec for n, spec in drafters.items() if n not in dropped}
-
-    def keeps(text: Any) -> bool:
-        match = _COMPARISON.match(text) if isinstance(text, str) else None
-        return not match or not {match["a"], match["b"]} & dropped
-
-    if isinstance(data.get("comparisons"), list):
-        data["comparisons"] = [c for c in data["comparisons"] if keeps(c)]
-    for curve in (data.get("curves") or {}).values():
-        # A curve keeps its other points (one whose baseline is left out is refused by Study).
-        if isinstance(curve, dict) and isinstance(curve.get("points"), dict):
-            curve["points"] = {d: x for d, x in curve["points"].items() if d not in dropped}
+    listed = data.get("left_out") if isinstance(data.get("left_out"), list) else []
+    data["left_out"] = [*listed, *(n for n in dropped if n not in listed)]
     for section in (data.get("evaluations") or {}).values():
         if isinstance(section, dict) and isinstance(section.get("drafters"), list):
             section["drafters"] = [d for d in section["drafters"] if d not in dropped]
