@@ -406,6 +406,12 @@ def test_a_curve_reports_each_point_over_its_baseline_with_a_fit(tmp_path):
     assert "| 10 | n10 | ×1.100" in text
     assert "+10.0 points of MAL gain per decade of x" in text and "x ≈ 1e+05" in text
     assert (tmp_path / "data-curve.png") in write_files(report, tmp_path)
+    # A goal the line reaches only far past the points (here 1e10, 10^7 × the largest x) gets
+    # no estimate.
+    report.update(curves=curves({"data": {**curve, "goal": 2.0}}, report["evaluations"]))
+    assert report["curves"]["data"]["series"][0]["fit"]["x_at_goal"] == pytest.approx(1e10)
+    text = to_markdown(report)
+    assert "+100% not within 1000× the largest x along the fit (x ≈ 1e+10)" in text
 
 
 def test_a_curve_names_drafters_and_keeps_left_out_points(tmp_path, tiny_model_dir, sd2_fails):

@@ -364,6 +364,10 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
     return sorted(set(carried))
 
 
+# Past this multiple of the largest measured x, the report gives the fit's x at the goal no
+# weight (two nearly flat points extrapolate to x ≈ 1e28).
+FAR_EXTRAPOLATION = 1000
+
 MIXED_BUILDS_NOTE = (
     "¶ the two drafters were built from different builds of a drafter they share (it was "
     "rebuilt between their runs, e.g. pruned again on another CPU): the ratio mixes their own "
@@ -632,11 +636,16 @@ def _curve_section(name: str, curve: dict[str, Any]) -> list[str]:
         text += f"over {len(s['points'])} points)"
         if "goal" in fit:
             goal = f"+{100 * (fit['goal'] - 1):.0f}%"
-            text += (
-                f"; {goal} at x ≈ {fit['x_at_goal']:.3g} (extrapolated along the fit)"
-                if fit["x_at_goal"] is not None
-                else f"; {goal} not reached along the fit (slope ≤ 0)"
-            )
+            at, largest = fit["x_at_goal"], max(p["x"] for p in s["points"])
+            if at is None:
+                text += f"; {goal} not reached along the fit (slope ≤ 0)"
+            elif at > FAR_EXTRAPOLATION * largest:
+                text += (
+                    f"; {goal} not within {FAR_EXTRAPOLATION}× the largest x along the fit (x ≈ "
+                    f"{at:.3g}): the points give no estimate of it"
+                )
+            else:
+                text += f"; {goal} at x ≈ {at:.3g} (extrapolated along the fit)"
         lines.append(text + ".")
     if any(p.get("earlier_partner") for s in curve["series"] for p in s["points"]):
         lines += ["", EARLIER_PARTNER_NOTE]
