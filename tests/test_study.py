@@ -370,14 +370,33 @@ def test_choose_k_on_must_name_an_evaluation(tmp_path, tiny_model_dir, sd2_fails
     assert "choose_k_on: 'heldout' is not an evaluation of the study (mt)" in message
 
 
-def test_a_null_evaluation_is_left_out_with_the_k_chosen_on_it(tmp_path, tiny_model_dir):
+def test_a_null_evaluation_is_left_out_of_the_run(tmp_path, tiny_model_dir):
     mt = {"prompts": "question.jsonl", "max_new_tokens": 8, "baselines": ["none"]}
     path = write_study(
         tmp_path, tiny_model_dir, evaluations={"mt": mt, "held": dict(mt)}, choose_k_on="held"
     )
     study = load_study(path, ["evaluations.held=null"])
-    assert list(study.evaluations) == ["mt"] and study.choose_k_on is None
-    assert load_study(path).choose_k_on == "held"
+    assert list(study.evaluations) == ["mt"] and study.left_out_evaluations == ["held"]
+    assert study.choose_k_on == "held"  # used where the report carries `held` from before
+
+
+def test_a_left_out_evaluation_is_carried_whole_into_the_report():
+    """A run leaving an evaluation out (null) does not drop its table from the report it writes:
+    the earlier report's evaluation is carried whole, rows dated by their run."""
+    from sd2_hf.study.report import carry_left_out_evaluations, to_markdown
+
+    earlier = _report("2026-12-01", {"pruned": 1.5, "sd2": 2.0})
+    now = _report("2026-12-05", {"sd2": 2.5})
+    now["evaluations"] = {"held": now["evaluations"]["mt"]}
+    assert carry_left_out_evaluations(now, earlier, ["mt", "gone"]) == ["mt"]
+    rows = {r["name"]: r for r in now["evaluations"]["mt"]["drafters"]}
+    assert rows["sd2"]["mal"] == 2.0 and rows["sd2"]["measured"] == "2026-12-01"
+    assert now["drafters"]["pruned"]["measured"] == "2026-12-01"
+    assert carry_left_out_evaluations(now, earlier, ["mt"]) == []  # present: kept as it is
+    now["comparisons"] = []
+    text = to_markdown(now)
+    assert "## Evaluation `mt`" in text and "## Evaluation `held`" in text
+    assert "carried whole from an earlier run (measured 2026-12-01)" in text
 
 
 def test_a_curve_reports_each_point_over_its_baseline_with_a_fit(tmp_path):

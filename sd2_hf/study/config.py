@@ -161,6 +161,11 @@ class Study(BaseModel):
         description="named curves: the MAL ratio of each point's drafter over the baseline "
         "against x, in every evaluation and decoding holding them (a table, a plot, a fit)",
     )
+    left_out_evaluations: list[str] = Field(
+        default_factory=list,
+        description="evaluations left out of this run (`evaluations.NAME=null` fills it): not "
+        "run, but carried whole from the earlier report, so a partial run keeps their tables",
+    )
     left_out: list[str] = Field(
         default_factory=list,
         description="drafters left out of this run (`drafters.NAME=null` on the command line "
@@ -181,7 +186,8 @@ class Study(BaseModel):
 
     @model_validator(mode="after")
     def _choose_k_on(self) -> Study:
-        if self.choose_k_on is not None and self.choose_k_on not in self.evaluations:
+        known = {*self.evaluations, *self.left_out_evaluations}
+        if self.choose_k_on is not None and self.choose_k_on not in known:
             raise ValueError(
                 f"choose_k_on: {self.choose_k_on!r} is not an evaluation of the study "
                 f"({', '.join(self.evaluations)})"
@@ -195,6 +201,12 @@ class Study(BaseModel):
             raise ValueError(
                 f"left_out: {both} are also drafters of this run; leave a drafter out with "
                 "drafters.NAME=null"
+            )
+        both = [e for e in self.left_out_evaluations if e in self.evaluations]
+        if both:
+            raise ValueError(
+                f"left_out_evaluations: {both} are also evaluations of this run; leave an "
+                "evaluation out with evaluations.NAME=null"
             )
         return self
 
@@ -316,14 +328,16 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
     run's build and evaluations (and the evaluation subsets naming it) and lists it in
     `left_out`: a study built over several sessions runs the part that fits, and the report
     keeps the comparisons and curve points of the left-out drafters' carried rows. Refused while
-    another drafter starts from it. `evaluations.NAME=null` leaves an evaluation out (and
-    `choose_k_on` naming it)."""
+    another drafter starts from it. `evaluations.NAME=null` leaves an evaluation out of this run
+    and lists it in `left_out_evaluations`: the report carries it whole from the earlier one
+    (and the K chosen on it, where `choose_k_on` names it)."""
     evaluations = data.get("evaluations")
     if isinstance(evaluations, dict) and None in evaluations.values():
-        # `evaluations.NAME=null` leaves that evaluation out of this run the same way.
         data["evaluations"] = {n: e for n, e in evaluations.items() if e is not None}
-        if data.get("choose_k_on") not in data["evaluations"]:
-            data["choose_k_on"] = None
+        listed = data.get("left_out_evaluations")
+        listed = listed if isinstance(listed, list) else []
+        dropped = [n for n, e in evaluations.items() if e is None and n not in listed]
+        data["left_out_evaluations"] = [*listed, *dropped]
     drafters = data.get("drafters")
     if not isinstance(drafters, dict):
         return

@@ -368,6 +368,28 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
 # weight (two nearly flat points extrapolate to x ≈ 1e28).
 FAR_EXTRAPOLATION = 1000
 
+
+def carry_left_out_evaluations(
+    report: dict[str, Any], earlier: dict[str, Any], names: list[str]
+) -> list[str]:
+    """Add to `report` the evaluations of `earlier` that this run left out
+    (`evaluations.NAME=null`), whole, so a partial run does not drop their tables from the
+    report it writes; each row keeps the date of the run that measured it. Returns their names."""
+    carried = []
+    for name in names:
+        old = (earlier.get("evaluations") or {}).get(name)
+        if old is None or name in report["evaluations"]:
+            continue
+        rows = [{**r, "measured": r.get("measured") or earlier["date"]} for r in old["drafters"]]
+        report["evaluations"][name] = {**old, "drafters": rows, "carried_whole": True}
+        for row in rows:
+            entry = (earlier.get("drafters") or {}).get(row["name"])
+            if entry is not None and row["name"] not in report["drafters"]:
+                report["drafters"][row["name"]] = {**entry, "measured": row["measured"]}
+        carried.append(name)
+    return carried
+
+
 MIXED_BUILDS_NOTE = (
     "¶ the two drafters were built from different builds of a drafter they share (it was "
     "rebuilt between their runs, e.g. pruned again on another CPU): the ratio mixes their own "
@@ -476,7 +498,8 @@ def build_report(
     }
     if earlier is not None:
         report["carried"] = carry_earlier_rows(report, earlier)
-    if study.choose_k_on:
+        carry_left_out_evaluations(report, earlier, study.left_out_evaluations)
+    if study.choose_k_on and study.choose_k_on in evaluations:
         choose_k(evaluations, study.choose_k_on)
     report["comparisons"] = comparisons(study.comparison_pairs(), evaluations, report["drafters"])
     if study.curves:
@@ -560,6 +583,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"temperature {ev['temperature']:g}; speed-up against the target alone in the same run.",
             "",
         ]
+        if ev.get("carried_whole"):
+            dates = ", ".join(sorted({r["measured"] for r in ev["drafters"]}))
+            lines += [
+                f"Left out of the latest run: carried whole from an earlier run (measured "
+                f"{dates}).",
+                "",
+            ]
         carried = report.get("carried") or []
         lines += _evaluation_table(ev, carried)
         across = [r for r in ev["drafters"] if r.get("speedup_across_days")]
