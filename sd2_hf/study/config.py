@@ -323,6 +323,12 @@ def apply_study_overrides(data: dict[str, Any], overrides: list[str], base: Path
         holder[keys[-1]] = value
 
 
+def _list_left_out(data: dict[str, Any], key: str, names: list[str]) -> None:
+    """Add `names` to the list `data[key]` (`left_out` or `left_out_evaluations`), once each."""
+    listed = data.get(key) if isinstance(data.get(key), list) else []
+    data[key] = [*listed, *(n for n in names if n not in listed)]
+
+
 def _drop_null_entries(data: dict[str, Any]) -> None:
     """`drafters.NAME=null` (an override, or an empty entry) leaves that drafter out of this
     run's build and evaluations (and the evaluation subsets naming it) and lists it in
@@ -334,10 +340,9 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
     evaluations = data.get("evaluations")
     if isinstance(evaluations, dict) and None in evaluations.values():
         data["evaluations"] = {n: e for n, e in evaluations.items() if e is not None}
-        listed = data.get("left_out_evaluations")
-        listed = listed if isinstance(listed, list) else []
-        dropped = [n for n, e in evaluations.items() if e is None and n not in listed]
-        data["left_out_evaluations"] = [*listed, *dropped]
+        _list_left_out(
+            data, "left_out_evaluations", [n for n, e in evaluations.items() if e is None]
+        )
     drafters = data.get("drafters")
     if not isinstance(drafters, dict):
         return
@@ -351,8 +356,7 @@ def _drop_null_entries(data: dict[str, Any]) -> None:
                 f"it; leave {name} out too, or keep {spec['model']}"
             )
     data["drafters"] = {n: spec for n, spec in drafters.items() if n not in dropped}
-    listed = data.get("left_out") if isinstance(data.get("left_out"), list) else []
-    data["left_out"] = [*listed, *(n for n in dropped if n not in listed)]
+    _list_left_out(data, "left_out", dropped)
     for section in (data.get("evaluations") or {}).values():
         if isinstance(section, dict) and isinstance(section.get("drafters"), list):
             section["drafters"] = [d for d in section["drafters"] if d not in dropped]

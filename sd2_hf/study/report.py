@@ -195,6 +195,11 @@ def _decodings(ev: dict[str, Any], row: dict[str, Any]) -> list[tuple[str, str |
     return [(main, None)] + [(f"T={t}", t) for t in row.get("sampled") or {}]
 
 
+# Past this multiple of the largest measured x, the report gives the fit's x at the goal no
+# weight (two nearly flat points extrapolate to x ≈ 1e28).
+FAR_EXTRAPOLATION = 1000
+
+
 def fit_curve(
     points: list[dict[str, Any]], log_x: bool, goal: float | None
 ) -> dict[str, Any] | None:
@@ -362,11 +367,6 @@ def carry_earlier_rows(report: dict[str, Any], earlier: dict[str, Any]) -> list[
             if entry is not None:  # how it was built then (this run may list it unbuilt)
                 report["drafters"][row["name"]] = {**entry, "measured": measured}
     return sorted(set(carried))
-
-
-# Past this multiple of the largest measured x, the report gives the fit's x at the goal no
-# weight (two nearly flat points extrapolate to x ≈ 1e28).
-FAR_EXTRAPOLATION = 1000
 
 
 def carry_left_out_evaluations(
