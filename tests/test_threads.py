@@ -31,9 +31,18 @@ def test_map_keeps_order_and_bounds_concurrency():
 
 def test_errors_reach_the_caller_and_shutdown_cancels_queued_work():
     release = threading.Event()
+    started = threading.Event()
+
+    def hold():
+        started.set()
+        return release.wait()
+
     pool = DaemonThreadPool(1)
-    busy = pool.submit(release.wait)
+    busy = pool.submit(hold)
     queued = pool.submit(lambda: 1)
+    # The worker must hold `busy` before shutdown drains the queue; otherwise shutdown
+    # rightly cancels `busy` too, and the test raced the worker's pickup.
+    assert started.wait(timeout=10)
     failing = DaemonThreadPool(1).submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         failing.result(timeout=10)
