@@ -136,6 +136,30 @@ def test_offset_skips_the_first_rows(tmp_path):
         load_questions(EvalConfig(target="t", prompts=str(path), offset=6))
 
 
+def test_prompts_match_keeps_matching_first_turns_after_the_offset(tmp_path):
+    import json
+
+    import tiny
+
+    from sd2_hf.evaluation.prompts import load_questions
+
+    path = tmp_path / "c.jsonl"
+    rows = tiny.conversations(8)
+    for i, row in enumerate(rows):
+        ask = "Write a Python function" if i in (1, 5, 6) else "Write a poem"
+        row["messages"][0]["content"] = f"{ask} number {i}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = EvalConfig(target="t", prompts=str(path), offset=2, prompts_match=r"\bpython\b")
+    picked, _ = load_questions(config)
+    assert [q.turns[0] for q in picked] == [rows[i]["messages"][0]["content"] for i in (5, 6)]
+    limited, _ = load_questions(config.model_copy(update={"limit": 1}))
+    assert [q.turns[0] for q in limited] == [rows[5]["messages"][0]["content"]]
+    with pytest.raises(ValueError, match="matching prompts_match 'rust'"):
+        load_questions(config.model_copy(update={"prompts_match": "rust"}))
+    with pytest.raises(ValueError, match="not a regular expression"):
+        EvalConfig(target="t", prompts=str(path), prompts_match="(")
+
+
 # --- transformers backend ---------------------------------------------------------------
 
 

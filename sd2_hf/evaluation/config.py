@@ -71,6 +71,12 @@ class EvalConfig(BaseModel):
         description="Skip the first N rows of `prompts` before `limit` (held-out prompts past the "
         "ones a drafter was trained on, e.g. ShareGPT from row 2000).",
     )
+    prompts_match: str | None = Field(
+        default=None,
+        description="Keep only questions whose first user turn matches this regular expression "
+        "(Python `re`, searched case-insensitively), applied after `offset` and before `limit`: "
+        "e.g. the code requests of a conversation dataset.",
+    )
     backend: Literal["transformers", "vllm", "onnxruntime"] = Field(
         default="transformers",
         description="transformers assisted generation (in-process), vLLM speculative decoding "
@@ -180,6 +186,16 @@ class EvalConfig(BaseModel):
         "lossless mismatch.",
     )
     output: str = Field(default="outputs/eval", description="Output directory.")
+
+    @field_validator("prompts_match")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err}): {pattern!r}") from None
+        return pattern
 
     @field_validator("drafters")
     @classmethod

@@ -4,6 +4,7 @@ target's chat template into token ids, so every backend and drafter sees identic
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,14 @@ def load_questions(config: EvalConfig) -> tuple[list[Question], dict[str, int]]:
             f"no usable prompts in {config.prompts!r} from row {config.offset} on "
             f"(skipped rows: {skipped})"
         )
+    if config.prompts_match is not None:
+        pattern = re.compile(config.prompts_match, re.IGNORECASE)
+        questions = [q for q in questions if pattern.search(q.turns[0])]
+        if not questions:
+            raise ValueError(
+                f"no question of {config.prompts!r} from row {config.offset} on has a first "
+                f"turn matching prompts_match {config.prompts_match!r}"
+            )
     return _spread(questions, config.limit), skipped
 
 

@@ -84,7 +84,9 @@ def _intro(report: dict[str, Any]) -> list[str]:
         "",
         f"Backend **{report['backend']}**, K = {report['num_draft_tokens']} draft tokens, max "
         f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}, "
-        f"{report['num_prompts']} prompts ({prompts['source']}, turns: {prompts['turns']}). "
+        f"{report['num_prompts']} prompts ({prompts['source']}"
+        + (f", first turn matching `{prompts['match']}`" if prompts.get("match") else "")
+        + f", turns: {prompts['turns']}). "
         f"MACs at context length {report['macs_context_length']}; target "
         f"{fmt(report['target_macs'])} MACs per token."
         + (

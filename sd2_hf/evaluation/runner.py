@@ -940,6 +940,7 @@ def _report_dict(
         "categories": sorted({p.category for p in prompts}),
         "prompts": {
             "source": config.prompts,
+            "match": config.prompts_match,
             "turns": config.turns,
             "questions": counts.questions,
             "evaluated": counts.evaluated,

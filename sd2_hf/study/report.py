@@ -84,6 +84,7 @@ def _evaluation(directory: Path) -> dict[str, Any] | None:
         "sampled_temperatures": report.get("sampled_temperatures") or [],
         "num_prompts": report["num_prompts"],
         "prompts": public(report["prompts"]["source"]),
+        "prompts_match": report["prompts"].get("match"),
         "served_dtype": report.get("served_dtype"),
         "prompt_categories": categories,
         "drafters": [_row(r) for r in report["drafters"]],
@@ -318,6 +319,7 @@ SAME_EVALUATION = (
     "temperature",
     "num_prompts",
     "prompts",
+    "prompts_match",
     "served_dtype",
     "prompt_categories",
 )
@@ -578,9 +580,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, ev in report["evaluations"].items():
         lines += ["", f"## Evaluation `{name}`", ""]
         lines += [
-            f"{ev['num_prompts']} prompts of `{ev['prompts']}`, {ev['max_new_tokens']} new tokens, "
+            f"{ev['num_prompts']} prompts of `{ev['prompts']}`"
+            + (f" whose first turn matches `{ev['prompts_match']}`" if ev.get("prompts_match") else "")
+            + f", {ev['max_new_tokens']} new tokens, "
             f"{ev['backend']} backend ({ev['served_dtype']}), K = {ev['num_draft_tokens']}, "
-            f"temperature {ev['temperature']:g}; speed-up against the target alone in the same run.",
+            f"temperature {ev['temperature']:g}"
+            + (
+                "; speed-up against the target alone in the same run."
+                if any(r["name"] == "none" and r.get("tokens_per_second") for r in ev["drafters"])
+                else "; no speed measured (no target-alone run)."
+            ),
             "",
         ]
         if ev.get("carried_whole"):
