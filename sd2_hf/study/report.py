@@ -581,7 +581,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## Evaluation `{name}`", ""]
         lines += [
             f"{ev['num_prompts']} prompts of `{ev['prompts']}`"
-            + (f" whose first turn matches `{ev['prompts_match']}`" if ev.get("prompts_match") else "")
+            + (
+                f" whose first turn matches `{ev['prompts_match']}`"
+                if ev.get("prompts_match")
+                else ""
+            )
             + f", {ev['max_new_tokens']} new tokens, "
             f"{ev['backend']} backend ({ev['served_dtype']}), K = {ev['num_draft_tokens']}, "
             f"temperature {ev['temperature']:g}"
