@@ -160,6 +160,13 @@ def test_prompts_match_keeps_matching_first_turns_after_the_offset(tmp_path):
         EvalConfig(target="t", prompts=str(path), prompts_match="(")
 
 
+def test_code_span_fences_a_pattern_holding_backticks():
+    from sd2_hf.evaluation.report import code_span
+
+    assert code_span(r"\bpython\b") == r"`\bpython\b`"
+    assert code_span("```|def") == "```` ```|def ````"
+
+
 # --- transformers backend ---------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ Plot functions return the matplotlib Figure (so callers and tests can inspect it
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,15 @@ def mal_ratio_interval(
     boot = ratio(x[draws], y[draws])
     low, high = np.percentile(boot, [2.5, 97.5])
     return float(ratio(x, y)), float(low), float(high)
+
+
+def code_span(text: str) -> str:
+    """`text` as Markdown inline code, fenced by one more backtick than its longest run of
+    backticks (a pattern such as prompts_match may hold ```)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if longest else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -85,7 +95,7 @@ def _intro(report: dict[str, Any]) -> list[str]:
         f"Backend **{report['backend']}**, K = {report['num_draft_tokens']} draft tokens, max "
         f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}, "
         f"{report['num_prompts']} prompts ({prompts['source']}"
-        + (f", first turn matching `{prompts['match']}`" if prompts.get("match") else "")
+        + (f", first turn matching {code_span(prompts['match'])}" if prompts.get("match") else "")
         + f", turns: {prompts['turns']}). "
         f"MACs at context length {report['macs_context_length']}; target "
         f"{fmt(report['target_macs'])} MACs per token."

@@ -19,6 +19,7 @@ from sd2_hf.evaluation.report import (
     _finish,
     _save_png,
     _table,
+    code_span,
     fmt,
     mal_ratio_interval,
     plot_mal_vs_macs,
@@ -582,7 +583,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"{ev['num_prompts']} prompts of `{ev['prompts']}`"
             + (
-                f" whose first turn matches `{ev['prompts_match']}`"
+                f" whose first turn matches {code_span(ev['prompts_match'])}"
                 if ev.get("prompts_match")
                 else ""
             )
@@ -591,8 +592,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"temperature {ev['temperature']:g}"
             + (
                 "; speed-up against the target alone in the same run."
-                if any(r["name"] == "none" and r.get("tokens_per_second") for r in ev["drafters"])
-                else "; no speed measured (no target-alone run)."
+                if any(r["name"] != "none" and r.get("speedup") for r in ev["drafters"])
+                else "; no speed-up measured (teacher-forced, or no target-alone run)."
             ),
             "",
         ]
