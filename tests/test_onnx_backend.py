@@ -72,3 +72,29 @@ def test_onnxruntime_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, mtbenc
         tiny.eval_config(
             tiny_model_dir, mtbench_file, tmp_path, backend="onnxruntime", baselines=["ngram"]
         )
+
+
+def test_export_staging_links_the_checkpoint_files_and_leaves_subfolders_out(tmp_path):
+    """A training run's folder holds `checkpoints/` (optimizer states, several times the
+    model): the export stages the top-level files as links and the config (with `rope_theta`
+    from transformers 5's `rope_parameters`) as a copy, never the subfolders."""
+    import subprocess
+
+    src = tmp_path / "train"
+    (src / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (src / "checkpoints" / "checkpoint-10" / "optimizer.pt").write_bytes(b"x" * 1024)
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e6}}))
+    staging = tmp_path / "export.src"
+    worker_dir = PROJECT_ROOT / "sd2_hf" / "evaluation"
+    code = (
+        "import sys; from pathlib import Path; "
+        f"sys.path.insert(0, {str(worker_dir)!r}); from onnx_worker import stage; "
+        f"stage({str(src)!r}, Path({str(staging)!r}))"
+    )
+    subprocess.run([str(ONNX_PYTHON), "-c", code], check=True)
+    assert sorted(p.name for p in staging.iterdir()) == ["config.json", "model.safetensors"]
+    assert (staging / "model.safetensors").is_symlink()
+    assert (staging / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((staging / "config.json").read_text())["rope_theta"] == 1e6
+    assert "rope_theta" not in json.loads((src / "config.json").read_text())

@@ -62,16 +62,28 @@ class CachedORTModel(ORTModelForCausalLM):
         return out
 
 
-def export(src: str, dst: str) -> dict:
-    staging = Path(dst).with_name(Path(dst).name + ".src")
+def stage(src: str, staging: Path) -> None:
+    """The checkpoint's top-level files, linked (not copied) into `staging`, with the config
+    copied and given `rope_theta`. Subfolders are left out: a training run's `checkpoints/`
+    (optimizer states, several times the model's size) filled the disk when the whole folder
+    was copied."""
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging)
+    staging.mkdir(parents=True)
+    for file in Path(src).iterdir():
+        if file.is_file() and file.name != "config.json":
+            (staging / file.name).symlink_to(file.resolve())
+    shutil.copyfile(Path(src) / "config.json", staging / "config.json")
     config_path = staging / "config.json"
     config = json.loads(config_path.read_text())
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def export(src: str, dst: str) -> dict:
+    staging = Path(dst).with_name(Path(dst).name + ".src")
+    stage(src, staging)
     start = time.perf_counter()
     model = ORTModelForCausalLM.from_pretrained(staging, export=True, use_cache=True)
     model.save_pretrained(dst)
