@@ -65,6 +65,7 @@ def test_onnxruntime_matches_the_transformers_backend(
     assert len(list((tmp_path / "onnxruntime" / "onnx").iterdir())) == 2
     report = json.loads((tmp_path / "onnxruntime" / "eval.json").read_text())
     assert report["served_dtype"] == "float32" and "onnxruntime" in report["versions"]
+    assert report["versions"]["optimum-onnx"][0].isdigit()  # read from the wheel's metadata
 
 
 def test_onnxruntime_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, mtbench_file):

@@ -143,13 +143,15 @@ class Worker:
 
     @staticmethod
     def versions() -> dict:
+        from importlib.metadata import version
+
         import onnxruntime
-        import optimum.onnx
         import transformers
 
         return {
             "onnxruntime": onnxruntime.__version__,
-            "optimum-onnx": getattr(optimum.onnx, "__version__", "unknown"),
+            # optimum.onnx has no __version__: the distribution's metadata has it.
+            "optimum-onnx": version("optimum-onnx"),
             "transformers (onnx env)": transformers.__version__,
         }
 
