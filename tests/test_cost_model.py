@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sd2_hf.evaluation.cost_model import projected_speedup, projected_sweep
+from sd2_hf.evaluation.cost_model import projected_speedup, projected_sweep, verify_ratios
 
 
 def test_reduces_to_the_improvement_factor_when_verify_costs_one_step():
@@ -59,3 +59,18 @@ def test_project_study_projects_every_swept_row_with_its_own_run_beside_it():
         for k in [s["num_draft_tokens"]]
     }
     assert p["best"] == max(p["by_k"].values()) and p["by_k"][p["best_k"]] == p["best"]
+
+
+def test_verify_ratios_are_the_median_over_runs_of_the_wide_forward_over_the_one_token_forward():
+    calls = []
+
+    def forward_seconds(prompt_ids, widths):
+        calls.append((prompt_ids, widths))
+        scale = {1: 1.0, 2: 3.0, 3: 2.0}[len(prompt_ids)]  # a per-run drift of the machine
+        return {w: scale * (1.0 + 0.5 * (w - 1) * len(prompt_ids)) for w in widths}
+
+    runs = [([7], 5), ([7, 8], 5), ([7, 8, 9], 5)]
+    ratios = verify_ratios(forward_seconds, runs, [2, 4])
+    # Per run, width K + 1 over width 1: 1 + 0.5 K len(prompt); medians over the three runs.
+    assert ratios == {2: pytest.approx(3.0), 4: pytest.approx(5.0)}
+    assert [w for _, w in calls] == [[1, 3, 5]] * 3

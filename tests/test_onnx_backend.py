@@ -59,6 +59,10 @@ def test_onnxruntime_matches_the_transformers_backend(
         assert onnx[name]["mal"] == pytest.approx(hf[name]["mal"])
         assert onnx[name]["tokens_per_second"] > 0 and onnx[name]["speedup"] > 0
         assert onnx[name]["step_cost"]["ratio"] > 0  # both models timed alone in the worker
+        # The target's verify step over K + 1 tokens, timed in the worker: the cost model's
+        # projection beside the measured speed-up.
+        assert onnx[name]["step_cost"]["verify_ratio"]["3"] > 0
+        assert onnx[name]["projected_speedup"] > 0
     # The target drafting for itself accepts every draft (MAL K + 1 but at the length limit).
     assert onnx["self"]["mal"] > 3.5
     # One fp32 export per checkpoint, reused: two drafters, one of them the target itself.

@@ -19,7 +19,8 @@ sweep) on hardware whose step times were measured (`sd2 eval`'s step-cost runs, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -33,6 +34,23 @@ def projected_speedup(
             f"draft {draft_step}, target {target_step}, verify {verify_step}"
         )
     return mal * target_step / (k * draft_step + verify_step)
+
+
+def verify_ratios(
+    forward_seconds: Callable[[list[int], list[int]], Mapping[int, float]],
+    runs: Sequence[tuple[list[int], int]],
+    ks: Sequence[int],
+) -> dict[int, float]:
+    """The target's forward time over K + 1 new tokens / over one new token, after the prompt
+    of each of `runs`, for every K of `ks`: the median over the runs. `forward_seconds(prompt,
+    widths)` is a backend's timing of one forward per width over the cached prompt."""
+    ratios: dict[int, list[float]] = {k: [] for k in ks}
+    widths = [1, *(k + 1 for k in ks)]
+    for prompt_ids, _ in runs:
+        seconds = forward_seconds(prompt_ids, widths)
+        for k in ks:
+            ratios[k].append(seconds[k + 1] / seconds[1])
+    return {k: statistics.median(r) for k, r in ratios.items()}
 
 
 def projected_sweep(

@@ -28,6 +28,7 @@ from sd2_hf.evaluation.backend import (
     counters_from_steps,
 )
 from sd2_hf.evaluation.config import EvalConfig
+from sd2_hf.evaluation.cost_model import verify_ratios
 from sd2_hf.utils.io import checkpoint_identity
 
 WORKER = Path(__file__).with_name("onnx_worker.py")
@@ -137,6 +138,16 @@ class OnnxRuntimeBackend:
             )
 
         yield generate
+
+    def verify_ratios(self, runs: list[tuple[list[int], int]], ks: list[int]) -> dict[int, float]:
+        """The target's verify step over K + 1 tokens / its one-token step, timed in the worker
+        (`sd2_hf.evaluation.cost_model.verify_ratios`)."""
+
+        def forward_seconds(prompt_ids: list[int], widths: list[int]) -> dict[int, float]:
+            reply = self.worker.call("forward_seconds", ids=prompt_ids, widths=widths)
+            return {int(w): s for w, s in reply["seconds"].items()}
+
+        return verify_ratios(forward_seconds, runs, ks)
 
     @contextmanager
     def decoder(self, drafter: DrafterPlan | None) -> Iterator[Decode]:

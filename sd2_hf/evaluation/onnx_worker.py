@@ -16,6 +16,8 @@ Requests (`op`):
   verification step's drafted and committed tokens (the transformers backend's accounting: the
   target's inputs and the streamer's chunks), from which the caller counts acceptance.
 - `decode {role, ids, n}`: that model alone, exactly n new tokens (EOS ignored), timed.
+- `forward_seconds {ids, widths}`: the target's forward over `width` new tokens after the cached
+  prompt, timed, per width (the verify step's cost for the cost model).
 - `versions`.
 """
 
@@ -141,6 +143,27 @@ class Worker:
         )
         return {"seconds": time.perf_counter() - start, "tokens": out.shape[1] - len(ids)}
 
+    def forward_seconds(self, ids: list[int], widths: list[int]) -> dict:
+        """The target's forward time over `width` new tokens after the cached prompt, per width:
+        the mean of two timed passes, one untimed pass of the widest first (the transformers
+        backend's `_forward_seconds` on ONNX Runtime sessions)."""
+        model = self.models["target"]
+        input_ids = torch.tensor([ids])
+        cache = model(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True
+        ).past_key_values
+        new = input_ids[:, -1:].repeat(1, max(widths))  # the values do not matter
+
+        def forward(width: int) -> float:
+            mask = torch.ones(1, len(ids) + width, dtype=torch.long)
+            start = time.perf_counter()
+            # The session returns a new cache; the prompt's stays as it was (no crop needed).
+            model(input_ids=new[:, :width], attention_mask=mask, past_key_values=cache)
+            return time.perf_counter() - start
+
+        forward(max(widths))
+        return {"seconds": {str(w): (forward(w) + forward(w)) / 2 for w in widths}}
+
     @staticmethod
     def versions() -> dict:
         from importlib.metadata import version
@@ -164,6 +187,7 @@ def main() -> None:
         "load": worker.load,
         "generate": worker.generate,
         "decode": worker.decode,
+        "forward_seconds": worker.forward_seconds,
         "versions": worker.versions,
     }
     for line in sys.stdin:

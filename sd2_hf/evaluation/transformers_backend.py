@@ -28,7 +28,6 @@ output. `target_steps` (all forward passes during decoding) gives the plain toke
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from sd2_hf.evaluation.backend import (
     counters_from_steps,
 )
 from sd2_hf.evaluation.config import EvalConfig
+from sd2_hf.evaluation.cost_model import verify_ratios
 
 SUBSET_VOCAB_CRASH = (
     "sampled universal assisted generation crashed inside transformers: the drafter's vocabulary "
@@ -107,13 +107,7 @@ class TransformersBackend:
         """The target's forward time over K + 1 new tokens / over one new token, after the
         prompt of each of `runs` (its KV cache filled, untimed), for every K of `ks`: median
         over the runs of the mean of two timed passes (one untimed warm-up pass first)."""
-        ratios: dict[int, list[float]] = {k: [] for k in ks}
-        widths = [1, *(k + 1 for k in ks)]
-        for prompt_ids, _ in runs:
-            seconds = self._forward_seconds(prompt_ids, widths)
-            for k in ks:
-                ratios[k].append(seconds[k + 1] / seconds[1])
-        return {k: statistics.median(r) for k, r in ratios.items()}
+        return verify_ratios(self._forward_seconds, runs, ks)
 
     @torch.inference_mode()
     def _forward_seconds(self, prompt_ids: list[int], widths: list[int]) -> dict[int, float]:
