@@ -5,8 +5,18 @@ imports it as a sibling file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+
+def mean_forward_seconds(forward: Callable[[int], float], widths: list[int]) -> dict[int, float]:
+    """The verify-step timing both backends use for the cost model: one untimed pass of the
+    widest width, then per width the mean of two timed passes (`forward(width)` returns one
+    pass's seconds, the prompt's cache left as it was)."""
+    forward(max(widths))
+    return {w: (forward(w) + forward(w)) / 2 for w in widths}
 
 
 def set_draft_length(model, num_draft_tokens: int) -> None:

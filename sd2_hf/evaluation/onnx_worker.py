@@ -33,7 +33,7 @@ import torch
 
 # Run as a script: this file's directory is on sys.path, and the sibling module imports only
 # torch and transformers (never the sd2_hf package, whose pins this environment does not have).
-from assisted_steps import StepRecorder, set_draft_length
+from assisted_steps import StepRecorder, mean_forward_seconds, set_draft_length
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -66,7 +66,7 @@ class CachedORTModel(ORTModelForCausalLM):
 
 def stage(src: str, staging: Path) -> None:
     """The checkpoint's top-level files, linked (not copied) into `staging`, with the config
-    copied and given `rope_theta`. Subfolders are left out: a training run's `checkpoints/`
+    written anew with `rope_theta`. Subfolders are left out: a training run's `checkpoints/`
     (optimizer states, several times the model's size) filled the disk when the whole folder
     was copied."""
     shutil.rmtree(staging, ignore_errors=True)
@@ -74,13 +74,11 @@ def stage(src: str, staging: Path) -> None:
     for file in Path(src).iterdir():
         if file.is_file() and file.name != "config.json":
             (staging / file.name).symlink_to(file.resolve())
-    shutil.copyfile(Path(src) / "config.json", staging / "config.json")
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
+    config = json.loads((Path(src) / "config.json").read_text())
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
-    config_path.write_text(json.dumps(config, indent=2))
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def export(src: str, dst: str) -> dict:
@@ -144,9 +142,8 @@ class Worker:
         return {"seconds": time.perf_counter() - start, "tokens": out.shape[1] - len(ids)}
 
     def forward_seconds(self, ids: list[int], widths: list[int]) -> dict:
-        """The target's forward time over `width` new tokens after the cached prompt, per width:
-        the mean of two timed passes, one untimed pass of the widest first (the transformers
-        backend's `_forward_seconds` on ONNX Runtime sessions)."""
+        """The target's forward time over `width` new tokens after the cached prompt, per width
+        (`mean_forward_seconds`, as the transformers backend times it)."""
         model = self.models["target"]
         input_ids = torch.tensor([ids])
         cache = model(
@@ -161,8 +158,8 @@ class Worker:
             model(input_ids=new[:, :width], attention_mask=mask, past_key_values=cache)
             return time.perf_counter() - start
 
-        forward(max(widths))
-        return {"seconds": {str(w): (forward(w) + forward(w)) / 2 for w in widths}}
+        seconds = mean_forward_seconds(forward, widths)
+        return {"seconds": {str(w): t for w, t in seconds.items()}}
 
     @staticmethod
     def versions() -> dict:

@@ -35,7 +35,11 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
-from sd2_hf.evaluation.assisted_steps import StepRecorder, set_draft_length
+from sd2_hf.evaluation.assisted_steps import (
+    StepRecorder,
+    mean_forward_seconds,
+    set_draft_length,
+)
 from sd2_hf.evaluation.backend import (
     Decode,
     DrafterPlan,
@@ -124,8 +128,7 @@ class TransformersBackend:
             cache.crop(len(prompt_ids))
             return seconds
 
-        forward(max(widths))
-        return {w: (forward(w) + forward(w)) / 2 for w in widths}
+        return mean_forward_seconds(forward, widths)
 
     def _generate_kwargs(self, temperature: float) -> dict:
         kwargs = {"max_new_tokens": self.config.max_new_tokens}
